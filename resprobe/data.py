@@ -1,0 +1,494 @@
+"""Data specs → datasets and loaders, and the preprocessing a model expects (DESIGN.md §2).
+
+Specs: an image folder (``ImageFolder`` layout) · ``cifar10:DIR[:train|test]`` / ``cifar100:…``
+(torchvision's format, never downloaded) · an arrays file ``.npz`` / ``.h5`` with ``images`` (uint8
+NHWC, or float NCHW in [0, 1]) and ``labels`` · ``synthetic[:N]``.
+
+Preprocessing rules: arrays are only scaled and normalized, never resized or cropped; images already
+of the input size are only normalized; other images get the model's own evaluation transform (timm's
+resolved data config, torchvision's weights transforms, or resize to ⌊size/crop_pct⌋ + center crop).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from resprobe.errors import BadValue, DataError
+from resprobe.models import LoadedModel
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_SYNTHETIC = 128
+_ARRAY_SUFFIXES = (".npz", ".h5", ".hdf5")
+
+
+# --------------------------------------------------------------------------------------------------
+# Preprocessing
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a model expects of its input. ``resize`` names whose eval transform resizes images that
+    are not already ``input_size``: ``timm`` (timm's ``create_transform``) or ``torchvision``."""
+
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    crop_pct: float = 0.875
+    interpolation: str = "bilinear"
+    crop_mode: str = "center"
+    resize: str = "torchvision"
+    resize_size: int | None = None  # torchvision weights' own resize size, when known
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_size"] = list(self.input_size)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        for key in ("input_size", "mean", "std"):
+            if key in known:
+                known[key] = tuple(known[key])
+        return cls(**known)
+
+
+def default_preprocessing(loaded: LoadedModel) -> Preprocessing:
+    """The model's own preprocessing: a resprobe checkpoint's record, timm's resolved data config,
+    torchvision's weights transforms, or torchvision's defaults."""
+    if loaded.preprocessing:
+        return Preprocessing.from_dict(loaded.preprocessing)
+    weights = loaded.torchvision_weights
+    if weights is not None:
+        t = weights.transforms()
+        crop = int(t.crop_size[0])
+        resize = int(t.resize_size[0])
+        return Preprocessing((3, crop, crop), tuple(t.mean), tuple(t.std), crop / resize,
+                             t.interpolation.value, "center", "torchvision", resize)
+    model = loaded.model
+    if loaded.source in ("timm", "hf-hub") or getattr(model, "pretrained_cfg", None):
+        from timm.data import resolve_data_config
+
+        cfg = resolve_data_config(model=model)
+        return Preprocessing(tuple(cfg["input_size"]), tuple(cfg["mean"]), tuple(cfg["std"]),
+                             float(cfg.get("crop_pct", 0.875)), str(cfg.get("interpolation", "bilinear")),
+                             str(cfg.get("crop_mode", "center")), "timm")
+    return Preprocessing()
+
+
+def parse_input_size(text: str) -> tuple[int, int, int]:
+    """``N`` or ``HxW`` → ``(3, H, W)``."""
+    try:
+        parts = [int(p) for p in text.lower().replace("×", "x").split("x")]
+    except ValueError:
+        raise BadValue(f"--input-size {text!r}: expected N or HxW, e.g. 32 or 224x192") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise BadValue(f"--input-size {text!r}: expected N or HxW with positive sizes")
+    return (3, parts[0], parts[1])
+
+
+def parse_triplet(text: str, option: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise BadValue(f"{option} {text!r}: expected three comma-separated numbers, e.g. 0.5,0.5,0.5") from None
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        raise BadValue(f"{option} {text!r}: expected three finite comma-separated numbers")
+    if option == "--std" and min(values) <= 0:
+        raise BadValue(f"--std {text!r}: every value must be positive")
+    return values
+
+
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
+def override_preprocessing(
+    pre: Preprocessing,
+    input_size: str | None = None,
+    mean: str | None = None,
+    std: str | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+) -> Preprocessing:
+    """Apply the command line's ``--input-size --mean --std --crop-pct --interpolation``."""
+    changes: dict[str, Any] = {}
+    if input_size:
+        changes["input_size"] = parse_input_size(input_size)
+        changes["resize_size"] = None
+    if mean:
+        changes["mean"] = parse_triplet(mean, "--mean")
+    if std:
+        changes["std"] = parse_triplet(std, "--std")
+    if crop_pct is not None:
+        if not 0 < crop_pct <= 1:
+            raise BadValue(f"--crop-pct {crop_pct}: must be in (0, 1]")
+        changes["crop_pct"] = crop_pct
+        changes["resize_size"] = None
+    if interpolation:
+        if interpolation not in _INTERPOLATIONS:
+            raise BadValue(f"--interpolation {interpolation!r}: choose one of {', '.join(_INTERPOLATIONS)}")
+        changes["interpolation"] = interpolation
+    return replace(pre, **changes) if changes else pre
+
+
+def _resize_transform(pre: Preprocessing) -> Callable[[Any], Tensor]:
+    """The evaluation transform for images that are not already of the input size (PIL → tensor)."""
+    _, h, w = pre.input_size
+    if pre.resize == "timm":
+        from timm.data import create_transform
+
+        return create_transform(input_size=pre.input_size, is_training=False, interpolation=pre.interpolation,
+                                mean=pre.mean, std=pre.std, crop_pct=pre.crop_pct, crop_mode=pre.crop_mode)
+    from torchvision import transforms as T
+
+    size = pre.resize_size or int(math.floor(min(h, w) / pre.crop_pct))
+    return T.Compose([
+        T.Resize(size, interpolation=T.InterpolationMode(pre.interpolation), antialias=True),
+        T.CenterCrop((h, w)),
+        T.ToTensor(),
+        T.Normalize(pre.mean, pre.std),
+    ])
+
+
+class ImageTransform:
+    """PIL image → normalized tensor; resized only when it is not already of the input size."""
+
+    def __init__(self, pre: Preprocessing):
+        from torchvision import transforms as T
+
+        self.pre = pre
+        self.size = (pre.input_size[2], pre.input_size[1])  # PIL's (width, height)
+        self.plain = T.Compose([T.ToTensor(), T.Normalize(pre.mean, pre.std)])
+        self.resized = _resize_transform(pre)
+
+    def __call__(self, image: Any) -> Tensor:
+        image = image.convert("RGB")
+        return self.plain(image) if image.size == self.size else self.resized(image)
+
+
+def normalize(images: Tensor, pre: Preprocessing) -> Tensor:
+    mean = torch.tensor(pre.mean, dtype=images.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(pre.std, dtype=images.dtype).view(1, -1, 1, 1)
+    return (images - mean) / std
+
+
+# --------------------------------------------------------------------------------------------------
+# Datasets: every item is (image, label, index)
+
+
+class IndexedDataset(Dataset):
+    """Wraps a dataset of (image, label) so that items carry their index, and names bad files."""
+
+    def __init__(self, base: Any, describe: Callable[[int], str] | None = None):
+        self.base = base
+        self.describe = describe
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        try:
+            image, label = self.base[index]
+        except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for corrupt files
+            where = self.describe(index) if self.describe else f"sample {index}"
+            raise DataError(f"cannot read image {where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        return image, int(label), index
+
+
+class TensorImages(Dataset):
+    """Images already in memory as a float tensor [N, C, H, W], normalized."""
+
+    def __init__(self, images: Tensor, labels: Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        return self.images[index], int(self.labels[index]), index
+
+
+@dataclass
+class DataSource:
+    """A dataset ready for a loader, and what resprobe reports about it."""
+
+    spec: str
+    dataset: Dataset
+    num_classes: int | None = None
+    class_names: list[str] | None = None
+    in_memory: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+
+def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}" if not path.exists() else f"{path} is not a file")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as f:
+                keys = set(f.files)
+                if not {"images", "labels"} <= keys:
+                    raise DataError(f"{path} must hold arrays 'images' and 'labels' (it has {', '.join(sorted(keys)) or 'none'})")
+                return np.asarray(f["images"]), np.asarray(f["labels"])
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            keys = set(f.keys())
+            if not {"images", "labels"} <= keys:
+                raise DataError(f"{path} must hold datasets 'images' and 'labels' (it has {', '.join(sorted(keys)) or 'none'})")
+            return np.asarray(f["images"][()]), np.asarray(f["labels"][()])
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - numpy/h5py/zipfile raise many types for corrupt files
+        raise DataError(f"{path} is not a readable arrays file (corrupt or truncated): {type(exc).__name__}") from None
+
+
+def arrays_to_tensor(images: np.ndarray, path: str = "arrays") -> Tensor:
+    """uint8 NHWC → float NCHW in [0, 1]; float NCHW is taken as it is (must already be in [0, 1])."""
+    if images.ndim != 4:
+        raise DataError(f"{path}: 'images' must be 4-D (uint8 NHWC or float NCHW), got shape {list(images.shape)}")
+    if images.dtype == np.uint8:
+        if images.shape[-1] != 3:
+            raise DataError(f"{path}: uint8 'images' must be NHWC with 3 channels, got shape {list(images.shape)}")
+        return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+    if np.issubdtype(images.dtype, np.floating):
+        if images.shape[1] != 3:
+            raise DataError(f"{path}: float 'images' must be NCHW with 3 channels, got shape {list(images.shape)}")
+        tensor = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        if not torch.isfinite(tensor).all():
+            raise DataError(f"{path}: 'images' holds NaN or infinite values")
+        return tensor
+    raise DataError(f"{path}: 'images' must be uint8 or float, got {images.dtype}")
+
+
+def _check_labels(labels: np.ndarray, n: int, path: str) -> Tensor:
+    if labels.ndim != 1 or len(labels) != n:
+        raise DataError(f"{path}: 'labels' must be 1-D with one label per image ({n}), got shape {list(labels.shape)}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if np.issubdtype(labels.dtype, np.floating) and np.all(np.mod(labels, 1) == 0):
+            labels = labels.astype(np.int64)
+        else:
+            raise DataError(f"{path}: 'labels' must be integers, got {labels.dtype}")
+    if n and labels.min() < 0:
+        raise DataError(f"{path}: negative label {int(labels.min())}")
+    return torch.from_numpy(labels.astype(np.int64))
+
+
+def _arrays_source(spec: str, path: Path, pre: Preprocessing) -> DataSource:
+    images, labels = _load_arrays(path)
+    tensor = arrays_to_tensor(images, str(path))
+    if len(tensor) == 0:
+        raise DataError(f"{path} holds no images")
+    label_tensor = _check_labels(labels, len(tensor), str(path))
+    return DataSource(spec, TensorImages(normalize(tensor, pre), label_tensor),
+                      num_classes=int(label_tensor.max()) + 1, in_memory=True)
+
+
+def _synthetic_source(spec: str, n: int, pre: Preprocessing, num_classes: int | None, seed: int) -> DataSource:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, *pre.input_size, generator=generator)
+    labels = torch.randint(0, num_classes or 10, (n,), generator=generator)
+    return DataSource(spec, TensorImages(normalize(images, pre), labels), num_classes=num_classes, in_memory=True)
+
+
+def _cifar_source(spec: str, kind: str, rest: str, pre: Preprocessing) -> DataSource:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    root, _, split = rest.rpartition(":") if rest.endswith((":train", ":test")) else (rest, "", "test")
+    if not root:
+        raise DataError(f"{spec}: give the directory, e.g. {kind}:~/data/cifar")
+    root_path = Path(root).expanduser()
+    folder = "cifar-10-batches-py" if kind == "cifar10" else "cifar-100-python"
+    if root_path.name == folder:
+        root_path = root_path.parent
+    if not (root_path / folder).is_dir():
+        raise DataError(f"{spec}: no {folder}/ under {root_path} (torchvision's format; resprobe never downloads)")
+    cls = CIFAR10 if kind == "cifar10" else CIFAR100
+    try:
+        dataset = cls(str(root_path), train=(split == "train"), download=False, transform=ImageTransform(pre))
+    except (RuntimeError, OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{spec}: cannot read the {kind} files under {root_path}: {str(exc).splitlines()[0]}") from None
+    return DataSource(spec, IndexedDataset(dataset), num_classes=len(dataset.classes), class_names=list(dataset.classes))
+
+
+def _read_class_map(path: str) -> dict[str, int]:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"--class-map {path}: file not found")
+    text = p.read_text()
+    if p.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"--class-map {path}: invalid JSON ({exc.msg})") from None
+        if isinstance(data, list):
+            return {str(name): i for i, name in enumerate(data)}
+        if isinstance(data, dict):
+            return {str(k): int(v) for k, v in data.items()}
+        raise DataError(f"--class-map {path}: expected a list of names or a {{name: index}} object")
+    names = [line.split()[0] for line in text.splitlines() if line.strip()]
+    return {name: i for i, name in enumerate(names)}
+
+
+def _folder_source(spec: str, path: Path, pre: Preprocessing, model_classes: int | None,
+                   class_map: str | None) -> DataSource:
+    from torchvision.datasets import ImageFolder
+
+    try:
+        folder = ImageFolder(str(path), transform=ImageTransform(pre))
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(f"{path}: no images in ImageFolder layout (class sub-folders holding image files): "
+                        f"{str(exc).splitlines()[0]}") from None
+    notes: list[str] = []
+    names = folder.classes
+    mapping: dict[str, int] | None = None
+    if class_map:
+        mapping = _read_class_map(class_map)
+        missing = [n for n in names if n not in mapping]
+        if missing:
+            raise DataError(f"--class-map {class_map} has no entry for folder(s) {', '.join(missing[:4])}")
+    elif model_classes == 1000 and all(_is_wnid(n) for n in names):
+        from timm.data import ImageNetInfo
+
+        wnids = ImageNetInfo().label_names()
+        mapping = {w: i for i, w in enumerate(wnids)}
+        notes.append("folders named by ImageNet wnids: labels follow the 1000-class ImageNet order")
+    elif model_classes is not None and len(names) != model_classes:
+        notes.append(f"{len(names)} class folders but the model has {model_classes} classes; "
+                     "labels follow sorted folder order (give --class-map to change this)")
+    if mapping is not None:
+        folder.samples = [(p, mapping[names[t]]) for p, t in folder.samples]
+        folder.targets = [t for _, t in folder.samples]
+    samples = folder.samples
+
+    def describe(i: int) -> str:
+        return samples[i][0]
+
+    n_classes = (max(folder.targets) + 1) if folder.targets else len(names)
+    return DataSource(spec, IndexedDataset(folder, describe), num_classes=n_classes, class_names=list(names), notes=notes)
+
+
+def _is_wnid(name: str) -> bool:
+    return len(name) == 9 and name[0] == "n" and name[1:].isdigit()
+
+
+def open_data(
+    spec: str,
+    pre: Preprocessing,
+    model_classes: int | None = None,
+    class_map: str | None = None,
+    seed: int = 0,
+) -> DataSource:
+    """Turn a ``--data`` SPEC into a dataset of (normalized image, label, index)."""
+    spec = spec.strip()
+    if not spec:
+        raise DataError("empty --data: give an image folder, an arrays file, cifar10:DIR or synthetic[:N]")
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        _, _, count = spec.partition(":")
+        try:
+            n = int(count) if count else DEFAULT_SYNTHETIC
+        except ValueError:
+            raise DataError(f"--data {spec}: expected synthetic or synthetic:N") from None
+        if n < 1:
+            raise DataError(f"--data {spec}: N must be at least 1")
+        return _synthetic_source(spec, n, pre, model_classes, seed)
+    for kind in ("cifar10", "cifar100"):
+        if spec.startswith(kind + ":"):
+            return _cifar_source(spec, kind, spec[len(kind) + 1 :], pre)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() in _ARRAY_SUFFIXES:
+        source = _arrays_source(spec, path, pre)
+    elif path.is_dir():
+        source = _folder_source(spec, path, pre, model_classes, class_map)
+    elif path.exists():
+        raise DataError(f"--data {spec}: a file, but not an arrays file (.npz, .h5); give a folder or an arrays file")
+    else:
+        raise DataError(f"data not found: {spec}")
+    return source
+
+
+def check_labels_fit(source: DataSource, model_classes: int | None) -> None:
+    """Labels outside the classifier are an error, found before any work starts."""
+    if model_classes is None or source.num_classes is None:
+        return
+    if source.num_classes > model_classes:
+        raise DataError(f"{source.spec} has label {source.num_classes - 1} but the model's classifier has "
+                        f"{model_classes} classes (pass --num-classes or another --class-map)")
+
+
+def select_indices(n: int, limit: int | None, seed: int = 0) -> list[int]:
+    """DESIGN.md §2: ``sorted(torch.randperm(n, generator=Generator().manual_seed(seed))[:limit])``."""
+    if limit is None:
+        return list(range(n))
+    if limit < 1:
+        raise BadValue(f"--limit must be at least 1, got {limit}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return sorted(int(i) for i in perm[:limit])
+
+
+def limit_source(source: DataSource, limit: int | None, seed: int = 0) -> DataSource:
+    if limit is None:
+        return source
+    return replace(source, dataset=Subset(source.dataset, select_indices(len(source), limit, seed)))
+
+
+def _collate(batch: Sequence[tuple[Tensor, int, int]]) -> tuple[Tensor, Tensor, Tensor]:
+    images = torch.stack([b[0] for b in batch])
+    labels = torch.tensor([b[1] for b in batch], dtype=torch.long)
+    index = torch.tensor([b[2] for b in batch], dtype=torch.long)
+    return images, labels, index
+
+
+def default_workers(source: DataSource) -> int:
+    if source.in_memory:
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def make_loader(
+    source: DataSource,
+    batch_size: int = 64,
+    workers: int | None = None,
+    device: torch.device | None = None,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A loader of (images, labels, indices) batches; pinned memory and prefetching on CUDA."""
+    if batch_size < 1:
+        raise BadValue(f"--batch-size must be at least 1, got {batch_size}")
+    workers = default_workers(source) if workers is None else workers
+    if workers < 0:
+        raise BadValue(f"--workers must be 0 or more, got {workers}")
+    cuda = device is not None and device.type == "cuda"
+    return DataLoader(
+        source.dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=_collate,
+        pin_memory=cuda, persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
+        generator=generator, drop_last=drop_last,
+    )
+
+
+def warn_notes(source: DataSource) -> None:
+    for note in source.notes:
+        warnings.warn(note, stacklevel=2)

@@ -1,0 +1,72 @@
+"""Loss and accuracy of a model on a data set: the baseline every other figure is compared with."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from resprobe.runtime import Runtime
+
+
+@dataclass
+class EvalResult:
+    """``loss`` mean per-sample cross-entropy, ``acc`` top-1 and ``top5`` top-5 in [0, 1]."""
+
+    n: int
+    loss: float
+    acc: float
+    top5: float | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Tally:
+    """Sums of per-sample loss and hits, accumulated in float64."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.loss = 0.0
+        self.hits = 0
+        self.hits5 = 0
+        self.num_classes: int | None = None
+
+    def add(self, logits: Tensor, labels: Tensor) -> Tensor:
+        logits = logits.float()
+        losses = F.cross_entropy(logits, labels, reduction="none")
+        self.n += len(labels)
+        self.loss += float(losses.double().sum())
+        self.hits += int((logits.argmax(1) == labels).sum())
+        self.num_classes = logits.shape[1]
+        if self.num_classes >= 5:
+            top5 = logits.topk(5, dim=1).indices
+            self.hits5 += int((top5 == labels[:, None]).any(1).sum())
+        return losses
+
+    def result(self) -> EvalResult:
+        n = max(self.n, 1)
+        top5 = self.hits5 / n if (self.num_classes or 0) >= 5 else None
+        return EvalResult(self.n, self.loss / n, self.hits / n, top5)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module | Callable[[Tensor], Tensor],
+    loader: Iterable,
+    runtime: Runtime,
+    progress: Callable[[int], None] | None = None,
+) -> EvalResult:
+    """Mean cross-entropy, top-1 and top-5 accuracy of ``model`` (in eval mode) over ``loader``."""
+    tally = Tally()
+    for images, labels, _ in loader:
+        images, labels = runtime.batch(images), labels.to(runtime.device)
+        with runtime.compute():
+            logits = model(images)
+        tally.add(logits, labels)
+        if progress:
+            progress(len(labels))
+    return tally.result()

@@ -1,0 +1,639 @@
+"""Model specs, model building, safe checkpoint loading and resprobe's own checkpoints.
+
+A MODEL argument (DESIGN.md §2) is one of::
+
+    torchvision:NAME[:WEIGHTS]   timm:NAME   NAME (timm)   hf-hub:ORG/NAME
+    PATH (a checkpoint that records its architecture)   package.module:callable
+
+Weights come from ``--checkpoint PATH`` or ``--pretrained`` (local caches only, never a download).
+Every ``torch.load`` here uses ``weights_only=True``; arbitrary unpickling happens only when the
+caller passes ``trust_checkpoint=True``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import importlib
+import json
+import os
+import pickle
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from resprobe import __version__
+from resprobe.errors import ModelError
+
+CHECKPOINT_FORMAT = "resprobe-checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
+_PATH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".tar", ".pth.tar")
+_PREFIXES_TO_STRIP = ("module.", "_orig_mod.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Specs
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed MODEL argument."""
+
+    source: str  # "timm" | "torchvision" | "hf-hub" | "path" | "callable"
+    name: str
+    weights: str | None = None  # torchvision weights enum member, e.g. "IMAGENET1K_V1"
+
+    def __str__(self) -> str:
+        if self.source in ("path", "callable"):
+            return self.name
+        if self.source == "torchvision" and self.weights:
+            return f"torchvision:{self.name}:{self.weights}"
+        return f"{self.source}:{self.name}"
+
+
+def _looks_like_path(text: str) -> bool:
+    return (
+        os.sep in text
+        or text.startswith(".")
+        or text.lower().endswith(_PATH_SUFFIXES)
+        or Path(text).exists()
+    )
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """Parse a MODEL argument into a :class:`ModelSpec` (no model is built)."""
+    text = text.strip()
+    if not text:
+        raise ModelError("empty MODEL: give e.g. timm:resnet18, torchvision:resnet50 or a checkpoint path")
+    for source in ("torchvision", "timm", "hf-hub"):
+        if text.startswith(source + ":"):
+            rest = text[len(source) + 1 :]
+            if not rest:
+                raise ModelError(f"MODEL {text!r} names no model after '{source}:'")
+            if source == "torchvision":
+                name, _, weights = rest.partition(":")
+                return ModelSpec(source, name, weights or None)
+            return ModelSpec(source, rest)
+    if _looks_like_path(text):
+        return ModelSpec("path", text)
+    if ":" in text:
+        module, _, attr = text.partition(":")
+        if module and attr and all(part.isidentifier() for part in module.split(".")) and attr.isidentifier():
+            return ModelSpec("callable", text)
+        raise ModelError(f"cannot read MODEL {text!r}: expected timm:NAME, torchvision:NAME[:WEIGHTS], "
+                         "hf-hub:ORG/NAME, a checkpoint path or package.module:callable")
+    return ModelSpec("timm", text)
+
+
+@dataclass
+class LoadOptions:
+    """How to build a model and where its weights come from."""
+
+    checkpoint: str | Path | None = None
+    pretrained: bool = False
+    num_classes: int | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    ema: bool = False
+    trust_checkpoint: bool = False
+
+
+@dataclass
+class LoadedModel:
+    """A built model and everything the other modules need to know about where it came from."""
+
+    model: nn.Module
+    spec: ModelSpec
+    arch: dict[str, Any]  # JSON-able: {"source", "name", "num_classes", "kwargs"}
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    preprocessing: dict[str, Any] | None = None  # recorded by resprobe checkpoints
+    recipes: list[dict[str, Any]] = field(default_factory=list)
+    torchvision_weights: Any = None  # a torchvision WeightsEnum member when weights were named
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.arch.get("num_classes")
+
+    @property
+    def source(self) -> str:
+        return self.arch["source"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading checkpoint files safely
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_readable_file(path: Path, what: str = "checkpoint") -> None:
+    if not path.exists():
+        raise ModelError(f"{what} not found: {path}")
+    if path.is_dir():
+        raise ModelError(f"{what} {path} is a directory; give the path of a file")
+    if not os.access(path, os.R_OK):
+        raise ModelError(f"{what} {path} is not readable (check its permissions)")
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    getter = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if getter is None:
+        return []
+    try:
+        return list(getter(str(path)))
+    except Exception:  # noqa: BLE001 - a corrupt file has no globals to name
+        return []
+
+
+def read_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> Any:
+    """Load a checkpoint file's contents on the CPU without executing code from it.
+
+    ``.safetensors`` files go through safetensors; everything else through ``torch.load`` with
+    ``weights_only=True`` (``argparse.Namespace`` allowed, as in timm and torchvision training
+    checkpoints). ``trust_checkpoint=True`` is the only way to unpickle arbitrary objects.
+    """
+    path = Path(path)
+    _check_readable_file(path)
+    if path.stat().st_size == 0:
+        raise ModelError(f"checkpoint {path} is empty (0 bytes)")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    try:
+        if trust_checkpoint:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc) and not _looks_corrupt(str(exc)):
+            names = _unsafe_globals(path)
+            detail = f" ({', '.join(names[:3])})" if names else ""
+            raise ModelError(
+                f"refusing to unpickle {path}: it holds Python objects{detail} that could run code when loaded; "
+                "re-save its weights as a plain state dict or .safetensors, or pass --trust-checkpoint "
+                "only if you trust where it came from"
+            ) from exc
+        raise ModelError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated)") from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError,
+            TypeError, AttributeError, UnicodeDecodeError, MemoryError, OverflowError) as exc:
+        try:  # safetensors files without the suffix
+            return _read_safetensors(path)
+        except ModelError:
+            pass
+        raise ModelError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated)") from exc
+
+
+def _looks_corrupt(message: str) -> bool:
+    # weights_only's unpickler reports garbage bytes as "Weights only load failed" too.
+    lowered = message.lower()
+    return any(s in lowered for s in ("invalid load key", "unpickling stack", "truncated", "eof", "could not find"))
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{path} is not a readable safetensors file (corrupt or truncated)") from exc
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip ``module.`` (DataParallel, AveragedModel) and ``_orig_mod.`` (torch.compile) prefixes.
+
+    Drops ``n_averaged``, the counter torchvision's ``AveragedModel`` EMA keeps beside the weights.
+    """
+    cleaned: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _PREFIXES_TO_STRIP:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix) :], True
+            key = key.replace("._orig_mod.", ".")
+        if key == "n_averaged":
+            continue
+        cleaned[key] = value
+    return cleaned
+
+
+_PLAIN_KEYS = ("state_dict", "model", "module", "net", "weights")
+_EMA_KEYS = ("state_dict_ema", "model_ema", "ema", "ema_state_dict")
+
+
+def extract_state_dict(obj: Any, ema: bool = False, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Find the weights in a checkpoint's contents: a raw state dict or one under a known key."""
+    if isinstance(obj, nn.Module):
+        return clean_state_dict(obj.state_dict())
+    if _is_tensor_dict(obj):
+        if ema:
+            raise ModelError(f"{source} is a plain state dict with no EMA weights; drop --ema")
+        return clean_state_dict(obj)
+    if not isinstance(obj, Mapping):
+        raise ModelError(f"{source} holds a {type(obj).__name__}, not a state dict or a dict of weights")
+    keys = _EMA_KEYS if ema else _PLAIN_KEYS
+    for key in keys:
+        value = obj.get(key)
+        if isinstance(value, nn.Module):
+            value = value.state_dict()
+        if _is_tensor_dict(value):
+            return clean_state_dict(value)
+    found = ", ".join(sorted(map(str, obj.keys()))[:8])
+    if ema:
+        raise ModelError(f"{source} has no EMA weights (looked for {', '.join(_EMA_KEYS)}; it has {found})")
+    raise ModelError(f"{source} holds no weights (looked for a state dict or {', '.join(_PLAIN_KEYS)}; it has {found})")
+
+
+# --------------------------------------------------------------------------------------------------
+# Building models
+
+
+def _close_matches(name: str, candidates: list[str]) -> str:
+    matches = difflib.get_close_matches(name, candidates, n=4, cutoff=0.6)
+    return f"; did you mean {', '.join(matches)}?" if matches else ""
+
+
+def _build_timm(name: str, num_classes: int | None, kwargs: dict[str, Any], pretrained: bool) -> nn.Module:
+    import timm
+
+    if not name.startswith("hf-hub:") and not timm.is_model(name):
+        raise ModelError(f"unknown timm model {name!r}{_close_matches(name, timm.list_models())}")
+    build_kwargs = dict(kwargs)
+    if num_classes is not None:
+        build_kwargs["num_classes"] = num_classes
+    try:
+        return timm.create_model(name, pretrained=pretrained, **build_kwargs)
+    except TypeError as exc:
+        raise ModelError(f"cannot build timm model {name!r} with --model-kwargs {json.dumps(kwargs)}: {exc}") from exc
+    except (OSError, RuntimeError, ValueError) as exc:
+        if pretrained or name.startswith("hf-hub:"):
+            raise ModelError(
+                f"weights or config for {name} are not in the local cache ({_hf_cache_dir()} or "
+                f"{Path(torch.hub.get_dir()) / 'checkpoints'}); resprobe never downloads: fetch them once "
+                "elsewhere, or pass --checkpoint PATH"
+            ) from exc
+        raise ModelError(f"cannot build timm model {name!r}: {str(exc).splitlines()[0]}") from exc
+
+
+def _hf_cache_dir() -> str:
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        return str(HF_HUB_CACHE)
+    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
+        return "~/.cache/huggingface/hub"
+
+
+def _torchvision_weights(name: str, weights: str | None, pretrained: bool) -> Any:
+    from torchvision.models import get_model_weights
+
+    if weights is None and not pretrained:
+        return None
+    enum = get_model_weights(name)
+    key = weights or "DEFAULT"
+    key = key.split(".")[-1]
+    try:
+        return enum[key] if key != "DEFAULT" else enum.DEFAULT
+    except KeyError:
+        options = ", ".join(w.name for w in enum)
+        raise ModelError(f"torchvision model {name} has no weights {weights!r}; choose one of {options}") from None
+
+
+def _torchvision_weights_file(weights: Any) -> Path:
+    url = weights.url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    if not path.is_file():
+        raise ModelError(
+            f"pretrained weights {weights} are not in the local cache (looked for {path}); resprobe never "
+            "downloads: copy the file there, or pass --checkpoint PATH"
+        )
+    return path
+
+
+def _build_torchvision(name: str, num_classes: int | None, kwargs: dict[str, Any], weights: Any) -> nn.Module:
+    from torchvision.models import get_model, list_models
+
+    if name not in list_models():
+        raise ModelError(f"unknown torchvision model {name!r}{_close_matches(name, list_models())}")
+    build_kwargs = dict(kwargs)
+    if num_classes is not None:
+        build_kwargs["num_classes"] = num_classes
+    try:
+        model = get_model(name, weights=None, **build_kwargs)
+    except TypeError as exc:
+        raise ModelError(f"cannot build torchvision model {name!r} with {json.dumps(kwargs)}: {exc}") from exc
+    if weights is not None:
+        state = read_checkpoint(_torchvision_weights_file(weights))
+        head_classes = len(weights.meta.get("categories") or [])
+        if num_classes is not None and head_classes and num_classes != head_classes:
+            # Pretrained body, new head: the classifier stays randomly initialized.
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+            load_weights(model, state, "torchvision:" + name, strict=False)
+        else:
+            load_weights(model, state, f"torchvision weights {weights}")
+    return model
+
+
+def _build_callable(target: str, num_classes: int | None, kwargs: dict[str, Any]) -> nn.Module:
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelError(f"cannot import {module_name!r} for MODEL {target}: {exc}") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ModelError(f"{module_name} has no callable {attr!r}")
+    build_kwargs = dict(kwargs)
+    if num_classes is not None:
+        build_kwargs["num_classes"] = num_classes
+    model = factory(**build_kwargs)
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{target} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def build_architecture(arch: Mapping[str, Any], pretrained: bool = False) -> tuple[nn.Module, Any]:
+    """Build a randomly initialized model from an architecture record (``LoadedModel.arch``)."""
+    source, name = arch["source"], arch["name"]
+    num_classes, kwargs = arch.get("num_classes"), dict(arch.get("kwargs") or {})
+    if source in ("timm", "hf-hub"):
+        full = name if source == "timm" else f"hf-hub:{name}"
+        return _build_timm(full, num_classes, kwargs, pretrained), None
+    if source == "torchvision":
+        weights = _torchvision_weights(name, arch.get("weights"), pretrained)
+        return _build_torchvision(name, num_classes, kwargs, weights), weights
+    if source == "callable":
+        return _build_callable(name, num_classes, kwargs), None
+    raise ModelError(f"cannot rebuild an architecture from source {source!r}")
+
+
+def classifier_key(model: nn.Module) -> str | None:
+    """The module name of the classifier (``fc``, ``head.fc``), as timm reports it when it can."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("classifier")
+    if isinstance(name, str) and name:
+        return name
+    if isinstance(getattr(model, "fc", None), nn.Linear):
+        return "fc"
+    last = None
+    for mod_name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = mod_name
+    return last
+
+
+def _classifier_name(arch: Mapping[str, Any]) -> str | None:
+    """The classifier's module name for an architecture, without building it when the registry knows."""
+    if arch["source"] == "timm":
+        from timm.models import get_pretrained_cfg_value
+
+        try:
+            return get_pretrained_cfg_value(arch["name"], "classifier")
+        except Exception:  # noqa: BLE001 - unknown names fail later with a clear message
+            return None
+    if arch["source"] == "torchvision":
+        return "fc"
+    probe, _ = build_architecture({**arch, "num_classes": None, "weights": None})
+    return classifier_key(probe)
+
+
+def infer_num_classes(state_dict: Mapping[str, torch.Tensor], classifier: str | None) -> int | None:
+    """Read the class count from the classifier's weight in ``state_dict``."""
+    for key in ([f"{classifier}.weight"] if classifier else []) + ["fc.weight", "head.fc.weight"]:
+        weight = state_dict.get(key)
+        if isinstance(weight, torch.Tensor) and weight.dim() in (2, 4):
+            return int(weight.shape[0])
+    return None
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, strict: bool = True) -> None:
+    """``load_state_dict`` whose failure names the first offending keys and the likely cause."""
+    own = model.state_dict()
+    mismatched = [
+        f"{k} (checkpoint {list(v.shape)} vs model {list(own[k].shape)})"
+        for k, v in state_dict.items()
+        if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape
+    ]
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if mismatched:
+        hint = ""
+        if any(k.split(" ")[0].endswith(("fc.weight", "fc.bias", "classifier.weight")) for k in mismatched):
+            hint = "; the class count differs: pass --num-classes to match the checkpoint"
+        raise ModelError(f"weights from {source} do not fit the model: shape mismatch for "
+                         f"{', '.join(mismatched[:3])}{hint}")
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:4])}" + (f" (+{len(missing) - 4} more)" if len(missing) > 4 else ""))
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:4])}"
+                         + (f" (+{len(unexpected) - 4} more)" if len(unexpected) > 4 else ""))
+        raise ModelError(f"weights from {source} do not fit the model: {'; '.join(parts)}; likely another "
+                         "architecture or other --model-kwargs than the checkpoint was trained with")
+    model.load_state_dict(state_dict, strict=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# resprobe's own checkpoints and the recipes that rebuild pruned / shared models
+
+
+RecipeBuilder = Callable[[nn.Module, Mapping[str, Any]], nn.Module]
+_RECIPE_BUILDERS: dict[str, RecipeBuilder] = {}
+
+
+def register_recipe(kind: str) -> Callable[[RecipeBuilder], RecipeBuilder]:
+    """Register how to restructure a freshly built model for a recipe of ``kind`` (e.g. ``share``)."""
+
+    def decorator(fn: RecipeBuilder) -> RecipeBuilder:
+        _RECIPE_BUILDERS[kind] = fn
+        return fn
+
+    return decorator
+
+
+def apply_recipe(model: nn.Module, recipe: Mapping[str, Any]) -> nn.Module:
+    kind = recipe.get("kind")
+    builder = _RECIPE_BUILDERS.get(str(kind))
+    if builder is None:
+        raise ModelError(f"this resprobe cannot rebuild a model with recipe {kind!r} (newer resprobe file?)")
+    return builder(model, recipe)
+
+
+def is_resprobe_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT
+
+
+def save_resprobe_checkpoint(
+    path: str | Path,
+    loaded: LoadedModel,
+    model: nn.Module | None = None,
+    recipes: list[dict[str, Any]] | None = None,
+    preprocessing: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a resprobe checkpoint: tensors plus JSON-able metadata, loadable with ``weights_only=True``.
+
+    Written to a temporary name and renamed into place, so a crash never leaves a half file at PATH.
+    """
+    path = Path(path)
+    model = model if model is not None else loaded.model
+    payload: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "resprobe_version": __version__,
+        "arch": json.loads(json.dumps(loaded.arch)),
+        "preprocessing": json.loads(json.dumps(preprocessing if preprocessing is not None else loaded.preprocessing)),
+        "recipes": json.loads(json.dumps(recipes if recipes is not None else loaded.recipes)),
+        "meta": json.loads(json.dumps(meta or {})),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+    }
+    if extra:
+        payload.update(extra)
+    atomic_torch_save(payload, path)
+    return path
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    path = Path(path)
+    if not path.parent.exists():
+        raise ModelError(f"cannot write {path}: directory {path.parent} does not exist")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ModelError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _load_resprobe_checkpoint(obj: Mapping[str, Any], path: Path, opts: LoadOptions) -> LoadedModel:
+    if int(obj.get("format_version", 0)) > CHECKPOINT_FORMAT_VERSION:
+        raise ModelError(f"{path} was written by a newer resprobe (format {obj.get('format_version')}); upgrade resprobe")
+    arch = dict(obj["arch"])
+    if opts.num_classes is not None and opts.num_classes != arch.get("num_classes"):
+        raise ModelError(f"{path} has {arch.get('num_classes')} classes; --num-classes {opts.num_classes} does not fit")
+    model, weights = build_architecture({**arch, "weights": None})
+    for recipe in obj.get("recipes") or []:
+        model = apply_recipe(model, recipe)
+    load_weights(model, obj["state_dict"], str(path))
+    return LoadedModel(
+        model=model,
+        spec=ModelSpec("path", str(path)),
+        arch=arch,
+        preprocessing=obj.get("preprocessing"),
+        recipes=list(obj.get("recipes") or []),
+        meta=dict(obj.get("meta") or {}),
+    )
+
+
+def _arch_from_training_checkpoint(obj: Mapping[str, Any], path: Path) -> dict[str, Any] | None:
+    """timm ``train.py`` checkpoints name ``arch``; torchvision reference ones keep ``args.model``."""
+    if isinstance(obj.get("arch"), str):
+        return {"source": "timm", "name": obj["arch"]}
+    args = obj.get("args")
+    model_name = getattr(args, "model", None) if args is not None else None
+    if isinstance(model_name, str) and "model" in obj:
+        return {"source": "torchvision", "name": model_name}
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# The one entry point
+
+
+def load_model(model: str | ModelSpec, opts: LoadOptions | None = None) -> LoadedModel:
+    """Build MODEL and load its weights as DESIGN.md §2 describes; the model is returned in eval mode."""
+    opts = opts or LoadOptions()
+    spec = model if isinstance(model, ModelSpec) else parse_model_spec(model)
+    if opts.num_classes is not None and opts.num_classes < 1:
+        raise ModelError(f"--num-classes must be at least 1, got {opts.num_classes}")
+
+    if spec.source == "path":
+        loaded = _load_from_path(spec, opts)
+    else:
+        if opts.pretrained and opts.checkpoint:
+            raise ModelError("give either --pretrained or --checkpoint, not both")
+        state_dict = None
+        checkpoint_path = Path(opts.checkpoint) if opts.checkpoint else None
+        if checkpoint_path is not None:
+            obj = read_checkpoint(checkpoint_path, opts.trust_checkpoint)
+            if is_resprobe_checkpoint(obj):
+                raise ModelError(f"{checkpoint_path} is a resprobe checkpoint: give it as MODEL, not --checkpoint")
+            state_dict = extract_state_dict(obj, opts.ema, str(checkpoint_path))
+        arch = {"source": spec.source, "name": spec.name, "num_classes": opts.num_classes,
+                "kwargs": dict(opts.model_kwargs)}
+        if spec.source == "torchvision":
+            arch["weights"] = spec.weights
+        if state_dict is not None and opts.num_classes is None:
+            arch["num_classes"] = infer_num_classes(state_dict, _classifier_name(arch))
+        built, tv_weights = build_architecture(arch, pretrained=opts.pretrained)
+        arch["num_classes"] = _model_num_classes(built, arch.get("num_classes"))
+        loaded = LoadedModel(model=built, spec=spec, arch=arch, torchvision_weights=tv_weights)
+        if state_dict is not None:
+            load_weights(built, state_dict, str(checkpoint_path))
+            loaded.checkpoint = str(checkpoint_path)
+            loaded.checkpoint_sha256 = file_sha256(checkpoint_path)
+    loaded.model.eval()
+    return loaded
+
+
+def _model_num_classes(model: nn.Module, fallback: int | None) -> int | None:
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, int):
+        return n
+    key = classifier_key(model)
+    if key:
+        module = model.get_submodule(key)
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            return int(weight.shape[0])
+    return fallback
+
+
+def _load_from_path(spec: ModelSpec, opts: LoadOptions) -> LoadedModel:
+    path = Path(spec.name)
+    if opts.checkpoint:
+        raise ModelError(f"MODEL is already a checkpoint ({path}); drop --checkpoint")
+    obj = read_checkpoint(path, opts.trust_checkpoint)
+    sha = file_sha256(path)
+    if is_resprobe_checkpoint(obj):
+        loaded = _load_resprobe_checkpoint(obj, path, opts)
+    elif isinstance(obj, nn.Module):  # only reachable with --trust-checkpoint
+        loaded = LoadedModel(model=obj, spec=spec, arch={"source": "pickled-module", "name": type(obj).__name__,
+                                                          "num_classes": _model_num_classes(obj, None)})
+    else:
+        arch = _arch_from_training_checkpoint(obj, path) if isinstance(obj, Mapping) else None
+        if arch is None:
+            raise ModelError(
+                f"{path} does not record its architecture; give the architecture as MODEL and the file as "
+                f"--checkpoint (e.g. resprobe eval timm:resnet18 --checkpoint {path})"
+            )
+        state_dict = extract_state_dict(obj, opts.ema, str(path))
+        arch["kwargs"] = dict(opts.model_kwargs)
+        arch["num_classes"] = opts.num_classes or infer_num_classes(state_dict, _classifier_name(arch))
+        model, _ = build_architecture(arch)
+        load_weights(model, state_dict, str(path))
+        loaded = LoadedModel(model=model, spec=spec, arch=arch)
+    loaded.checkpoint, loaded.checkpoint_sha256 = str(path), sha
+    return loaded
