@@ -250,6 +250,10 @@ def _candidate_blocks(model: nn.Module, globs: Sequence[str] | None) -> list[tup
             raise ModelError(f"--blocks {','.join(globs)} matches no module of the model")
     else:
         picked = [(n, m) for n, m in model.named_modules() if n and family_of(m) is not None]
+    # Modules marked ``_resprobe_hidden`` (e.g. the one shared block behind a shared stage's
+    # iterations) and everything inside them are never blocks of their own.
+    hidden = [n for n, m in model.named_modules() if n and getattr(m, "_resprobe_hidden", False)]
+    picked = [(n, m) for n, m in picked if not any(n == h or n.startswith(h + ".") for h in hidden)]
     # Keep the outermost matches only: a block is never inside another block.
     outer: list[tuple[str, nn.Module]] = []
     for name, module in picked:
