@@ -1,0 +1,65 @@
+"""Last-stage readout (paper §4.3, Fig. 5): the model's own head applied after each block of the last
+stage — loss, accuracy and entropy after each block, and how many borderline examples each block
+corrects or breaks.
+
+A borderline example has margin ``p_y − max_{k≠y} p_k`` on the intact model in (−0.10, 0.10)
+(DESIGN.md §1). A block *corrects* one when the readout after it is right and the one before it
+wrong, and *breaks* one the other way round. The first block of the stage has no readout before it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from resprobe.recorder import Recorded
+
+BORDERLINE = 0.10
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def margins(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``p_y − max_{k≠y} p_k`` per sample."""
+    rows = np.arange(len(labels))
+    p_true = probs[rows, labels]
+    others = probs.copy()
+    others[rows, labels] = -np.inf
+    return p_true - others.max(axis=1)
+
+
+def borderline_mask(final_logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    m = margins(softmax(final_logits), labels)
+    return (m > -BORDERLINE) & (m < BORDERLINE)
+
+
+def summarize_readout(recorded: Recorded) -> list[dict[str, Any]]:
+    names = [n for n in recorded.block_names if n in recorded.readout]
+    if not names:
+        return []
+    labels = recorded.label
+    border = borderline_mask(recorded.readout[names[-1]], labels)
+    rows: list[dict[str, Any]] = []
+    previous_right: np.ndarray | None = None
+    for name in names:
+        probs = softmax(recorded.readout[name])
+        rows_idx = np.arange(len(labels))
+        loss = -np.log(np.clip(probs[rows_idx, labels], 1e-300, None))
+        right = probs.argmax(1) == labels
+        entropy = -(probs * np.log(np.clip(probs, 1e-300, None))).sum(1)
+        row = {"name": name, "loss": float(loss.mean()), "acc": float(right.mean()),
+               "entropy": float(entropy.mean()), "n_borderline": int(border.sum()),
+               "borderline_acc": float(right[border].mean()) if border.any() else None,
+               "corrected": None, "broken": None}
+        if previous_right is not None:
+            row["corrected"] = int((border & right & ~previous_right).sum())
+            row["broken"] = int((border & ~right & previous_right).sum())
+        rows.append(row)
+        previous_right = right
+    return rows

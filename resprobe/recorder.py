@@ -1,0 +1,378 @@
+"""The hooked pass: per-sample block statistics, reduced on the device (DESIGN.md §1, §5).
+
+One forward and one backward (to the input images; parameters frozen, so no weight gradient is ever
+computed) per batch. Hooks on every block reduce what they see at once to per-sample numbers:
+
+* block forward pre-hook: ``h`` (a reference; blocks never modify their input) and ``‖h‖``;
+  a tensor hook on ``h`` delivers ``g = ∂ℓ/∂h`` during the backward pass;
+* branch-end forward hook (post-activation blocks): ``F`` is copied at once, because the block's
+  ``x += shortcut`` and in-place ReLU overwrite it a moment later; ``‖F‖`` right away;
+* block forward hook: ``out``; a tensor hook on ``out`` delivers ``g_out = ∂ℓ/∂out``.
+
+In pre-activation blocks ``F = U = out − h`` (identity blocks), so nothing needs copying. Tensors
+that are only referenced are checked with their version counters, so an in-place change after the
+hook is an error, never a silent wrong number. Only [B]-sized results leave the device, once per
+batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from resprobe.blocks import Anatomy, Block
+from resprobe.errors import BadValue
+from resprobe.runtime import Runtime
+
+STAT_NAMES = ("input_norm", "branch_norm", "update_norm", "grad_norm", "dot", "update_dot", "out_dot", "cos",
+              "update_cos")
+TENSOR_KINDS = ("input", "branch", "update", "grad")
+TARGETS = ("label", "pred")
+
+
+def _dims(t: Tensor) -> tuple[int, ...]:
+    return tuple(range(1, t.dim()))
+
+
+def _norm(t: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(t.float(), dim=_dims(t))
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    return (a.float() * b.float()).sum(dim=_dims(a))
+
+
+def _cos(dot: Tensor, na: Tensor, nb: Tensor) -> Tensor:
+    # A zero norm makes the cosine undefined: NaN, excluded from means and counted (n_invalid).
+    denom = na * nb
+    return torch.where(denom > 0, dot / denom, torch.full_like(dot, math.nan))
+
+
+class _Stale(RuntimeError):
+    pass
+
+
+def _check_version(t: Tensor, version: int, what: str, block: str) -> None:
+    if t._version != version:
+        raise _Stale(f"{what} of block {block} was modified in place after the block ran; "
+                     "resprobe cannot read it safely (report this model to the resprobe developers)")
+
+
+@dataclass
+class _Slot:
+    """What one block holds between its forward and its backward within a batch."""
+
+    h: Tensor | None = None
+    h_version: int = 0
+    out: Tensor | None = None
+    out_version: int = 0
+    branch: Tensor | None = None  # copy of F (post-activation identity blocks)
+    update: Tensor | None = None  # U, kept from g_out's arrival until g's
+
+
+@dataclass
+class BatchStats:
+    """Per-sample results of one batch, on the CPU."""
+
+    index: np.ndarray  # [B] int64 dataset indices
+    label: np.ndarray  # [B] int64
+    pred: np.ndarray  # [B] int64
+    loss: np.ndarray  # [B] float32, cross-entropy against the label
+    stats: dict[str, np.ndarray]  # name -> [B, n_blocks] float32
+    tensors: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # block -> kind -> [k, C, H, W]
+    readout: dict[str, np.ndarray] = field(default_factory=dict)  # block -> [B, classes] float32 logits
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+class Recorder:
+    """Hooks on every block of ``anatomy``; :meth:`run_batch` does one forward + backward.
+
+    ``save_tensors`` keeps input/branch/update/grad of the first K samples the recorder sees
+    (``samples_seen`` lets a resumed run continue the count). ``readout`` lists blocks after which
+    the model's own head is applied (paper §4.3).
+    """
+
+    def __init__(
+        self,
+        anatomy: Anatomy,
+        runtime: Runtime,
+        target: str = "label",
+        save_tensors: int = 0,
+        tensor_dtype: torch.dtype = torch.float32,
+        readout: Iterable[str] = (),
+        samples_seen: int = 0,
+    ):
+        if target not in TARGETS:
+            raise BadValue(f"--target {target!r}: choose label or pred")
+        if save_tensors < 0:
+            raise BadValue(f"--save-tensors must be 0 or more, got {save_tensors}")
+        self.anatomy = anatomy
+        self.blocks = anatomy.blocks
+        self.runtime = runtime
+        self.target = target
+        self.save_tensors = save_tensors
+        self.tensor_dtype = tensor_dtype
+        self.readout = [anatomy[name] for name in readout]
+        if self.readout and anatomy.head is None:
+            raise BadValue("--readout needs the model's head, which resprobe does not know for this model")
+        self.samples_seen = samples_seen
+        self._handles: list[Any] = []
+        self._active: int | None = None
+        self._recording = False
+        self._slots: list[_Slot] = []
+        self._stats: Tensor | None = None  # [n_stats, B, n_blocks] on the device
+        self._tensors: dict[str, dict[str, Tensor]] = {}
+        self._readout_logits: dict[str, Tensor] = {}
+        self._keep = 0  # samples of this batch whose tensors are kept
+        self._install()
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    def _install(self) -> None:
+        branch_owners: dict[int, nn.Module] = {}
+        for j, block in enumerate(self.blocks):
+            self._handles.append(block.module.register_forward_pre_hook(self._pre_hook(j)))
+            self._handles.append(block.module.register_forward_hook(self._post_hook(j)))
+            end = block.family.branch_end_module(block.module)
+            if end is not None and id(end) not in branch_owners:
+                # One hook per module: a shared block's branch end serves all its iterations.
+                branch_owners[id(end)] = end
+                self._handles.append(end.register_forward_hook(self._branch_hook(end)))
+        self._branch_ends = [b.family.branch_end_module(b.module) for b in self.blocks]
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _put(self, name: str, j: int, value: Tensor) -> None:
+        assert self._stats is not None
+        self._stats[STAT_NAMES.index(name), :, j] = value.detach().float()
+
+    def _keep_tensor(self, j: int, kind: str, value: Tensor) -> None:
+        if self._keep:
+            # A copy, never a view: in-place ops overwrite some of these tensors right after.
+            kept = value[: self._keep].detach().to(self.tensor_dtype, copy=True)
+            self._tensors.setdefault(self.blocks[j].name, {})[kind] = kept.cpu()
+
+    def _pre_hook(self, j: int) -> Callable:
+        block = self.blocks[j]
+
+        def hook(_module: nn.Module, args: tuple) -> None:
+            if not self._recording or not args or not isinstance(args[0], Tensor):
+                return
+            h = args[0]
+            self._active = j
+            slot = self._slots[j] = _Slot(h=h, h_version=h._version)
+            self._put("input_norm", j, _norm(h))
+            self._keep_tensor(j, "input", h)
+            if h.requires_grad:
+                h.register_hook(self._grad_hook(j, block, slot))
+
+        return hook
+
+    def _branch_hook(self, module: nn.Module) -> Callable:
+        def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
+            j = self._active
+            if not self._recording or j is None or self._branch_ends[j] is not module or not isinstance(output, Tensor):
+                return
+            block = self.blocks[j]
+            self._put("branch_norm", j, _norm(output))
+            self._keep_tensor(j, "branch", output)
+            if block.is_identity and not block.preact:
+                # Post-activation: ``x += shortcut`` and the in-place ReLU will overwrite F.
+                self._slots[j].branch = output.detach().clone()
+
+        return hook
+
+    def _post_hook(self, j: int) -> Callable:
+        block = self.blocks[j]
+
+        def hook(_module: nn.Module, _args: tuple, out: Any) -> None:
+            if not self._recording or not isinstance(out, Tensor):
+                return
+            self._active = None
+            slot = self._slots[j]
+            slot.out, slot.out_version = out, out._version
+            if block in self.readout:
+                with torch.no_grad():
+                    assert self.anatomy.head is not None
+                    self._readout_logits[block.name] = self.anatomy.head(out.detach()).float()
+            if not block.is_identity:
+                return
+            assert slot.h is not None
+            update = out.detach() - slot.h.detach()
+            self._put("update_norm", j, _norm(update))
+            self._keep_tensor(j, "update", update)
+            if block.preact or slot.branch is None and self._branch_ends[j] is None:
+                # F = U: pre-activation blocks, and blocks of unknown families (out = h + F).
+                self._put("branch_norm", j, _norm(update))
+                self._keep_tensor(j, "branch", update)
+            if out.requires_grad:
+                out.register_hook(self._out_grad_hook(j, block, slot))
+
+        return hook
+
+    def _out_grad_hook(self, j: int, block: Block, slot: _Slot) -> Callable:
+        def hook(g_out: Tensor) -> None:
+            assert slot.h is not None and slot.out is not None
+            _check_version(slot.out, slot.out_version, "the output", block.name)
+            _check_version(slot.h, slot.h_version, "the input", block.name)
+            slot.update = slot.out.detach() - slot.h.detach()
+            self._put("out_dot", j, _dot(slot.update, g_out))
+            slot.out = None
+
+        return hook
+
+    def _grad_hook(self, j: int, block: Block, slot: _Slot) -> Callable:
+        def hook(g: Tensor) -> None:
+            grad_norm = _norm(g)
+            self._put("grad_norm", j, grad_norm)
+            self._keep_tensor(j, "grad", g)
+            if block.is_identity:
+                assert slot.h is not None
+                _check_version(slot.h, slot.h_version, "the input", block.name)
+                update = slot.update
+                if update is None:  # the output's gradient never arrived (unused output)
+                    assert slot.out is not None
+                    update = slot.out.detach() - slot.h.detach()
+                update_norm = _norm(update)
+                update_dot = _dot(update, g)
+                self._put("update_dot", j, update_dot)
+                self._put("update_cos", j, _cos(update_dot, update_norm, grad_norm))
+                if slot.branch is not None:
+                    branch_norm = _norm(slot.branch)
+                    dot = _dot(slot.branch, g)
+                else:  # F = U
+                    branch_norm, dot = update_norm, update_dot
+                self._put("dot", j, dot)
+                self._put("cos", j, _cos(dot, branch_norm, grad_norm))
+            # Free what this block held as soon as its gradient has been consumed.
+            slot.h = slot.out = slot.branch = slot.update = None
+
+        return hook
+
+    # -- one batch -----------------------------------------------------------------------------
+
+    def run_batch(self, images: Tensor, labels: Tensor, indices: Tensor) -> BatchStats:
+        """Forward, per-sample cross-entropy, backward to the input; statistics of every block."""
+        model = self.anatomy.model
+        model.eval()
+        batch = len(labels)
+        device = self.runtime.device
+        images = self.runtime.batch(images).requires_grad_(True)
+        labels = labels.to(device)
+        self._stats = torch.full((len(STAT_NAMES), batch, len(self.blocks)), math.nan, device=device)
+        self._slots = [_Slot() for _ in self.blocks]
+        self._tensors, self._readout_logits = {}, {}
+        self._keep = max(0, min(batch, self.save_tensors - self.samples_seen))
+        self._recording = True
+        try:
+            with torch.enable_grad(), self.runtime.compute():
+                logits = model(images)
+            logits = logits.float()
+            pred = logits.argmax(1)
+            target = labels if self.target == "label" else pred
+            losses = F.cross_entropy(logits, target, reduction="none")
+            # Samples are independent in eval mode: the gradient of the summed loss w.r.t. sample
+            # n's activations is exactly ∂ℓ_n/∂h_n.
+            torch.autograd.grad(losses.sum(), images)
+            label_losses = losses if self.target == "label" else F.cross_entropy(logits, labels, reduction="none")
+        except _Stale as exc:
+            raise RuntimeError(str(exc)) from None
+        finally:
+            self._recording = False
+            self._active = None
+            self._slots = []
+        stats = self._stats.cpu().numpy()  # the one transfer of the batch
+        self._stats = None
+        self.samples_seen += batch
+        return BatchStats(
+            index=indices.cpu().numpy().astype(np.int64),
+            label=labels.cpu().numpy().astype(np.int64),
+            pred=pred.detach().cpu().numpy().astype(np.int64),
+            loss=label_losses.detach().cpu().numpy().astype(np.float32),
+            stats={name: stats[i] for i, name in enumerate(STAT_NAMES)},
+            tensors={b: {k: v.numpy() for k, v in kinds.items()} for b, kinds in self._tensors.items()},
+            readout={b: v.cpu().numpy() for b, v in self._readout_logits.items()},
+        )
+
+
+def nonfinite_blocks(batch: BatchStats, names: list[str]) -> list[tuple[str, int]]:
+    """(block, count of samples) whose activations held NaN or inf in this batch."""
+    bad = ~np.isfinite(batch.stats["input_norm"]) | ~np.isfinite(batch.stats["grad_norm"])
+    return [(names[j], int(bad[:, j].sum())) for j in range(len(names)) if bad[:, j].any()]
+
+
+def iterate(recorder: Recorder, loader: Iterable, progress: Callable[[int], None] | None = None) -> Iterator[BatchStats]:
+    for images, labels, indices in loader:
+        result = recorder.run_batch(images, labels, indices)
+        if progress:
+            progress(len(result))
+        yield result
+
+
+@dataclass
+class Recorded:
+    """A whole recording in memory: what ``store.open_recording`` also returns."""
+
+    block_names: list[str]
+    blocks: list[dict[str, Any]]
+    index: np.ndarray
+    label: np.ndarray
+    pred: np.ndarray
+    loss: np.ndarray
+    stats: dict[str, np.ndarray]  # name -> [N, n_blocks]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    complete: bool = True
+    n_planned: int | None = None
+    readout: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.index)
+
+
+def concat_batches(batches: list[BatchStats], blocks: list[dict[str, Any]], **kwargs: Any) -> Recorded:
+    """Stack per-batch results into one :class:`Recorded`."""
+    names = [b["name"] for b in blocks]
+    n_blocks = len(names)
+
+    def cat(arrays: list[np.ndarray], dtype: Any, shape: tuple[int, ...] = ()) -> np.ndarray:
+        return np.concatenate(arrays).astype(dtype) if arrays else np.zeros((0, *shape), dtype)
+
+    readout_names = sorted({name for b in batches for name in b.readout})
+    return Recorded(
+        block_names=names,
+        blocks=blocks,
+        index=cat([b.index for b in batches], np.int64),
+        label=cat([b.label for b in batches], np.int64),
+        pred=cat([b.pred for b in batches], np.int64),
+        loss=cat([b.loss for b in batches], np.float32),
+        stats={s: cat([b.stats[s] for b in batches], np.float32, (n_blocks,)) for s in STAT_NAMES},
+        readout={r: np.concatenate([b.readout[r] for b in batches]) for r in readout_names},
+        **kwargs,
+    )
+
+
+def collect(probe: Any, loader: Iterable, target: str = "label", readout: Iterable[str] = (),
+            progress: Callable[[int], None] | None = None) -> Recorded:
+    """Record every batch of ``loader`` in memory (no file): for ``ablate --proxies`` and notebooks."""
+    with Recorder(probe.anatomy, probe.runtime, target=target, readout=readout) as recorder:
+        batches = list(iterate(recorder, loader, progress))
+    return concat_batches(batches, [b.to_dict() for b in probe.anatomy.blocks])

@@ -1,0 +1,728 @@
+"""The recording: HDF5 schema 1 (DESIGN.md §3), written so that a kill at any instant loses at most
+the batch in flight.
+
+While a run is in progress nothing is written into ``RUN.h5`` in place. Each completed batch becomes
+a small ``.npz`` file, written under a temporary name, fsynced and renamed into ``RUN.h5.partial/``
+(a rename is atomic: a batch file is either whole or absent). ``meta.json`` there holds the run's
+attributes and options; a ``lock`` file held with ``flock`` keeps a second process out. At the end
+the batches are merged into ``RUN.h5.tmp-PID``, which is fsynced and renamed onto ``RUN.h5``; only
+then is the partial folder removed. ``--resume`` counts the whole batch files, reuses the stored
+options and continues with the next batch, so the result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import fcntl
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from resprobe import __version__
+from resprobe.errors import RecordingError, ResprobeError
+from resprobe.recorder import STAT_NAMES, BatchStats, Recorded
+
+FORMAT = "resprobe-record"
+SCHEMA_VERSION = 1
+_BATCH_PREFIX = "batch-"
+
+
+def partial_dir(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_error(path: Path, exc: OSError) -> RecordingError:
+    reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+              errno.EACCES: "permission denied", errno.EROFS: "the file system is read-only"}.get(
+        exc.errno or 0, exc.strerror or str(exc))
+    return RecordingError(f"cannot write {path}: {reason}; the batches recorded so far are kept in "
+                          f"{partial_dir(path) if path.suffix != '.partial' else path} for --resume")
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+
+class RunWriter:
+    """Durable, resumable writer of one recording. Batches are written by a background thread."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.dir = partial_dir(self.path)
+        self._lock_fh: Any = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resprobe-writer")
+        self._pending: list[Future] = []
+        self.meta: dict[str, Any] = {}
+        self.n_done = 0
+        self.n_batches = 0
+
+    # -- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: Path, meta: dict[str, Any], overwrite: bool = False) -> RunWriter:
+        path = Path(path)
+        _check_output_dir(path)
+        writer = cls(path)
+        if writer.dir.exists():
+            if not overwrite:
+                raise RecordingError(f"an interrupted recording exists at {writer.dir}: finish it with --resume "
+                                     "or start anew with --overwrite")
+            writer._acquire_lock()
+            writer._clear_partial()
+        elif path.exists() and not overwrite:
+            raise RecordingError(f"{path} exists: pass --overwrite to replace it (only once the new run is "
+                                 "complete), or --resume to finish an interrupted run")
+        try:
+            writer.dir.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise _write_error(path, exc) from None
+        writer._acquire_lock()
+        writer.meta = dict(meta)
+        writer._write_json("meta.json", writer.meta)
+        return writer
+
+    @classmethod
+    def resume(cls, path: Path) -> RunWriter:
+        path = Path(path)
+        writer = cls(path)
+        if not writer.dir.is_dir():
+            if path.exists():
+                raise RecordingError(f"{path} is already complete; nothing to resume")
+            raise RecordingError(f"nothing to resume: neither {path} nor {writer.dir} exists")
+        writer._acquire_lock()
+        try:
+            writer.meta = json.loads((writer.dir / "meta.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            raise RecordingError(f"{writer.dir} has no readable meta.json; start anew with --overwrite") from None
+        writer._scan_batches()
+        return writer
+
+    def _acquire_lock(self) -> None:
+        if self._lock_fh is not None:
+            return
+        self.dir.mkdir(exist_ok=True)
+        fh = open(self.dir / "lock", "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            raise RecordingError(f"{self.path} is being written by another resprobe process; wait for it or "
+                                 "choose another --out") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._lock_fh = fh
+
+    def _clear_partial(self) -> None:
+        for child in self.dir.iterdir():
+            if child.name != "lock":
+                child.unlink()
+
+    def _batch_files(self) -> list[Path]:
+        return sorted(p for p in self.dir.glob(f"{_BATCH_PREFIX}*.npz"))
+
+    def _scan_batches(self) -> None:
+        """Count the batches that are whole and consecutive; discard anything after a gap or damage."""
+        self.n_done = self.n_batches = 0
+        for expected, file in enumerate(self._batch_files()):
+            ok = file.name == f"{_BATCH_PREFIX}{expected:06d}.npz"
+            if ok:
+                try:
+                    with np.load(file, allow_pickle=False) as f:
+                        n = len(f["index"])
+                except Exception:  # noqa: BLE001 - a damaged batch is recomputed
+                    ok = False
+            if not ok:
+                for stale in self._batch_files()[expected:]:
+                    stale.unlink()
+                break
+            self.n_done += n
+            self.n_batches += 1
+        for tmp in self.dir.glob("tmp-*"):
+            tmp.unlink()
+
+    def _write_json(self, name: str, data: Mapping[str, Any]) -> None:
+        tmp = self.dir / f"tmp-{name}"
+        try:
+            with open(tmp, "w") as fh:
+                json.dump(data, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.dir / name)
+            _fsync_dir(self.dir)
+        except OSError as exc:
+            raise _write_error(self.path, exc) from None
+
+    # -- batches -------------------------------------------------------------------------------
+
+    def write_batch(self, batch: BatchStats) -> None:
+        """Queue ``batch`` for the background writer; the first error of an earlier write surfaces here."""
+        self._raise_failed()
+        number = self.n_batches
+        self.n_batches += 1
+        self.n_done += len(batch)
+        self._pending.append(self._pool.submit(self._write_batch_file, number, batch))
+
+    def _raise_failed(self) -> None:
+        still = []
+        for future in self._pending:
+            if future.done():
+                future.result()  # re-raises the writer thread's error
+            else:
+                still.append(future)
+        self._pending = still
+
+    def flush(self) -> None:
+        """Wait until every queued batch is durable."""
+        for future in self._pending:
+            future.result()
+        self._pending = []
+
+    def _write_batch_file(self, number: int, batch: BatchStats) -> None:
+        arrays: dict[str, np.ndarray] = {"index": batch.index, "label": batch.label, "pred": batch.pred,
+                                         "loss": batch.loss}
+        for name, values in batch.stats.items():
+            arrays[f"stat.{name}"] = values
+        for block, kinds in batch.tensors.items():
+            for kind, values in kinds.items():
+                arrays[f"tensor.{kind}.{block}"] = values
+        for block, logits in batch.readout.items():
+            arrays[f"readout.{block}"] = logits
+        tmp = self.dir / f"tmp-{number:06d}.npz"
+        final = self.dir / f"{_BATCH_PREFIX}{number:06d}.npz"
+        try:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(self.dir)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise _write_error(self.path, exc) from None
+
+    # -- finishing -------------------------------------------------------------------------------
+
+    def finish(self) -> Path:
+        """Merge every batch into ``RUN.h5`` (atomically replacing it) and remove the partial folder."""
+        self.flush()
+        recorded = read_partial(self.dir)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        try:
+            write_hdf5(tmp, recorded, complete=True)
+            os.replace(tmp, self.path)
+            _fsync_dir(self.path.parent)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise _write_error(self.path, exc) from None
+        self.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return self.path
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self._lock_fh is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
+            self._lock_fh.close()
+            self._lock_fh = None
+
+
+def _check_output_dir(path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.exists():
+        raise RecordingError(f"cannot write {path}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise RecordingError(f"cannot write {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RecordingError(f"cannot write {path}: directory {parent} is not writable")
+    if path.is_dir():
+        raise RecordingError(f"--out {path} is a directory; give a file name such as {path / 'run.h5'}")
+
+
+# --------------------------------------------------------------------------------------------------
+# HDF5
+
+
+def write_hdf5(path: Path, recorded: Recorded, complete: bool) -> None:
+    """Write ``recorded`` as schema 1: chunked, compressed, resizable datasets."""
+    import h5py
+
+    n, n_blocks = recorded.n_samples, len(recorded.block_names)
+    with h5py.File(path, "w") as f:
+        attrs = dict(recorded.attrs)
+        attrs.update(format=FORMAT, schema_version=SCHEMA_VERSION, n_done=n, complete=bool(complete))
+        for key, value in attrs.items():
+            f.attrs[key] = _attr(value)
+        blocks = f.create_group("blocks")
+        str_dt = h5py.string_dtype()
+        blocks.create_dataset("name", data=np.array([b["name"] for b in recorded.blocks], dtype=object), dtype=str_dt)
+        blocks.create_dataset("kind", data=np.array([b["kind"] for b in recorded.blocks], dtype=object), dtype=str_dt)
+        blocks.create_dataset("stage", data=np.array([b["stage"] for b in recorded.blocks], dtype=np.int64))
+        blocks.create_dataset("index", data=np.array([b["index"] for b in recorded.blocks], dtype=np.int64))
+        blocks.create_dataset("in_shape", data=np.array([json.dumps(list(b["in_shape"])) for b in recorded.blocks],
+                                                        dtype=object), dtype=str_dt)
+        blocks.create_dataset("out_shape", data=np.array([json.dumps(list(b["out_shape"])) for b in recorded.blocks],
+                                                         dtype=object), dtype=str_dt)
+        samples = f.create_group("samples")
+        chunk = (max(1, min(n, 4096)),)
+        for name, values in (("index", recorded.index), ("label", recorded.label), ("pred", recorded.pred),
+                             ("loss", recorded.loss)):
+            samples.create_dataset(name, data=values, chunks=chunk, maxshape=(None,), compression="gzip",
+                                   compression_opts=4)
+        stats = f.create_group("stats")
+        for name in STAT_NAMES:
+            stats.create_dataset(name, data=recorded.stats[name].astype(np.float32),
+                                 chunks=(max(1, min(n, 1024)), max(1, n_blocks)), maxshape=(None, n_blocks),
+                                 compression="gzip", compression_opts=4)
+        tensors = getattr(recorded, "tensors", None) or {}
+        if tensors:
+            group = f.create_group("tensors")
+            for block, kinds in tensors.items():
+                sub = group.create_group(block)
+                for kind, values in kinds.items():
+                    sub.create_dataset(kind, data=values, compression="gzip", compression_opts=4)
+        if recorded.readout:
+            group = f.create_group("readout")
+            for block, logits in recorded.readout.items():
+                group.create_dataset(block, data=logits.astype(np.float32), compression="gzip", compression_opts=4)
+        f.flush()
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _attr(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value)
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, np.generic):
+        value = value.item()
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class Recording(Recorded):
+    """A recording read back from disk (or from an interrupted run's partial folder)."""
+
+    path: Path | None = None
+    tensors: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+
+def read_partial(directory: Path) -> Recording:
+    """The batches of an interrupted (or finishing) run, as one :class:`Recording`."""
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise RecordingError(f"{directory} is not a resprobe recording in progress (no readable meta.json)") from None
+    blocks = meta["blocks"]
+    names = [b["name"] for b in blocks]
+    parts: dict[str, list[np.ndarray]] = {}
+    tensors: dict[str, dict[str, list[np.ndarray]]] = {}
+    readout: dict[str, list[np.ndarray]] = {}
+    for expected, file in enumerate(sorted(directory.glob(f"{_BATCH_PREFIX}*.npz"))):
+        if file.name != f"{_BATCH_PREFIX}{expected:06d}.npz":
+            break
+        try:
+            with np.load(file, allow_pickle=False) as f:
+                for key in f.files:
+                    if key.startswith("tensor."):
+                        _, kind, block = key.split(".", 2)
+                        tensors.setdefault(block, {}).setdefault(kind, []).append(f[key])
+                    elif key.startswith("readout."):
+                        readout.setdefault(key.split(".", 1)[1], []).append(f[key])
+                    else:
+                        parts.setdefault(key, []).append(f[key])
+        except Exception:  # noqa: BLE001 - a damaged last batch is simply not counted
+            break
+
+    def cat(key: str, dtype: Any, shape: tuple[int, ...] = ()) -> np.ndarray:
+        arrays = parts.get(key)
+        return np.concatenate(arrays).astype(dtype) if arrays else np.zeros((0, *shape), dtype)
+
+    n = len(cat("index", np.int64))
+    attrs = dict(meta.get("attrs", {}))
+    n_planned = int(meta.get("n_planned", attrs.get("n_planned", n)))
+    return Recording(
+        block_names=names, blocks=blocks,
+        index=cat("index", np.int64), label=cat("label", np.int64), pred=cat("pred", np.int64),
+        loss=cat("loss", np.float32),
+        stats={s: cat(f"stat.{s}", np.float32, (len(names),)) for s in STAT_NAMES},
+        attrs={**attrs, "n_planned": n_planned, "n_done": n},
+        complete=n >= n_planned, n_planned=n_planned,
+        readout={k: np.concatenate(v) for k, v in readout.items()},
+        path=directory,
+        tensors={b: {k: np.concatenate(v) for k, v in kinds.items()} for b, kinds in tensors.items()},
+    )
+
+
+def open_recording(path: str | Path, load_tensors: bool = False) -> Recording:
+    """Read ``RUN.h5`` (or, when only an interrupted run exists, its partial folder)."""
+    path = Path(path)
+    if not path.exists():
+        if partial_dir(path).is_dir():
+            recording = read_partial(partial_dir(path))
+            recording.complete = False  # not merged: still in progress or interrupted
+            return recording
+        raise RecordingError(f"recording not found: {path}")
+    if path.is_dir():
+        if (path / "meta.json").exists():
+            recording = read_partial(path)
+            recording.complete = False
+            return recording
+        raise RecordingError(f"{path} is a directory, not a recording")
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise RecordingError(f"{path} is not an HDF5 file (a resprobe recording is written by `resprobe record`)") from None
+    with f:
+        if _decode(f.attrs.get("format")) != FORMAT:
+            raise RecordingError(f"{path} is an HDF5 file but not a resprobe recording")
+        version = int(_decode(f.attrs.get("schema_version", 0)) or 0)
+        if version > SCHEMA_VERSION:
+            raise RecordingError(f"{path} uses recording schema {version}, newer than this resprobe reads "
+                                 f"({SCHEMA_VERSION}); upgrade resprobe")
+        try:
+            return _read_hdf5(f, path, load_tensors)
+        except (KeyError, ValueError, TypeError, OSError) as exc:
+            raise RecordingError(f"{path} is a damaged resprobe recording ({type(exc).__name__}: {exc})") from None
+
+
+def _read_hdf5(f: Any, path: Path, load_tensors: bool) -> Recording:
+    attrs = {k: _decode(v) for k, v in f.attrs.items()}
+    for key in ("preprocessing", "options"):
+        if isinstance(attrs.get(key), str) and attrs[key]:
+            attrs[key] = json.loads(attrs[key])
+    g = f["blocks"]
+    names = [_decode(x) for x in g["name"][()]]
+    blocks = [{"name": name, "stage": int(g["stage"][i]), "index": int(g["index"][i]), "kind": _decode(g["kind"][i]),
+               "in_shape": json.loads(_decode(g["in_shape"][i])), "out_shape": json.loads(_decode(g["out_shape"][i]))}
+              for i, name in enumerate(names)]
+    n_done = int(attrs.get("n_done", 0))
+    stats = {s: np.asarray(f["stats"][s][:n_done], dtype=np.float32) for s in STAT_NAMES}
+    samples = {k: np.asarray(f["samples"][k][:n_done]) for k in ("index", "label", "pred", "loss")}
+    readout = {k: np.asarray(v[:n_done]) for k, v in f["readout"].items()} if "readout" in f else {}
+    tensors: dict[str, dict[str, np.ndarray]] = {}
+    if load_tensors and "tensors" in f:
+        tensors = {b: {k: np.asarray(v) for k, v in kinds.items()} for b, kinds in f["tensors"].items()}
+    n_planned = int(attrs.get("n_planned", n_done))
+    complete = bool(attrs.get("complete")) and n_done >= n_planned and all(len(v) == n_done for v in stats.values())
+    return Recording(block_names=names, blocks=blocks, index=samples["index"].astype(np.int64),
+                     label=samples["label"].astype(np.int64), pred=samples["pred"].astype(np.int64),
+                     loss=samples["loss"].astype(np.float32), stats=stats, attrs=attrs, complete=complete,
+                     n_planned=n_planned, readout=readout, path=path, tensors=tensors)
+
+
+# --------------------------------------------------------------------------------------------------
+# A whole recording run: loader → recorder → durable batches → RUN.h5
+
+
+class Interrupted(ResprobeError):
+    """Ctrl-C during a recording: the batch in flight was finished and made durable."""
+
+
+@contextlib.contextmanager
+def sigint_after_batch() -> Iterator[Callable[[], bool]]:
+    """The first Ctrl-C asks the run to stop after the current batch; a second one stops at once."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested.is_set
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield requested.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@dataclass
+class RecordResult:
+    out: str
+    n_samples: int
+    complete: bool
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out": self.out, "n_samples": self.n_samples, "complete": self.complete,
+                "seconds": round(self.seconds, 3)}
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def run_recording(
+    writer: RunWriter,
+    recorder: Any,
+    loader: Any,
+    progress: Callable[[int], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> RecordResult:
+    """Record every batch not yet durable in ``writer``; finish the file when all are done.
+
+    ``loader`` yields the batches of the whole (limited) data set in order; the first ``n_done``
+    samples (whole batches) are skipped, so a resumed run computes exactly the remaining batches.
+    """
+    from resprobe.recorder import nonfinite_blocks
+
+    start = time.perf_counter()
+    names = [b["name"] for b in writer.meta["blocks"]]
+    skip = writer.n_done
+    nonfinite: dict[str, int] = {}
+    try:
+        with sigint_after_batch() as stop_requested:
+            if progress and skip:
+                progress(skip)
+            for images, labels, indices in loader:
+                if skip > 0:
+                    skip -= len(labels)
+                    continue
+                batch = recorder.run_batch(images, labels, indices)
+                for block, count in nonfinite_blocks(batch, names):
+                    nonfinite[block] = nonfinite.get(block, 0) + count
+                writer.write_batch(batch)
+                if progress:
+                    progress(len(batch))
+                if stop_requested():
+                    writer.flush()
+                    raise Interrupted(f"interrupted: {writer.n_done} of {writer.meta['n_planned']} samples are "
+                                      f"recorded in {writer.dir}; finish with --resume")
+        messages = [f"NaN or inf in the activations of block {b} ({n} samples); their statistics are NaN"
+                    for b, n in nonfinite.items()]
+        if warn:
+            for message in messages:
+                warn(message)
+        out = writer.finish()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            writer.flush()
+        writer.close()
+        raise
+    return RecordResult(str(out), writer.n_done, True, time.perf_counter() - start, messages)
+
+
+# --------------------------------------------------------------------------------------------------
+# The record command as a library function
+
+
+@dataclass
+class RecordOptions:
+    """Everything that decides a recording's numbers; stored in the run and reused by ``--resume``.
+
+    ``None`` means "not given": the default, or on resume the stored value.
+    """
+
+    model: str | None = None
+    checkpoint: str | None = None
+    pretrained: bool | None = None
+    num_classes: int | None = None
+    model_kwargs: dict[str, Any] | None = None
+    ema: bool | None = None
+    blocks: list[str] | None = None
+    input_size: str | None = None
+    mean: str | None = None
+    std: str | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    data: str | None = None
+    class_map: str | None = None
+    limit: int | None = None
+    seed: int | None = None
+    batch_size: int | None = None
+    target: str | None = None
+    save_tensors: int | None = None
+    tensor_dtype: str | None = None
+    precision: str | None = None
+    readout: bool | None = None
+
+    DEFAULTS = {"pretrained": False, "ema": False, "seed": 0, "batch_size": 64, "target": "label", "save_tensors": 0,
+                "tensor_dtype": "float32", "precision": "fp32", "readout": False, "model_kwargs": {}}
+
+    def given(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    def with_defaults(self) -> RecordOptions:
+        values = dict(self.__dict__)
+        for key, default in self.DEFAULTS.items():
+            if values.get(key) is None:
+                values[key] = default
+        return RecordOptions(**values)
+
+
+def merge_resume_options(stored: Mapping[str, Any], given: RecordOptions, path: Path) -> RecordOptions:
+    """``--resume`` reuses the stored options; an explicitly given option that differs is refused."""
+    for key, value in given.given().items():
+        if key in stored and stored[key] != value and not (key == "model" and _same_model(stored[key], value)):
+            flag = "--" + key.replace("_", "-")
+            raise RecordingError(f"--resume: {path} was recorded with {flag} {stored[key]!r}, not {value!r}; drop "
+                                 f"{flag} or start anew with --overwrite")
+    known = {k: stored.get(k) for k in RecordOptions.__dataclass_fields__}
+    return RecordOptions(**known).with_defaults()
+
+
+def _same_model(a: Any, b: Any) -> bool:
+    return str(a) == str(b) or (os.path.exists(str(a)) and os.path.exists(str(b))
+                                and os.path.samefile(str(a), str(b)))
+
+
+def record(
+    options: RecordOptions,
+    out: str | Path,
+    overwrite: bool = False,
+    resume: bool = False,
+    device: str = "auto",
+    workers: int | None = None,
+    trust_checkpoint: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> RecordResult:
+    """``resprobe record``: one hooked pass over the data into ``out`` (durable, resumable).
+
+    ``progress(done, total)`` is called as samples complete.
+    """
+    import torch
+
+    from resprobe.recorder import Recorder
+
+    out = Path(out)
+    if resume and overwrite:
+        raise RecordingError("give either --resume or --overwrite, not both")
+    writer: RunWriter | None = None
+    if resume:
+        writer = RunWriter.resume(out)
+        try:
+            options = merge_resume_options(writer.meta.get("options", {}), options, out)
+        except BaseException:
+            writer.close()
+            raise
+    else:
+        options = options.with_defaults()
+        if options.model is None or options.data is None:
+            raise RecordingError("record needs MODEL and --data")
+        _check_output_dir(out)
+        if not overwrite and (out.exists() or partial_dir(out).exists()):
+            RunWriter.create(out, {}, overwrite=False)  # raises the right message
+    if options.tensor_dtype not in ("float32", "float16"):
+        raise RecordingError(f"--tensor-dtype {options.tensor_dtype!r}: choose float32 or float16")
+    try:
+        probe, source, readout = open_for_recording(options, device, trust_checkpoint)
+        blocks = [b.to_dict() for b in probe.anatomy.blocks]
+        if writer is None:
+            meta = {
+                "blocks": blocks,
+                "n_planned": len(source),
+                "options": options.__dict__,
+                "attrs": {
+                    "resprobe_version": __version__, "created": now_iso(), **probe.describe(),
+                    "data": options.data, "options": options.__dict__, "target": options.target,
+                    "device": str(probe.runtime.device), "precision": options.precision,
+                    "torch_version": torch.__version__, "n_planned": len(source),
+                },
+            }
+            writer = RunWriter.create(out, meta, overwrite=overwrite)
+        elif writer.meta["blocks"] != blocks or int(writer.meta["n_planned"]) != len(source):
+            raise RecordingError(f"--resume: the model or data no longer match what {out} was recording "
+                                 f"({len(source)} samples now, {writer.meta['n_planned']} planned)")
+        loader = probe.loader(source, int(options.batch_size), workers)
+        total = len(source)
+        done = [0]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            if progress:
+                progress(done[0], total)
+
+        dtype = torch.float16 if options.tensor_dtype == "float16" else torch.float32
+        with Recorder(probe.anatomy, probe.runtime, target=str(options.target), save_tensors=int(options.save_tensors),
+                      tensor_dtype=dtype, readout=readout, samples_seen=writer.n_done) as recorder:
+            return run_recording(writer, recorder, loader, advance, warn)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def open_for_recording(options: RecordOptions, device: str = "auto", trust_checkpoint: bool = False) -> tuple[Any, Any, list[str]]:
+    """The probe, the (limited) data source and the readout blocks that ``options`` describe."""
+    from resprobe.data import warn_notes
+    from resprobe.probe import open_probe
+
+    probe = open_probe(str(options.model), options.checkpoint, bool(options.pretrained), options.num_classes,
+                       options.model_kwargs, bool(options.ema), trust_checkpoint, options.blocks, options.input_size,
+                       options.mean, options.std, options.crop_pct, options.interpolation, device,
+                       str(options.precision))
+    source = probe.data(str(options.data), options.limit, int(options.seed or 0), options.class_map)
+    warn_notes(source)
+    last_stage = probe.anatomy.blocks[-1].stage
+    readout = [b.name for b in probe.anatomy.blocks if b.stage == last_stage] if options.readout else []
+    return probe, source, readout
+
+
+def record_in_memory(
+    options: RecordOptions,
+    device: str = "auto",
+    workers: int | None = None,
+    trust_checkpoint: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Recorded:
+    """The same pass as :func:`record`, kept in memory (``align MODEL`` without ``--out``)."""
+    from resprobe.recorder import Recorder, concat_batches, iterate
+
+    options = options.with_defaults()
+    probe, source, readout = open_for_recording(options, device, trust_checkpoint)
+    loader = probe.loader(source, int(options.batch_size), workers)
+    done = [0]
+
+    def advance(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress(done[0], len(source))
+
+    with Recorder(probe.anatomy, probe.runtime, str(options.target), readout=readout) as recorder:
+        batches = list(iterate(recorder, loader, advance))
+    recorded = concat_batches(batches, [b.to_dict() for b in probe.anatomy.blocks])
+    recorded.attrs = {**probe.describe(), "data": options.data}
+    recorded.n_planned = len(source)
+    return recorded
