@@ -273,5 +273,140 @@ def eval_command(
         emit(payload, fmt, eval_table)
 
 
+Out = Annotated[Optional[str], typer.Option("--out", "-o", help="The recording to write (HDF5).", show_default=False)]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out once the new run is complete.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Finish an interrupted run with its stored options.")]
+SaveTensors = Annotated[Optional[int], typer.Option("--save-tensors", help="Also keep input/branch/update/grad "
+                                                    "tensors of the first K samples.", show_default=False)]
+TensorDtype = Annotated[Optional[str], typer.Option("--tensor-dtype", help="float32 (default) or float16 for "
+                                                    "--save-tensors.", show_default=False)]
+Target = Annotated[Optional[str], typer.Option("--target", help="Loss against the label (default) or the model's "
+                                               "own prediction (pred).", show_default=False)]
+Readout = Annotated[bool, typer.Option("--readout", help="Also apply the model's head after each last-stage block "
+                                       "(paper §4.3).")]
+
+
+def _record_options(model, data, limit, seed, batch_size, class_map, checkpoint, pretrained, num_classes, model_kwargs,
+                    ema, blocks, input_size, mean, std, crop_pct, interpolation, precision, target, save_tensors,
+                    tensor_dtype, readout):  # -> RecordOptions
+    from resprobe.store import RecordOptions
+
+    return RecordOptions(
+        model=model, checkpoint=checkpoint, pretrained=pretrained or None, num_classes=num_classes,
+        model_kwargs=parse_json_option(model_kwargs) if model_kwargs else None, ema=ema or None,
+        blocks=split_list(blocks), input_size=input_size, mean=mean, std=std, crop_pct=crop_pct,
+        interpolation=interpolation, data=data, class_map=class_map, limit=limit, seed=seed, batch_size=batch_size,
+        target=target, save_tensors=save_tensors, tensor_dtype=tensor_dtype, precision=precision,
+        readout=readout or None,
+    )
+
+
+def _run_record(options, out: str | None, overwrite: bool, resume: bool, device: str, workers, trust: bool,
+                quiet: bool):
+    """Record to ``out`` (durable) or, without ``out``, in memory; with a progress bar."""
+    from resprobe.store import record, record_in_memory
+
+    with make_progress(quiet) as progress:
+        task = progress.add_task("record", total=None)
+
+        def advance(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        if out is None:
+            return record_in_memory(options, device, workers, trust, advance)
+        return record(options, out, overwrite, resume, device, workers, trust, advance,
+                      lambda message: warnings.warn(message, stacklevel=1))
+
+
+@app.command("record")
+def record_command(
+    model: Annotated[Optional[str], typer.Argument(help="MODEL as for every command (may be left out with --resume).",
+                                                   show_default=False)] = None,
+    data: Data = None, out: Out = None, overwrite: Overwrite = False, resume: Resume = False,
+    save_tensors: SaveTensors = None, tensor_dtype: TensorDtype = None, target: Target = None, readout: Readout = False,
+    limit: Limit = None, seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for --limit (default 0).",
+                                                                     show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Samples per batch (default 64).",
+                                                      show_default=False)] = None,
+    workers: Workers = None, class_map: ClassMap = None,
+    checkpoint: Checkpoint = None, pretrained: Pretrained = False, num_classes: NumClasses = None,
+    model_kwargs: ModelKwargs = None, ema: Ema = False, trust_checkpoint: Trust = False, blocks: BlocksGlob = None,
+    input_size: InputSize = None, mean: Mean = None, std: Std = None, crop_pct: CropPct = None,
+    interpolation: Interpolation = None, device: Device = "auto",
+    precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 (default; TF32 off), tf32, bf16, fp16.",
+                                                     show_default=False)] = None,
+    fmt: Format = "table", quiet: Quiet = False, debug: Debug = False,
+) -> None:
+    """Record every block's per-sample statistics (delta, gradient, norms, cosines) into an HDF5 file.
+
+    Durable: a run killed at any moment loses at most the batch in flight; finish it with --resume.
+    """
+    from resprobe.report import emit, record_table
+
+    with command_errors(debug):
+        check_format(fmt)
+        require(out, "--out", "the HDF5 file to write, e.g. --out run.h5")
+        if not resume:
+            require(model, "MODEL", "which model to record")
+            require(data, "--data", "the images to record on")
+        options = _record_options(model, data, limit, seed, batch_size, class_map, checkpoint, pretrained, num_classes,
+                                  model_kwargs, ema, blocks, input_size, mean, std, crop_pct, interpolation, precision,
+                                  target, save_tensors, tensor_dtype, readout)
+        result = _run_record(options, out, overwrite, resume, device, workers, trust_checkpoint, quiet)
+        emit(result.to_dict(), fmt, record_table)
+
+
+def _is_recording_path(text: str) -> bool:
+    from pathlib import Path
+
+    path = Path(text)
+    if text.lower().endswith((".h5", ".hdf5")):
+        return True
+    if path.is_dir() and (path / "meta.json").exists():
+        return True
+    if path.is_file():
+        with open(path, "rb") as fh:
+            return fh.read(8) == b"\x89HDF\r\n\x1a\n"
+    return False
+
+
+@app.command("align")
+def align_command(
+    model: Annotated[str, typer.Argument(help="MODEL (records first) or RUN.h5 (a recording: nothing is recomputed).",
+                                         show_default=False)],
+    data: Data = None, out: Out = None, overwrite: Overwrite = False, readout: Readout = False,
+    target: Target = None, limit: Limit = None, seed: Seed = 0, batch_size: BatchSize = 64, workers: Workers = None,
+    class_map: ClassMap = None,
+    checkpoint: Checkpoint = None, pretrained: Pretrained = False, num_classes: NumClasses = None,
+    model_kwargs: ModelKwargs = None, ema: Ema = False, trust_checkpoint: Trust = False, blocks: BlocksGlob = None,
+    input_size: InputSize = None, mean: Mean = None, std: Std = None, crop_pct: CropPct = None,
+    interpolation: Interpolation = None, device: Device = "auto", precision: Precision = "fp32",
+    fmt: Format = "table", quiet: Quiet = False, debug: Debug = False,
+) -> None:
+    """How well each block's residual F follows the negative loss gradient (cosine < 0 = refining), and how
+    large it is (ℓ2 ratio), per block and per stage (paper §4.1)."""
+    from resprobe.align import align_report
+    from resprobe.report import align_table, emit
+    from resprobe.store import open_recording
+
+    with command_errors(debug):
+        check_format(fmt)
+        if _is_recording_path(model) and data is None:
+            recorded = open_recording(model)
+            if readout and not recorded.readout:
+                raise BadValue(f"{model} holds no readout: record it with `resprobe record ... --readout`")
+        else:
+            require(data, "--data", "the images to align on (or give a recording RUN.h5 as the argument)")
+            options = _record_options(model, data, limit, seed, batch_size, class_map, checkpoint, pretrained,
+                                      num_classes, model_kwargs, ema, blocks, input_size, mean, std, crop_pct,
+                                      interpolation, precision, target, None, None, readout)
+            result = _run_record(options, out, overwrite, False, device, workers, trust_checkpoint, quiet)
+            recorded = open_recording(result.out) if out else result
+        payload = align_report(recorded)
+        if not readout:
+            payload.pop("readout", None)
+        emit(payload, fmt, align_table, lambda p: p["blocks"])
+
+
 def main() -> None:
     app()

@@ -84,7 +84,9 @@ def emit(
     elif fmt == "csv":
         out.write(to_csv(rows(payload) if rows else [payload]))
     else:
-        console = Console(file=out, soft_wrap=False, width=max(Console(file=out).width, 100))
+        probe = Console(file=out)
+        # A pipe or file gets a wide console: tables are never truncated where nobody can resize them.
+        console = Console(file=out, soft_wrap=False, width=probe.width if probe.is_terminal else 220)
         rendered = table(payload)
         for item in rendered if isinstance(rendered, (list, tuple)) else [rendered]:
             console.print(item)
@@ -150,3 +152,47 @@ def eval_table(payload: Mapping[str, Any]) -> RenderableType:
                       right=("n", "loss", "acc", "top5"))
     table.add_row(f"{payload['n']:,}", fmt_num(payload["loss"]), fmt_num(payload["acc"]), fmt_num(payload["top5"]))
     return table
+
+
+def record_table(payload: Mapping[str, Any]) -> RenderableType:
+    table = new_table("recording", "out", "samples", "complete", "seconds", right=("samples", "seconds"))
+    table.add_row(str(payload["out"]), f"{payload['n_samples']:,}", "yes" if payload["complete"] else "NO",
+                  f"{payload['seconds']:.1f}")
+    return table
+
+
+def align_table(payload: Mapping[str, Any]) -> list[RenderableType]:
+    """Per-block alignment, coloured by sign (green: F descends the loss), stages separated."""
+    complete = "" if payload.get("complete", True) else "  [INCOMPLETE]"
+    title = (f"{payload.get('model')} — {payload['n_samples']:,} samples, loss {fmt_num(payload.get('loss'))}, "
+             f"acc {fmt_num(payload.get('acc'))}{complete}\ncos = cos(F, ∂ℓ/∂h): negative = the block moves down "
+             "the loss gradient (refines)")
+    table = new_table(title, "block", "kind", "cos", "95% CI", "frac<0", "‖F‖/‖h‖", "cos U", "‖U‖/‖h‖",
+                      "1st-order", "‖F‖", "‖g‖",
+                      right=("cos", "95% CI", "frac<0", "‖F‖/‖h‖", "cos U", "‖U‖/‖h‖", "1st-order", "‖F‖", "‖g‖"))
+
+    def cells(b: Mapping[str, Any]) -> list:
+        lo, hi = b.get("cos_ci95") or [None, None]
+        ci = f"[{lo:+.3f}, {hi:+.3f}]" if lo is not None and hi is not None else "—"
+        return [b["name"], Text(b["kind"], style="yellow" if b["kind"] == "transition" else ""),
+                signed(b.get("cos_mean")), ci, fmt_num(b.get("frac_negative"), 2), fmt_num(b.get("l2_ratio_mean"), 3),
+                signed(b.get("update_cos_mean")), fmt_num(b.get("update_l2_ratio_mean"), 3),
+                signed(b.get("first_order_mean"), 4), fmt_num(b.get("branch_norm_mean"), 3),
+                fmt_num(b.get("grad_norm_mean"), 5)]
+
+    add_block_rows(table, payload["blocks"], cells)
+    stages = new_table("per stage (pooled over identity blocks)", "stage", "blocks", "identity", "cos", "‖F‖/‖h‖",
+                       "cos U", right=("stage", "blocks", "identity", "cos", "‖F‖/‖h‖", "cos U"))
+    for s in payload["stages"]:
+        stages.add_row(str(s["stage"]), str(s["n_blocks"]), str(s.get("n_identity", "")), signed(s.get("cos_mean")),
+                       fmt_num(s.get("l2_ratio_mean"), 3), signed(s.get("update_cos_mean")))
+    out: list[RenderableType] = [table, stages]
+    if payload.get("readout"):
+        readout = new_table("last-stage readout (the model's head after each block)", "block", "loss", "acc",
+                            "entropy", "borderline", "corrected", "broken",
+                            right=("loss", "acc", "entropy", "borderline", "corrected", "broken"))
+        for r in payload["readout"]:
+            readout.add_row(r["name"], fmt_num(r["loss"]), fmt_num(r["acc"]), fmt_num(r["entropy"]),
+                            str(r["n_borderline"]), fmt_num(r["corrected"]), fmt_num(r["broken"]))
+        out.append(readout)
+    return out
