@@ -1,0 +1,95 @@
+"""Block discovery on the architectures the foundation issue names, and lesions per family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tinymodels
+from resprobe.blocks import discover_blocks, replaced_blocks
+from resprobe.errors import ModelError
+from resprobe.models import LoadOptions, load_model
+
+# (MODEL, blocks per stage, basic blocks?) — "layer{i}.{k}" names, or ResNetV2's "stages.{i}.blocks.{k}".
+ARCHITECTURES = [
+    ("torchvision:resnet18", [2, 2, 2, 2], True),
+    ("torchvision:resnet34", [3, 4, 6, 3], True),
+    ("torchvision:resnet50", [3, 4, 6, 3], False),
+    ("torchvision:resnet101", [3, 4, 23, 3], False),
+    ("torchvision:resnext50_32x4d", [3, 4, 6, 3], False),
+    ("torchvision:wide_resnet50_2", [3, 4, 6, 3], False),
+    ("timm:resnet18", [2, 2, 2, 2], True),
+    ("timm:resnet50d", [3, 4, 6, 3], False),
+    ("timm:resnet26t", [2, 2, 2, 2], False),
+    ("timm:seresnext26d_32x4d", [2, 2, 2, 2], False),
+    ("timm:ecaresnet50t", [3, 4, 6, 3], False),
+    ("timm:skresnet18", [2, 2, 2, 2], True),
+    ("timm:resnest14d", [1, 1, 1, 1], False),
+    ("timm:res2net50_14w_8s", [3, 4, 6, 3], False),
+    ("timm:resnetv2_50", [3, 4, 6, 3], False),
+    ("timm:resnetrs50", [3, 4, 6, 3], False),
+]
+
+
+@pytest.mark.parametrize("spec,layers,basic", ARCHITECTURES, ids=[a[0] for a in ARCHITECTURES])
+def test_discovery_names_order_and_kinds(spec, layers, basic):
+    loaded = load_model(spec, LoadOptions(num_classes=10))
+    anatomy = discover_blocks(loaded.model, (3, 64, 64))
+    v2 = "resnetv2" in spec
+    want = [(f"stages.{i}.blocks.{k}" if v2 else f"layer{i + 1}.{k}", i, k)
+            for i, n in enumerate(layers) for k in range(n)]
+    assert [(b.name, b.stage, b.index) for b in anatomy.blocks] == want
+    for block in anatomy.blocks:
+        # the first block of a stage changes shape, except a basic-block network's first stage
+        transition = block.index == 0 and not (basic and block.stage == 0)
+        assert block.kind == ("transition" if transition else "identity"), block.name
+    assert anatomy.can_run_suffix
+
+
+def test_model_without_blocks_is_a_clear_error():
+    with pytest.raises(ModelError, match="no residual blocks"):
+        discover_blocks(tinymodels.plain_net(), (3, 16, 16))
+
+
+def test_custom_blocks_by_glob_and_generic_lesion():
+    model = tinymodels.custom_net()
+    anatomy = discover_blocks(model, (3, 16, 16), ["body.*"])
+    assert anatomy.names == ["body.0", "body.1", "body.2"]
+    assert all(b.kind == "identity" for b in anatomy.blocks)
+    with pytest.raises(ModelError, match="matches no module"):
+        discover_blocks(model, (3, 16, 16), ["nothing.*"])
+
+
+def hand_lesion(block: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Residual branch removed, shortcut kept, written out per family without resprobe."""
+    name = type(block).__name__
+    if name.startswith("PreAct"):
+        return block.downsample(block.norm1(h))
+    return F.relu(block.downsample(h))
+
+
+@pytest.mark.parametrize("make", [tinymodels.timm_basic, tinymodels.timm_seresnext, tinymodels.timm_resnetv2,
+                                  tinymodels.torchvision_tiny, tinymodels.torchvision_bottleneck],
+                         ids=lambda f: f.__name__)
+def test_lesions_per_family(make):
+    model = make()
+    anatomy = discover_blocks(model, (3, 32, 32))
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    inputs = {}
+    hooks = [b.module.register_forward_pre_hook(lambda m, a, n=b.name: inputs.__setitem__(n, a[0].clone()))
+             for b in anatomy.blocks]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        for block in anatomy.blocks:
+            h = inputs[block.name]
+            want = h if block.is_identity else hand_lesion(block.module, h)
+            torch.testing.assert_close(block.lesion(h), want)
+            # the lesioned model through its own forward equals the suffix engine
+            with replaced_blocks([block]):
+                full = model(x)
+            suffix = anatomy.run_from(anatomy.position(block.name), h, {anatomy.position(block.name): block.lesion})
+            torch.testing.assert_close(suffix, full, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,86 @@
+"""The command line through typer's CliRunner: formats, exit codes, stdout only for the report."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import FIXTURES
+from resprobe import __version__
+from resprobe.cli import app
+
+MODEL = str(FIXTURES / "tiny_resnet.pt")
+DATA = str(FIXTURES / "shapes_test.npz")
+
+
+@pytest.fixture
+def run():
+    runner = CliRunner()
+
+    def invoke(*args: str, code: int = 0):
+        result = runner.invoke(app, list(args))
+        assert result.exit_code == code, (result.stdout, result.stderr)
+        return result
+
+    return invoke
+
+
+def test_version(run):
+    assert run("--version").stdout.strip() == f"resprobe {__version__}"
+
+
+def test_blocks_json_and_csv(run):
+    payload = json.loads(run("blocks", MODEL, "-f", "json").stdout)
+    assert payload["params"] == 160012 and len(payload["blocks"]) == 10
+    assert payload["blocks"][3] == {"name": "layer2.0", "stage": 1, "index": 0, "kind": "transition",
+                                    "in_shape": [16, 8, 8], "out_shape": [24, 4, 4], "params": 9168}
+    rows = list(csv.DictReader(io.StringIO(run("blocks", MODEL, "-f", "csv").stdout)))
+    assert len(rows) == 10 and rows[0]["in_shape"] == "16x8x8"
+
+
+def test_eval_json(run):
+    payload = json.loads(run("eval", MODEL, "--data", DATA, "-f", "json", "--limit", "64").stdout)
+    assert payload["n"] == 64 and 0 <= payload["acc"] <= 1 and payload["top5"] is None  # 4 classes
+
+
+def test_align_direct_equals_recording(run, tmp_path):
+    out = tmp_path / "run.h5"
+    direct = json.loads(run("align", MODEL, "--data", DATA, "--limit", "48", "-f", "json").stdout)
+    recorded = json.loads(run("record", MODEL, "--data", DATA, "--limit", "48", "--out", str(out), "-f", "json").stdout)
+    assert recorded["complete"] and recorded["n_samples"] == 48 and recorded["out"] == str(out)
+    from_file = json.loads(run("align", str(out), "-f", "json").stdout)
+    assert from_file["blocks"] == direct["blocks"] and from_file["stages"] == direct["stages"]
+    assert from_file["complete"] is True and from_file["n_samples"] == 48
+    for key in ("model", "checkpoint", "data", "n_samples", "n_invalid", "complete", "blocks", "stages"):
+        assert key in from_file
+    fields = {"name", "stage", "index", "kind", "cos_mean", "cos_ci95", "frac_negative", "l2_ratio_mean",
+              "update_cos_mean", "update_l2_ratio_mean", "branch_norm_mean", "grad_norm_mean", "first_order_mean"}
+    assert fields <= set(from_file["blocks"][0])
+    rows = list(csv.DictReader(io.StringIO(run("align", str(out), "-f", "csv").stdout)))
+    assert len(rows) == 10 and "cos_ci95_lo" in rows[0] and "cos_ci95_hi" in rows[0]
+    table = run("align", str(out)).stdout
+    assert "layer4.1" in table and "per stage" in table
+
+
+def test_align_out_writes_recording(run, tmp_path):
+    out = tmp_path / "a.h5"
+    payload = json.loads(run("align", MODEL, "--data", DATA, "--limit", "16", "--out", str(out), "-f", "json").stdout)
+    assert out.exists() and payload["n_samples"] == 16
+    run("align", MODEL, "--data", DATA, "--limit", "16", "--out", str(out), code=1)  # exists: needs --overwrite
+
+
+def test_errors_are_one_line(run):
+    result = run("eval", MODEL, "--data", "/nonexistent/data.npz", code=1)
+    assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    run("eval", MODEL, "--data", DATA, "--batch-size", "0", code=1)
+    run("blocks", MODEL, "-f", "yaml", code=1)
+
+
+def test_usage_errors_exit_2(run):
+    run("blocks", code=2)
+    run("blocks", MODEL, "--no-such-option", code=2)

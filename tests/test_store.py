@@ -1,0 +1,114 @@
+"""The recording: HDF5 round trip, resume equality, provenance, partial runs."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import FIXTURES
+from resprobe.align import summarize
+from resprobe.errors import RecordingError
+from resprobe.recorder import STAT_NAMES
+from resprobe.store import RecordOptions, open_recording, partial_dir, record, record_in_memory
+
+MODEL = str(FIXTURES / "tiny_resnet.pt")
+DATA = str(FIXTURES / "shapes_test.npz")
+
+
+def options(**kw) -> RecordOptions:
+    return RecordOptions(model=MODEL, data=DATA, limit=kw.pop("limit", 40), batch_size=kw.pop("batch_size", 8), **kw)
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after(samples: int):
+    def progress(done: int, total: int) -> None:
+        if done >= samples:
+            raise Crash
+
+    return progress
+
+
+def test_round_trip_equals_in_memory(tmp_path):
+    out = tmp_path / "run.h5"
+    result = record(options(save_tensors=3), out, device="cpu")
+    assert result.complete and result.n_samples == 40 and not partial_dir(out).exists()
+    on_disk = open_recording(out, load_tensors=True)
+    in_memory = record_in_memory(options(), device="cpu")
+    for name in STAT_NAMES:
+        np.testing.assert_array_equal(on_disk.stats[name], in_memory.stats[name])
+    np.testing.assert_array_equal(on_disk.index, in_memory.index)
+    assert summarize(on_disk)["blocks"] == summarize(in_memory)["blocks"]
+    assert on_disk.tensors["layer1.0"]["grad"].shape == (3, 16, 8, 8)
+    with h5py.File(out) as f:
+        assert f.attrs["format"] == "resprobe-record" and f.attrs["schema_version"] == 1
+        assert bool(f.attrs["complete"]) and f.attrs["n_done"] == 40 and f.attrs["n_planned"] == 40
+        assert len(f.attrs["checkpoint_sha256"]) == 64
+        for key in ("model", "data", "preprocessing", "options", "target", "device", "precision", "torch_version",
+                    "created", "resprobe_version"):
+            assert key in f.attrs, key
+        assert f["stats/cos"].shape == (40, 10) and f["stats/cos"].chunks is not None
+        assert f["stats/cos"].maxshape == (None, 10)
+        assert list(f["blocks/name"].asstr()[()])[:2] == ["layer1.0", "layer1.1"]
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
+    whole = tmp_path / "whole.h5"
+    record(options(), whole, device="cpu")
+    out = tmp_path / "run.h5"
+    with pytest.raises(Crash):
+        record(options(), out, device="cpu", progress=crash_after(16))
+    partial = open_recording(out)
+    assert not partial.complete and 16 <= partial.n_samples < 40
+    assert summarize(partial)["complete"] is False
+    result = record(RecordOptions(), out, resume=True, device="cpu")
+    assert result.complete and result.n_samples == 40
+    a, b = open_recording(whole), open_recording(out)
+    for name in STAT_NAMES:
+        np.testing.assert_allclose(a.stats[name], b.stats[name], rtol=0, atol=1e-6, equal_nan=True)
+    np.testing.assert_array_equal(a.index, b.index)
+
+
+def test_resume_refuses_conflicting_options(tmp_path):
+    out = tmp_path / "run.h5"
+    with pytest.raises(Crash):
+        record(options(), out, device="cpu", progress=crash_after(8))
+    with pytest.raises(RecordingError, match="--batch-size"):
+        record(RecordOptions(batch_size=4), out, resume=True, device="cpu")
+    result = record(RecordOptions(batch_size=8, data=DATA), out, resume=True, device="cpu")
+    assert result.complete
+
+
+def test_existing_output_is_never_replaced_silently(tmp_path):
+    out = tmp_path / "run.h5"
+    record(options(limit=8), out, device="cpu")
+    before = out.read_bytes()
+    with pytest.raises(RecordingError, match="--overwrite"):
+        record(options(limit=8), out, device="cpu")
+    assert out.read_bytes() == before
+    # --overwrite keeps the old file until the new run is complete
+    with pytest.raises(Crash):
+        record(options(limit=16), out, overwrite=True, device="cpu", progress=crash_after(8))
+    assert out.read_bytes() == before
+    assert open_recording(out).complete
+    with pytest.raises(RecordingError, match="nothing to resume"):
+        record(RecordOptions(), tmp_path / "nothing.h5", resume=True, device="cpu")
+
+
+def test_foreign_files_are_refused(tmp_path):
+    (tmp_path / "text.h5").write_text("hello")
+    with pytest.raises(RecordingError, match="not an HDF5"):
+        open_recording(tmp_path / "text.h5")
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = [1, 2]
+    with pytest.raises(RecordingError, match="not a resprobe recording"):
+        open_recording(tmp_path / "other.h5")
+    out = tmp_path / "run.h5"
+    record(options(limit=8), out, device="cpu")
+    with h5py.File(out, "a") as f:
+        f.attrs["schema_version"] = 99
+    with pytest.raises(RecordingError, match="newer"):
+        open_recording(out)
