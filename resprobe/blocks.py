@@ -107,10 +107,19 @@ def register_block_family(cls: type, family: BlockFamily) -> None:
 
 
 def _load_lazy_families() -> None:
-    import importlib
+    """Resolve the built-in families of libraries already imported.
 
-    while _LAZY_FAMILIES:
-        module_name, class_name, family = _LAZY_FAMILIES.pop()
+    A model can only hold blocks of a library that is imported, so a torchvision model never pays
+    for importing timm (about a second).
+    """
+    import importlib
+    import sys
+
+    for entry in list(_LAZY_FAMILIES):
+        module_name, class_name, family = entry
+        if module_name.split(".")[0] not in sys.modules:
+            continue
+        _LAZY_FAMILIES.remove(entry)
         try:
             cls = getattr(importlib.import_module(module_name), class_name)
         except (ImportError, AttributeError):  # an older timm without that family
@@ -157,13 +166,19 @@ class Block:
     def preact(self) -> bool:
         return self.family.preact
 
+    @property
+    def can_lesion(self) -> bool:
+        """Whether resprobe can remove this block: identity blocks always, transitions when their
+        shortcut module is known."""
+        return self.is_identity or self.family.shortcut_module(self.module) is not None
+
     def lesion(self, h: Tensor) -> Tensor:
         if self.family.shortcut_module(self.module) is not None:
             return self.family.lesion(self.module, h)
         if self.is_identity:
             return h
-            raise ModelError(f"cannot remove transition block {self.name}: resprobe does not know its shortcut "
-                             f"({type(self.module).__name__}); leave out --include-transitions")
+        raise ModelError(f"cannot remove transition block {self.name}: resprobe does not know its shortcut "
+                         f"({type(self.module).__name__}); leave out --include-transitions")
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "stage": self.stage, "index": self.index, "kind": self.kind,
@@ -221,12 +236,12 @@ class Anatomy:
 
 def _head_of(model: nn.Module) -> Callable[[Tensor], Tensor] | None:
     """The model's own head after its last block (DESIGN.md §1 "Readout"), by model class."""
-    try:
-        import timm.models.resnet as timm_resnet
-        import timm.models.resnetv2 as timm_resnetv2
-    except ImportError:  # pragma: no cover
-        timm_resnet = timm_resnetv2 = None  # type: ignore[assignment]
+    import sys
+
     import torchvision.models.resnet as tv_resnet
+
+    timm_resnet = sys.modules.get("timm.models.resnet")  # a timm model means timm is imported already
+    timm_resnetv2 = sys.modules.get("timm.models.resnetv2")
 
     if timm_resnetv2 is not None and isinstance(model, timm_resnetv2.ResNetV2):
         return lambda x: model.forward_head(model.norm(x))
@@ -252,7 +267,10 @@ def _candidate_blocks(model: nn.Module, globs: Sequence[str] | None) -> list[tup
         picked = [(n, m) for n, m in model.named_modules() if n and family_of(m) is not None]
     # Modules marked ``_resprobe_hidden`` (e.g. the one shared block behind a shared stage's
     # iterations) and everything inside them are never blocks of their own.
-    hidden = [n for n, m in model.named_modules() if n and getattr(m, "_resprobe_hidden", False)]
+    # Removed blocks (``_resprobe_removed`` placeholders of a pruned model, see ablate.py) are not
+    # blocks either, nor is anything they kept inside (a removed transition's shortcut).
+    hidden = [n for n, m in model.named_modules()
+              if n and (getattr(m, "_resprobe_hidden", False) or getattr(m, "_resprobe_removed", False))]
     picked = [(n, m) for n, m in picked if not any(n == h or n.startswith(h + ".") for h in hidden)]
     # Keep the outermost matches only: a block is never inside another block.
     outer: list[tuple[str, nn.Module]] = []
@@ -296,7 +314,10 @@ def discover_blocks(
                 seen[name]["out_shape"] = tuple(out.shape[1:])
         return hook
 
-    for name, module in candidates:
+    # Removed blocks' placeholders are watched too, only so that the remaining blocks keep the stage
+    # and index they had before pruning (reports line up with the original model's).
+    placeholders = {n: m for n, m in model.named_modules() if n and getattr(m, "_resprobe_removed", False)}
+    for name, module in [*candidates, *placeholders.items()]:
         handles.append(module.register_forward_pre_hook(pre_hook(name)))
         handles.append(module.register_forward_hook(post_hook(name)))
     was_training = model.training
@@ -328,6 +349,8 @@ def discover_blocks(
         stage = stage_of_parent.setdefault(parent, len(stage_of_parent))
         index = index_in_parent.get(parent, 0)
         index_in_parent[parent] = index + 1
+        if name in placeholders:
+            continue
         module = modules[name]
         family = family_of(module) or GENERIC
         kind = "identity" if info["in_shape"] == info["out_shape"] else "transition"

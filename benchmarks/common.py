@@ -1,0 +1,59 @@
+"""Shared pieces of the CPU benchmarks: the CIFAR-10 arrays file and whole-process measurements."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR10_TEST = ROOT.parent / "shared" / "cifar10" / "test"
+CIFAR_MEAN = "0.4914,0.4822,0.4465"
+CIFAR_STD = "0.2470,0.2435,0.2616"
+
+
+def cifar_arrays(path: Path, n: int = 1000, seed: int = 0) -> Path:
+    """``n`` CIFAR-10 test images (32×32, uint8 NHWC) as an arrays file; random images when the
+    JPEG copy in ../shared/cifar10 is absent (the timings do not depend on pixel values)."""
+    if path.exists():
+        return path
+    rng = np.random.default_rng(seed)
+    if CIFAR10_TEST.is_dir():
+        from PIL import Image
+
+        classes = sorted(p.name for p in CIFAR10_TEST.iterdir() if p.is_dir())
+        files = [(f, label) for label, c in enumerate(classes) for f in sorted((CIFAR10_TEST / c).iterdir())]
+        picked = rng.choice(len(files), size=n, replace=False)
+        images = np.stack([np.asarray(Image.open(files[i][0]).convert("RGB")) for i in picked])
+        labels = np.array([files[i][1] for i in picked])
+    else:
+        images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(0, 10, n)
+    np.savez(path, images=images, labels=labels)
+    return path
+
+
+@dataclass
+class Measurement:
+    seconds: float
+    max_rss_mb: float
+
+
+def measure(cmd: list[str], env: dict[str, str] | None = None) -> Measurement:
+    """Wall time and peak resident memory of one whole process (``os.wait4`` gives its own rusage)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+    return Measurement(seconds, usage.ru_maxrss / 1024)
+
+
+def python() -> str:
+    return sys.executable
