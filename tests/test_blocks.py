@@ -93,3 +93,13 @@ def test_lesions_per_family(make):
                 full = model(x)
             suffix = anatomy.run_from(anatomy.position(block.name), h, {anatomy.position(block.name): block.lesion})
             torch.testing.assert_close(suffix, full, rtol=1e-5, atol=1e-5)
+
+
+def test_zoo_cifar_resnet_is_analysable():
+    from resprobe.probe import open_probe
+
+    probe = open_probe("resprobe.zoo:cifar_resnet", num_classes=10, model_kwargs={"depth": 14}, device="cpu")
+    assert probe.preprocessing.input_size == (3, 32, 32) and probe.preprocessing.mean[0] == 0.4914
+    assert [b.kind for b in probe.anatomy.blocks] == ["identity", "identity", "transition", "identity",
+                                                      "transition", "identity"]
+    assert probe.anatomy.can_run_suffix
