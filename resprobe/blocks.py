@@ -137,7 +137,8 @@ def family_of(module: nn.Module) -> BlockFamily | None:
 
 def known_block_classes() -> list[str]:
     _load_lazy_families()
-    return sorted(f.name for f in _FAMILIES.values())
+    # Also the built-in families of libraries not imported in this process.
+    return sorted({f.name for f in _FAMILIES.values()} | {f.name for _, _, f in _LAZY_FAMILIES})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,6 +281,18 @@ def _candidate_blocks(model: nn.Module, globs: Sequence[str] | None) -> list[tup
     return outer
 
 
+def require_blocks(model: nn.Module, globs: Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """The candidate block modules; a clear error, without running the model, when there are none."""
+    candidates = _candidate_blocks(model, globs)
+    if not candidates:
+        raise ModelError(
+            f"no residual blocks found in {type(model).__name__} (known block classes: "
+            f"{', '.join(known_block_classes())}); if it has residual blocks of its own, name them with "
+            "--blocks GLOB,... (e.g. --blocks 'body.*')"
+        )
+    return candidates
+
+
 def discover_blocks(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -290,12 +303,7 @@ def discover_blocks(
     Blocks come in execution order with their stage (index of the group they are in), index within
     the stage, kind (``identity`` when the output has the input's shape) and shapes.
     """
-    candidates = _candidate_blocks(model, globs)
-    if not candidates:
-        raise ModelError(
-            f"no residual blocks found in {type(model).__name__} (known block classes: "
-            f"{', '.join(known_block_classes())}); name them with --blocks GLOB,..."
-        )
+    candidates = require_blocks(model, globs)
     seen: dict[str, dict[str, Any]] = {}
     order: list[str] = []
     handles = []
@@ -323,7 +331,7 @@ def discover_blocks(
     was_training = model.training
     model.eval()
     param = next(model.parameters(), None)
-    dummy = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+    dummy = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0))
     if param is not None:
         dummy = dummy.to(param.device, param.dtype)
     try:

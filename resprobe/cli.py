@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from resprobe import __version__
-from resprobe.errors import BadValue, ResprobeError
+from resprobe.errors import BadValue, Interrupted, ResprobeError
 
 app = typer.Typer(
     name="resprobe",
@@ -152,15 +152,26 @@ def _one_line(message: str) -> str:
     return " ".join(lines) if len(lines) <= 2 else lines[0]
 
 
-def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-    stderr.print(f"warning: {message}", markup=False)
-
-
 @contextlib.contextmanager
 def command_errors(debug: bool) -> Iterator[None]:
-    """Turn every failure into one line on stderr with the right exit status."""
+    """Turn every failure into one line on stderr with the right exit status.
+
+    Warnings are held until the command's outcome is known: shown when it succeeds or is
+    interrupted, dropped when it fails (an error is exactly one line; ``--debug`` shows them too).
+    """
     saved = warnings.showwarning
-    warnings.showwarning = _show_warning  # type: ignore[assignment]
+    pending: list[str] = []
+
+    def hold_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+                     line: Any = None) -> None:
+        pending.append(f"warning: {message}")
+
+    def show_pending() -> None:
+        for text in dict.fromkeys(pending):
+            stderr.print(text, markup=False)
+        pending.clear()
+
+    warnings.showwarning = hold_warning  # type: ignore[assignment]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
@@ -168,18 +179,27 @@ def command_errors(debug: bool) -> Iterator[None]:
             warnings.filterwarnings("ignore", category=FutureWarning)
             warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
             yield
+        show_pending()
     except typer.Exit:
+        show_pending()
         raise
     except KeyboardInterrupt:
+        show_pending()
         stderr.print("interrupted", markup=False)
+        raise typer.Exit(130) from None
+    except Interrupted as exc:  # Ctrl-C honoured after making the work durable
+        show_pending()
+        stderr.print(_one_line(str(exc)) or "interrupted", markup=False)
         raise typer.Exit(130) from None
     except ResprobeError as exc:
         if debug:
+            show_pending()
             traceback.print_exc(file=sys.stderr)
         stderr.print(f"error: {_one_line(str(exc))}", markup=False)
         raise typer.Exit(1) from None
     except Exception as exc:  # noqa: BLE001 - never a traceback without --debug
         if debug:
+            show_pending()
             traceback.print_exc(file=sys.stderr)
         message = _one_line(str(exc)) or type(exc).__name__
         if message.startswith("Caught ") or isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc):
@@ -352,7 +372,12 @@ def record_command(
         options = _record_options(model, data, limit, seed, batch_size, class_map, checkpoint, pretrained, num_classes,
                                   model_kwargs, ema, blocks, input_size, mean, std, crop_pct, interpolation, precision,
                                   target, save_tensors, tensor_dtype, readout)
-        result = _run_record(options, out, overwrite, resume, device, workers, trust_checkpoint, quiet)
+        try:
+            result = _run_record(options, out, overwrite, resume, device, workers, trust_checkpoint, quiet)
+        except Interrupted as exc:
+            if exc.result is not None:  # the report says what is durable: complete false
+                emit(exc.result.to_dict(), fmt, record_table)
+            raise
         emit(result.to_dict(), fmt, record_table)
 
 
@@ -365,9 +390,22 @@ def _is_recording_path(text: str) -> bool:
     if path.is_dir() and (path / "meta.json").exists():
         return True
     if path.is_file():
-        with open(path, "rb") as fh:
-            return fh.read(8) == b"\x89HDF\r\n\x1a\n"
+        try:
+            with open(path, "rb") as fh:
+                return fh.read(8) == b"\x89HDF\r\n\x1a\n"
+        except OSError:
+            return False
     return False
+
+
+def _is_not_a_model_file(text: str) -> bool:
+    """An existing path that cannot be a MODEL checkpoint (``align FILE`` without --data: a recording)."""
+    from pathlib import Path
+
+    from resprobe.models import looks_like_checkpoint
+
+    path = Path(text)
+    return path.exists() and not (path.is_file() and looks_like_checkpoint(path))
 
 
 @app.command("align")
@@ -391,7 +429,7 @@ def align_command(
 
     with command_errors(debug):
         check_format(fmt)
-        if _is_recording_path(model) and data is None:
+        if data is None and (_is_recording_path(model) or _is_not_a_model_file(model)):
             recorded = open_recording(model)
             if readout and not recorded.readout:
                 raise BadValue(f"{model} holds no readout: record it with `resprobe record ... --readout`")
@@ -407,6 +445,304 @@ def align_command(
             payload.pop("readout", None)
         emit(payload, fmt, align_table, lambda p: p["blocks"])
 
+
+By = Annotated[str, typer.Option("--by", help="Rank removals by loss or acc (rank 1 = most harmful).")]
+IncludeTransitions = Annotated[bool, typer.Option("--include-transitions", help="Also remove transition blocks "
+                                                  "(residual branch removed, shortcut kept).")]
+Cumulative = Annotated[Optional[int], typer.Option("--cumulative", help="Greedy curve: remove the least harmful "
+                                                   "block, re-rank the rest, repeat K times.", show_default=False)]
+OneShot = Annotated[Optional[int], typer.Option("--one-shot", help="Curve from one ranking: remove its K least "
+                                                "harmful blocks one after another (ShortGPT).", show_default=False)]
+Proxies = Annotated[bool, typer.Option("--proxies", help="Cheap per-block predictors of removal cost (block "
+                                       "influence, angular distance, ℓ2 ratio, alignment cosine, first-order "
+                                       "estimate) and their rank correlation with the exact cost.")]
+Recording = Annotated[Optional[str], typer.Option("--recording", help="Take cos, ℓ2 ratio and the first-order "
+                                                  "estimate from RUN.h5 instead of recording (implies --proxies).",
+                                                  show_default=False)]
+Unroll = Annotated[Optional[str], typer.Option("--unroll", help="BLOCK:K[:S] — apply an identity block K more "
+                                               "times, damped by S (default 1) (paper §4.4).", show_default=False)]
+SavePruned = Annotated[Optional[str], typer.Option("--save-pruned", help="Write the model without the blocks "
+                                                   "of --remove / --remove-blocks as a resprobe checkpoint.",
+                                                   show_default=False)]
+Remove = Annotated[Optional[int], typer.Option("--remove", help="For --save-pruned: the first N blocks of the "
+                                               "greedy order (--cumulative), else of the one-shot order.",
+                                               show_default=False)]
+RemoveBlocks = Annotated[Optional[str], typer.Option("--remove-blocks", help="For --save-pruned: these blocks "
+                                                     "(comma-separated names).", show_default=False)]
+
+
+def _progress_factory(progress: Progress) -> Callable[[str, int], Callable[[int], None]]:
+    """One progress bar per pass over the data."""
+
+    def start(description: str, total: int) -> Callable[[int], None]:
+        task = progress.add_task(description, total=total)
+        return lambda n: progress.advance(task, n)
+
+    return start
+
+
+@app.command("ablate")
+def ablate_command(
+    model: Model,
+    data: Data = None, by: By = "loss", include_transitions: IncludeTransitions = False,
+    cumulative: Cumulative = None, one_shot: OneShot = None, proxies: Proxies = False, recording: Recording = None,
+    unroll: Unroll = None, save_pruned: SavePruned = None, remove: Remove = None, remove_blocks: RemoveBlocks = None,
+    limit: Limit = None, seed: Seed = 0, batch_size: BatchSize = 64, workers: Workers = None,
+    class_map: ClassMap = None,
+    checkpoint: Checkpoint = None, pretrained: Pretrained = False, num_classes: NumClasses = None,
+    model_kwargs: ModelKwargs = None, ema: Ema = False, trust_checkpoint: Trust = False, blocks: BlocksGlob = None,
+    input_size: InputSize = None, mean: Mean = None, std: Std = None, crop_pct: CropPct = None,
+    interpolation: Interpolation = None, device: Device = "auto", precision: Precision = "fp32",
+    fmt: Format = "table", quiet: Quiet = False, debug: Debug = False,
+) -> None:
+    """Which blocks can go: loss and accuracy with each block removed (exact), greedy or one-shot removal
+    curves, cheap proxies, unrolling, pruned checkpoints (paper §4.2, §4.4)."""
+    from resprobe.ablate import AblateOptions, parse_unroll, run_ablation
+    from resprobe.data import warn_notes
+    from resprobe.report import ablate_rows, ablate_table, emit
+
+    with command_errors(debug):
+        check_format(fmt)
+        require(data, "--data", "the images to evaluate removals on")
+        options = AblateOptions(by=by, include_transitions=include_transitions, cumulative=cumulative,
+                                one_shot=one_shot, proxies=proxies, recording=recording,
+                                unroll=parse_unroll(unroll) if unroll is not None else None,
+                                save_pruned=save_pruned, remove=remove,
+                                remove_blocks=split_list(remove_blocks) if remove_blocks is not None else None)
+        if remove_blocks is not None and not options.remove_blocks:
+            raise BadValue("--remove-blocks: give block names, e.g. --remove-blocks layer3.4,layer3.5")
+        options.check()  # before the model loads: a typo costs nothing
+        probe = ModelArgs(model, checkpoint, pretrained, num_classes, model_kwargs, ema, trust_checkpoint, blocks,
+                          input_size, mean, std, crop_pct, interpolation, device, precision).open()
+        source = probe.data(data, limit, seed, class_map)
+        warn_notes(source)
+        loader = probe.loader(source, batch_size, workers)
+        with make_progress(quiet) as progress:
+            report = run_ablation(probe, loader, options, _progress_factory(progress))
+        payload = {"model": str(probe.loaded.spec), "data": data, **report.to_dict()}
+        emit(payload, fmt, ablate_table, ablate_rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# share and finetune
+
+ModelOut = Annotated[Optional[str], typer.Option("--out", "-o", help="The resprobe checkpoint to write (usable as "
+                                                 "MODEL by every command).", show_default=False)]
+ReplaceOut = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")]
+Stages = Annotated[Optional[str], typer.Option("--stages", help="Comma-separated stage indices (default: every stage "
+                                               "with two or more identity blocks).", show_default=False)]
+ShareInit = Annotated[str, typer.Option("--init", help="Shared weights from the average, first or last replaced "
+                                        "block.")]
+Iterations = Annotated[Optional[int], typer.Option("--iterations", help="Apply the shared block K times (default: "
+                                                   "once per replaced block).", show_default=False)]
+NormMode = Annotated[str, typer.Option("--norm", help="unshared (per-iteration norms) or shared (naive sharing).")]
+GammaInit = Annotated[str, typer.Option("--gamma-init", help="copy (each iteration's norms from its replaced block) "
+                                        "or 0.1 (the same with every norm weight γ = 0.1).")]
+LoraRank = Annotated[Optional[int], typer.Option("--lora-rank", help="Per-iteration rank-R corrections of every "
+                                                 "shared conv/linear weight.", show_default=False)]
+TrainData = Annotated[Optional[str], typer.Option("--train-data", help="Training images for --recalibrate (never "
+                                                  "the evaluation data).", show_default=False)]
+Recalibrate = Annotated[Optional[int], typer.Option("--recalibrate", help="Re-estimate norm statistics on N "
+                                                    "training images first.", show_default=False)]
+
+
+def _evaluate_with_progress(probe, loader, n: int, progress: Progress, label: str) -> dict[str, Any]:
+    from resprobe.evaluate import evaluate
+
+    task = progress.add_task(label, total=n)
+    result = evaluate(probe.model, loader, probe.runtime, lambda k: progress.advance(task, k))
+    progress.remove_task(task)
+    return result.to_dict()
+
+
+@app.command("share")
+def share_command(
+    model: Model,
+    out: ModelOut = None, overwrite: ReplaceOut = False, stages: Stages = None, init: ShareInit = "average",
+    iterations: Iterations = None, norm: NormMode = "unshared", gamma_init: GammaInit = "copy",
+    lora_rank: LoraRank = None,
+    data: Data = None, train_data: TrainData = None, recalibrate: Recalibrate = None,
+    recalibrate_scope: Annotated[str, typer.Option("--recalibrate-scope", help="shared (the shared stages' norms) "
+                                                   "or all (every norm of the model).")] = "shared",
+    limit: Limit = None, seed: Seed = 0, batch_size: BatchSize = 64, workers: Workers = None,
+    class_map: ClassMap = None,
+    checkpoint: Checkpoint = None, pretrained: Pretrained = False, num_classes: NumClasses = None,
+    model_kwargs: ModelKwargs = None, ema: Ema = False, trust_checkpoint: Trust = False, blocks: BlocksGlob = None,
+    input_size: InputSize = None, mean: Mean = None, std: Std = None, crop_pct: CropPct = None,
+    interpolation: Interpolation = None, device: Device = "auto", precision: Precision = "fp32",
+    fmt: Format = "table", quiet: Quiet = False, debug: Debug = False,
+) -> None:
+    """Turn the identity blocks of stages into one shared block applied in place, with per-iteration norms
+    (paper §4.5), optionally relaxed by per-iteration low-rank corrections; write it as a checkpoint."""
+    from resprobe.data import limit_source
+    from resprobe.models import save_resprobe_checkpoint
+    from resprobe.report import emit, share_table
+    from resprobe.share import (ShareOptions, check_out_path, check_rebuildable, check_recalibrate_scope, parse_stages,
+                                share_stages)
+    from resprobe.share import recalibrate as recalibrate_norms
+
+    with command_errors(debug):
+        check_format(fmt)
+        options = ShareOptions(parse_stages(stages), iterations, init, norm, gamma_init, lora_rank).validate()
+        out_path = check_out_path(require(out, "--out", "the shared model to write, e.g. --out shared.pt"), overwrite)
+        if recalibrate is not None and train_data is None:
+            raise BadValue("--recalibrate needs --train-data: the training images to re-estimate norm statistics on")
+        if train_data is not None and recalibrate is None:
+            raise BadValue("--train-data is used only with --recalibrate N")
+        if recalibrate is not None and recalibrate < 1:
+            raise BadValue(f"--recalibrate must be at least 1, got {recalibrate}")
+        check_recalibrate_scope(recalibrate_scope)
+        probe = ModelArgs(model, checkpoint, pretrained, num_classes, model_kwargs, ema, trust_checkpoint, blocks,
+                          input_size, mean, std, crop_pct, interpolation, device, precision).open()
+        check_rebuildable(probe.loaded)
+        eval_source = probe.data(data, limit, seed, class_map) if data else None
+        train_source = probe.data(train_data, None, seed, class_map) if train_data else None
+        eval_loader = probe.loader(eval_source, batch_size, workers) if eval_source else None
+        evals: dict[str, Any] = {"eval_original": None, "eval_shared": None, "eval_shared_recalibrated": None}
+        recalibrated = 0
+        with make_progress(quiet) as progress:
+            if eval_loader is not None:
+                evals["eval_original"] = _evaluate_with_progress(probe, eval_loader, len(eval_source), progress,
+                                                                 "eval original")
+            result = share_stages(probe.model, probe.anatomy, options)
+            if eval_loader is not None:
+                evals["eval_shared"] = _evaluate_with_progress(probe, eval_loader, len(eval_source), progress,
+                                                               "eval shared")
+            if recalibrate is not None and train_source is not None:
+                n = min(recalibrate, len(train_source))
+                task = progress.add_task("recalibrate", total=n)
+                calib = probe.loader(limit_source(train_source, n, seed), batch_size, workers)
+                recalibrated = recalibrate_norms(probe.model, calib, probe.runtime, n, recalibrate_scope,
+                                                 lambda k: progress.advance(task, k))
+                progress.remove_task(task)
+                if eval_loader is not None:
+                    evals["eval_shared_recalibrated"] = _evaluate_with_progress(
+                        probe, eval_loader, len(eval_source), progress, "eval recalibrated")
+        payload = {"model": str(probe.loaded.spec), "out": str(out_path), "data": data,
+                   "params_before": result.params_before, "params_after": result.params_after,
+                   "stages": [s.to_dict() for s in result.stages], **evals,
+                   "recalibrated": recalibrated if recalibrate is not None else None}
+        save_resprobe_checkpoint(out_path, probe.loaded, probe.model, recipes=[*probe.loaded.recipes, result.recipe],
+                                 preprocessing=probe.preprocessing.to_dict(),
+                                 meta={"share": {k: v for k, v in payload.items() if k != "out"}})
+        emit(payload, fmt, share_table, lambda p: p["stages"])
+
+
+@app.command("finetune")
+def finetune_command(
+    model: Model,
+    data: Annotated[Optional[str], typer.Option("--data", help="Training images: folder | cifar10:DIR:train | arrays "
+                                                ".npz/.h5 | synthetic[:N].", show_default=False)] = None,
+    val_data: Annotated[Optional[str], typer.Option("--val-data", help="Validation images, evaluated after each "
+                                                    "epoch; the best by loss goes to PATH.best.pt.",
+                                                    show_default=False)] = None,
+    out: ModelOut = None, overwrite: ReplaceOut = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out exactly where it "
+                                         "stopped (same options).")] = False,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Passes over --data (default 1).",
+                                                  show_default=False)] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps instead of --epochs.",
+                                                     show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default 0.01 for SGD, 1e-3 for "
+                                                "AdamW).", show_default=False)] = None,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd (momentum 0.9, Nesterov) or adamw.")] = "sgd",
+    momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum.")] = 0.9,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="On weights of 2+ dimensions only "
+                                                          "(default 5e-4 for SGD, 0.05 for AdamW).",
+                                                          show_default=False)] = None,
+    warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear warmup steps before the cosine "
+                                              "decay.")] = 0,
+    augment: Annotated[str, typer.Option("--augment", help="none, light (flip + padded random crop) or timm "
+                                         "(timm's training transform).")] = "light",
+    recalibrate: Recalibrate = None,
+    recalibrate_scope: Annotated[str, typer.Option("--recalibrate-scope", help="all (every norm of the model) or "
+                                                   "shared (only the shared stages' norms).")] = "all",
+    limit: Limit = None,
+    val_limit: Annotated[Optional[int], typer.Option("--val-limit", help="Use N validation samples.",
+                                                     show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for data order, augmentation, --limit and "
+                                      "initialization.")] = 0,
+    batch_size: BatchSize = 64, workers: Workers = None, class_map: ClassMap = None,
+    checkpoint: Checkpoint = None, pretrained: Pretrained = False, num_classes: NumClasses = None,
+    model_kwargs: ModelKwargs = None, ema: Ema = False, trust_checkpoint: Trust = False, blocks: BlocksGlob = None,
+    input_size: InputSize = None, mean: Mean = None, std: Std = None, crop_pct: CropPct = None,
+    interpolation: Interpolation = None, device: Device = "auto", precision: Precision = "fp32",
+    fmt: Format = "table", quiet: Quiet = False, debug: Debug = False,
+) -> None:
+    """Fine-tune MODEL (original, pruned, shared or randomly initialized) on --data; --out holds the last state,
+    PATH.best.pt the best by --val-data loss; --resume continues an interrupted run exactly."""
+    from resprobe.report import emit, finetune_table
+    from resprobe.share import check_rebuildable
+    from resprobe.train import FinetuneOptions, finetune
+
+    with command_errors(debug):
+        check_format(fmt)
+        require(data, "--data", "the training images")
+        require(out, "--out", "the checkpoint to write, e.g. --out finetuned.pt")
+        options = FinetuneOptions(out, epochs, max_steps, lr, optimizer, momentum, weight_decay, warmup_steps, augment,
+                                  recalibrate, recalibrate_scope, batch_size, workers, seed, resume,
+                                  overwrite).validate()
+        if not resume:
+            from resprobe.share import check_out_path
+
+            check_out_path(out, overwrite)
+        probe = ModelArgs(model, checkpoint, pretrained, num_classes, model_kwargs, ema, trust_checkpoint, blocks,
+                          input_size, mean, std, crop_pct, interpolation, device, precision).open()
+        check_rebuildable(probe.loaded)
+        train_source = probe.data(data, limit, seed, class_map)
+        val_source = probe.data(val_data, val_limit, seed, class_map) if val_data else None
+        with make_progress(quiet) as progress:
+            train_task = progress.add_task("train", total=None)
+            val_task = progress.add_task("validate", total=len(val_source) if val_source else 0, visible=False)
+            calib_task = progress.add_task("recalibrate", total=recalibrate or 0, visible=False)
+
+            def on_step(state) -> None:
+                loss = "" if state.loss is None else f" loss {state.loss:.4f}"
+                progress.update(train_task, total=state.total_steps, completed=state.step,
+                                description=f"train epoch {state.epoch + 1}{loss}")
+
+            def on_eval(n: int) -> None:
+                task = next(t for t in progress.tasks if t.id == val_task)
+                if task.finished:
+                    progress.reset(val_task)
+                progress.update(val_task, advance=n, visible=True)
+
+            try:
+                result = finetune(probe, train_source, val_source, options, on_step=on_step, eval_progress=on_eval,
+                                  recalibrate_progress=lambda n: progress.update(calib_task, advance=n, visible=True))
+            except KeyboardInterrupt:
+                note(quiet, f"state saved to {out}; continue with the same command and --resume")
+                raise
+        if not result.complete:
+            note(quiet, f"stopped at step {result.steps}; continue with --resume")
+        emit(result.to_dict(), fmt, finetune_table, lambda p: p["history"])
+
+
+PlotKind = Annotated[str, typer.Option("--kind", help="auto (everything the input holds), align, readout or ablate.")]
+
+
+@app.command("plot")
+def plot_command(
+    source: Annotated[str, typer.Argument(help="A recording RUN.h5 (or its RUN.h5.partial folder), or the JSON of "
+                                          "`resprobe align -f json` or `resprobe ablate -f json` (- for stdin).",
+                                          show_default=False)],
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="The figure to write: FILE.png or FILE.svg.",
+                                               show_default=False)] = None,
+    kind: PlotKind = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+    fmt: Format = "table", quiet: Quiet = False, debug: Debug = False,
+) -> None:
+    """Draw a figure: per-block alignment and ℓ2 ratio (with the last-stage readout when recorded) from a
+    recording or an align JSON, or per-block removal cost, removal curve and proxies from an ablate JSON."""
+    from resprobe.plot import plot
+    from resprobe.report import emit, plot_table
+
+    with command_errors(debug):
+        check_format(fmt)
+        require(out, "--out", "the figure to write, e.g. --out align.png (or .svg)")
+        result = plot(source, out, kind, overwrite)
+        # CSV: one row, panels joined by ";" (the generic list rule would join them with "x", as for shapes)
+        emit(result.to_dict(), fmt, plot_table, lambda p: [{**p, "panels": ";".join(p["panels"])}])
 
 def main() -> None:
     app()

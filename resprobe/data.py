@@ -207,10 +207,21 @@ class IndexedDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
         try:
             image, label = self.base[index]
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for corrupt files
+        except DataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
             where = self.describe(index) if self.describe else f"sample {index}"
-            raise DataError(f"cannot read image {where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            raise DataError(f"cannot read image {where}: {_image_error(exc)}; remove or replace the file") from None
         return image, int(label), index
+
+
+def _image_error(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if text.startswith("cannot identify image file"):
+        return "not an image, or a corrupt one"
+    if "truncated" in text.lower():
+        return "the image file is truncated"
+    return text or type(exc).__name__
 
 
 class TensorImages(Dataset):
@@ -358,8 +369,15 @@ def _folder_source(spec: str, path: Path, pre: Preprocessing, model_classes: int
     try:
         folder = ImageFolder(str(path), transform=ImageTransform(pre))
     except (FileNotFoundError, OSError) as exc:
-        raise DataError(f"{path}: no images in ImageFolder layout (class sub-folders holding image files): "
-                        f"{str(exc).splitlines()[0]}") from None
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        if text.startswith("Found no valid file"):
+            detail = "its class folders hold no image files (.jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp)"
+        elif text.startswith("Couldn't find any class folder"):
+            detail = "it has no class sub-folders"
+        else:
+            detail = text or type(exc).__name__
+        raise DataError(f"--data {path}: no images: {detail}; an image folder holds one sub-folder of images per "
+                        "class (ImageFolder layout)") from None
     notes: list[str] = []
     names = folder.classes
     mapping: dict[str, int] | None = None

@@ -22,3 +22,16 @@ class RecordingError(ResprobeError):
 
 class BadValue(ResprobeError):
     """An option value outside its allowed range or in the wrong form."""
+
+
+class Interrupted(ResprobeError):
+    """A run stopped on request (Ctrl-C) after making its work durable; the command line exits 130.
+
+    ``result`` may hold what the command would report for the partial run (e.g. ``complete: false``).
+    """
+
+    exit_code = 130
+
+    def __init__(self, message: str, result: object = None):
+        super().__init__(message)
+        self.result = result

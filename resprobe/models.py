@@ -19,7 +19,6 @@ import importlib
 import json
 import os
 import pickle
-import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,67 +146,139 @@ def _check_readable_file(path: Path, what: str = "checkpoint") -> None:
         raise ModelError(f"{what} {path} is not readable (check its permissions)")
 
 
-def _unsafe_globals(path: Path) -> list[str]:
-    getter = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
-    if getter is None:
-        return []
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = b"\x80"
+_REFUSED_OBJECT_PATTERNS = (
+    r"GLOBAL (\S+) was not an allowed global",  # a class or function the file wants imported
+    r"unsupported GLOBAL (\S+) whose module",  # ... from a blocked module (os, subprocess, ...)
+    r"Trying to call reduce for unrecognized function (\S+)",
+    r"Can only create new object for nn.Parameter or classes allowlisted via `add_safe_globals` but got (\S+)",
+    r"Can only build Tensor, Parameter, OrderedDict or types allowlisted via `add_safe_globals`, but got (\S+)",
+    r"(\S+) must be imported to load",
+)
+
+
+def _refused_objects(message: str) -> list[str] | None:
+    """The objects ``weights_only`` refused to unpickle, or None when the file is merely damaged."""
+    import re
+
+    found = None
+    for pattern in _REFUSED_OBJECT_PATTERNS:
+        for match in re.finditer(pattern, message):
+            found = (found or []) + [match.group(1).strip("`'\".,")]
+    return found
+
+
+def _unsafe_message(path: Path, objects: list[str]) -> str:
+    detail = f" ({', '.join(dict.fromkeys(objects))})" if objects else ""
+    return (f"refusing to unpickle {path}: it holds Python objects{detail}, and unpickling them could run code "
+            "from the file; use a plain state dict or a .safetensors file of the weights instead, or pass "
+            "--trust-checkpoint only if you trust where the file came from")
+
+
+def looks_like_checkpoint(path: str | Path) -> bool:
+    """A checkpoint's name or first bytes (zip, pickle or safetensors): ``align FILE`` tells them apart."""
+    path = Path(path)
+    if str(path).lower().endswith(_PATH_SUFFIXES):
+        return True
     try:
-        return list(getter(str(path)))
-    except Exception:  # noqa: BLE001 - a corrupt file has no globals to name
-        return []
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError:
+        return False
+    return head.startswith((_ZIP_MAGIC, _PICKLE_PROTO)) or (len(head) == 9 and head[8:9] == b"{")
 
 
 def read_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> Any:
     """Load a checkpoint file's contents on the CPU without executing code from it.
 
-    ``.safetensors`` files go through safetensors; everything else through ``torch.load`` with
-    ``weights_only=True`` (``argparse.Namespace`` allowed, as in timm and torchvision training
-    checkpoints). ``trust_checkpoint=True`` is the only way to unpickle arbitrary objects.
+    ``.safetensors`` files go through safetensors only (never unpickled, whatever they hold);
+    everything else through ``torch.load`` with ``weights_only=True`` (``argparse.Namespace``
+    allowed, as in timm and torchvision training checkpoints). ``trust_checkpoint=True`` is the only
+    way to unpickle arbitrary objects. Every failure is a :class:`ModelError`.
     """
     path = Path(path)
     _check_readable_file(path)
-    if path.stat().st_size == 0:
-        raise ModelError(f"checkpoint {path} is empty (0 bytes)")
-    if path.suffix == ".safetensors":
-        return _read_safetensors(path)
     try:
-        if trust_checkpoint:
-            return torch.load(path, map_location="cpu", weights_only=False)
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ModelError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    if size == 0:
+        raise ModelError(f"checkpoint {path} is empty (0 bytes); it was not written completely: save it again")
+    if path.suffix.lower() == ".safetensors":
+        return _read_safetensors(path)
+    if trust_checkpoint:
+        return _load_trusted(path)
+    try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" in str(exc) and not _looks_corrupt(str(exc)):
-            names = _unsafe_globals(path)
-            detail = f" ({', '.join(names[:3])})" if names else ""
-            raise ModelError(
-                f"refusing to unpickle {path}: it holds Python objects{detail} that could run code when loaded; "
-                "re-save its weights as a plain state dict or .safetensors, or pass --trust-checkpoint "
-                "only if you trust where it came from"
-            ) from exc
-        raise ModelError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated)") from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError,
-            TypeError, AttributeError, UnicodeDecodeError, MemoryError, OverflowError) as exc:
-        try:  # safetensors files without the suffix
+        objects = _refused_objects(str(exc))
+        if objects is not None:
+            raise ModelError(_unsafe_message(path, objects)) from exc
+        error: Exception = exc
+    except Exception as exc:  # noqa: BLE001 - a damaged file can fail anywhere inside torch.load
+        error = exc
+    if _is_safetensors_file(path):  # safetensors without the suffix
+        return _read_safetensors(path)
+    raise ModelError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated: "
+                     f"{_first_line(error)}); save or download it again") from error
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if text.startswith("Weights only load failed"):
+        # torch's advice (re-run with weights_only=False) is exactly wrong for a damaged file
+        text = text.rsplit("WeightsUnpickler error:", 1)[-1].strip() or "unpickling failed"
+    line = text.splitlines()[0].strip() if text else ""
+    if ". " in line:  # the first sentence says it; torch's advice that follows does not apply
+        line = line.split(". ")[0]
+    return f"{type(exc).__name__}: {line[:160]}" if line else type(exc).__name__
+
+
+def _load_trusted(path: Path) -> Any:
+    """``--trust-checkpoint``: unpickle anything (runs code from the file, by the user's choice)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as exc:
+        raise ModelError(f"cannot unpickle {path}: it needs the Python module {exc.name!r}, which is not "
+                         "installed here") from exc
+    except Exception as exc:  # noqa: BLE001 - whatever the file's own code raised
+        if _is_safetensors_file(path):
             return _read_safetensors(path)
-        except ModelError:
-            pass
-        raise ModelError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated)") from exc
+        raise ModelError(f"cannot unpickle {path} ({_first_line(exc)}); it is damaged, or not a PyTorch "
+                         "checkpoint") from exc
 
 
-def _looks_corrupt(message: str) -> bool:
-    # weights_only's unpickler reports garbage bytes as "Weights only load failed" too.
-    lowered = message.lower()
-    return any(s in lowered for s in ("invalid load key", "unpickling stack", "truncated", "eof", "could not find"))
+def _is_safetensors_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{"
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"{path} is not a readable safetensors file (corrupt or truncated)") from exc
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, and torch errors for odd dtypes or shapes
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(4)
+        except OSError:
+            head = b""
+        if head.startswith((_ZIP_MAGIC, _PICKLE_PROTO)):
+            raise ModelError(
+                f"{path} is named .safetensors but holds a pickled PyTorch checkpoint, which resprobe never "
+                "unpickles under that name; convert it to real safetensors, or, only if you trust it, rename "
+                "it to .pt (then it is loaded with weights_only=True, and --trust-checkpoint allows arbitrary "
+                "objects)"
+            ) from exc
+        raise ModelError(f"{path} is not a readable safetensors file (corrupt or truncated: {_first_line(exc)}); "
+                         "save or download it again") from exc
 
 
 def _is_tensor_dict(obj: Any) -> bool:
@@ -281,7 +352,8 @@ def _build_timm(name: str, num_classes: int | None, kwargs: dict[str, Any], pret
     try:
         return timm.create_model(name, pretrained=pretrained, **build_kwargs)
     except TypeError as exc:
-        raise ModelError(f"cannot build timm model {name!r} with --model-kwargs {json.dumps(kwargs)}: {exc}") from exc
+        raise ModelError(f"cannot build timm model {name!r} with --model-kwargs {json.dumps(kwargs, default=str)}: "
+                         f"{exc}") from exc
     except (OSError, RuntimeError, ValueError) as exc:
         if pretrained or name.startswith("hf-hub:"):
             raise ModelError(
@@ -289,7 +361,10 @@ def _build_timm(name: str, num_classes: int | None, kwargs: dict[str, Any], pret
                 f"{Path(torch.hub.get_dir()) / 'checkpoints'}); resprobe never downloads: fetch them once "
                 "elsewhere, or pass --checkpoint PATH"
             ) from exc
-        raise ModelError(f"cannot build timm model {name!r}: {str(exc).splitlines()[0]}") from exc
+        raise ModelError(f"cannot build timm model {name!r}: {_first_line(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - timm asserts on impossible arguments
+        raise ModelError(f"cannot build timm model {name!r} with --model-kwargs {json.dumps(kwargs, default=str)}: "
+                         f"{_first_line(exc)}") from exc
 
 
 def _hf_cache_dir() -> str:
@@ -337,8 +412,9 @@ def _build_torchvision(name: str, num_classes: int | None, kwargs: dict[str, Any
         build_kwargs["num_classes"] = num_classes
     try:
         model = get_model(name, weights=None, **build_kwargs)
-    except TypeError as exc:
-        raise ModelError(f"cannot build torchvision model {name!r} with {json.dumps(kwargs)}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - TypeError for unknown arguments, asserts, ValueError
+        raise ModelError(f"cannot build torchvision model {name!r} with {json.dumps(kwargs, default=str)}: "
+                         f"{_first_line(exc)}") from exc
     if weights is not None:
         state = read_checkpoint(_torchvision_weights_file(weights))
         head_classes = len(weights.meta.get("categories") or [])
@@ -359,11 +435,15 @@ def _build_callable(target: str, num_classes: int | None, kwargs: dict[str, Any]
         raise ModelError(f"cannot import {module_name!r} for MODEL {target}: {exc}") from exc
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise ModelError(f"{module_name} has no callable {attr!r}")
+        names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n, None))]
+        raise ModelError(f"{module_name} has no callable {attr!r}{_close_matches(attr, names)}")
     build_kwargs = dict(kwargs)
     if num_classes is not None:
         build_kwargs["num_classes"] = num_classes
-    model = factory(**build_kwargs)
+    try:
+        model = factory(**build_kwargs)
+    except TypeError as exc:
+        raise ModelError(f"cannot build {target} with {json.dumps(build_kwargs, default=str)}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ModelError(f"{target} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -426,29 +506,37 @@ def infer_num_classes(state_dict: Mapping[str, torch.Tensor], classifier: str | 
 def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, strict: bool = True) -> None:
     """``load_state_dict`` whose failure names the first offending keys and the likely cause."""
     own = model.state_dict()
-    mismatched = [
-        f"{k} (checkpoint {list(v.shape)} vs model {list(own[k].shape)})"
-        for k, v in state_dict.items()
-        if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape
-    ]
+    bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ModelError(f"weights from {source} are not all tensors ({bad[0]} is a {type(state_dict[bad[0]]).__name__})")
+    mismatched_keys = [k for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
-    if mismatched:
-        hint = ""
-        if any(k.split(" ")[0].endswith(("fc.weight", "fc.bias", "classifier.weight")) for k in mismatched):
-            hint = "; the class count differs: pass --num-classes to match the checkpoint"
-        raise ModelError(f"weights from {source} do not fit the model: shape mismatch for "
-                         f"{', '.join(mismatched[:3])}{hint}")
-    if strict and (missing or unexpected):
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:4])}" + (f" (+{len(missing) - 4} more)" if len(missing) > 4 else ""))
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:4])}"
-                         + (f" (+{len(unexpected) - 4} more)" if len(unexpected) > 4 else ""))
+
+    def listed(keys: list[str], n: int = 3) -> str:
+        return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+    classifier = classifier_key(model)
+    head_keys = {f"{classifier}.weight", f"{classifier}.bias"} if classifier else set()
+    if mismatched_keys and set(mismatched_keys) <= head_keys and not (strict and (missing or unexpected)):
+        theirs, ours = state_dict[f"{classifier}.weight"].shape[0], own[f"{classifier}.weight"].shape[0]
+        raise ModelError(f"weights from {source} have a {theirs}-class classifier but the model has {ours} classes: "
+                         f"pass --num-classes {theirs} (or leave --num-classes out to take it from the checkpoint)")
+    parts = []
+    if strict and missing:
+        parts.append(f"missing {listed(missing)}")
+    if strict and unexpected:
+        parts.append(f"unexpected {listed(unexpected)}")
+    if mismatched_keys:
+        shapes = [f"{k} (checkpoint {list(state_dict[k].shape)} vs model {list(own[k].shape)})" for k in mismatched_keys]
+        parts.append(f"shape mismatch for {listed(shapes, 2)}")
+    if parts:
         raise ModelError(f"weights from {source} do not fit the model: {'; '.join(parts)}; likely another "
                          "architecture or other --model-kwargs than the checkpoint was trained with")
-    model.load_state_dict(state_dict, strict=False)
+    try:
+        model.load_state_dict(state_dict, strict=False)
+    except Exception as exc:  # noqa: BLE001 - e.g. a dtype that cannot be copied
+        raise ModelError(f"weights from {source} do not fit the model: {_first_line(exc)}") from exc
 
 
 # --------------------------------------------------------------------------------------------------
@@ -527,15 +615,91 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         raise ModelError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
+# timm.create_model arguments that load files or configurations: never taken from a checkpoint.
+_UNSAFE_ARCH_KWARGS = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir",
+                       "weights", "progress")
+
+
+def _checked_arch(obj: Mapping[str, Any], path: Path, opts: LoadOptions) -> dict[str, Any]:
+    """The architecture record of a resprobe checkpoint, checked before anything is built from it."""
+    try:
+        version = int(obj.get("format_version", 0))
+    except (TypeError, ValueError):
+        raise ModelError(f"{path} is a damaged resprobe checkpoint (format_version "
+                         f"{obj.get('format_version')!r})") from None
+    if version > CHECKPOINT_FORMAT_VERSION:
+        raise ModelError(f"{path} was written by a newer resprobe (format {version}); upgrade resprobe")
+    arch = obj.get("arch")
+    if (not isinstance(arch, Mapping) or not isinstance(arch.get("source"), str)
+            or not isinstance(arch.get("name"), str) or not isinstance(arch.get("kwargs") or {}, Mapping)
+            or not isinstance(arch.get("num_classes"), (int, type(None))) or not _is_tensor_dict(obj.get("state_dict"))
+            or not isinstance(obj.get("recipes") or [], list)
+            or not all(isinstance(r, Mapping) for r in obj.get("recipes") or [])):
+        raise ModelError(f"{path} is a damaged resprobe checkpoint (no architecture or no weights); write it again")
+    arch = dict(arch)
+    kwargs = dict(arch.get("kwargs") or {})
+    unsafe = [k for k in kwargs if not isinstance(k, str) or k in _UNSAFE_ARCH_KWARGS]
+    if unsafe:
+        raise ModelError(f"{path} records model arguments that would load other files ({', '.join(map(str, unsafe))}); "
+                         "resprobe does not take those from a checkpoint")
+    if arch["source"] == "callable" and not opts.trust_checkpoint and not _is_local_callable(arch["name"]):
+        raise ModelError(
+            f"{path} records its architecture as the Python callable {arch['name']!r} from an installed library or "
+            "the standard library; building it would run that code with arguments taken from the file: pass "
+            "--trust-checkpoint only if you trust the file"
+        )
+    if arch["source"] == "pickled-module":
+        raise ModelError(f"{path} records a pickled module, which cannot be rebuilt; load the original file")
+    return arch
+
+
+def _is_local_callable(target: str) -> bool:
+    """Whether ``package.module:callable`` is the user's own code (or resprobe's model zoo): not the
+    standard library, not an installed package. Nothing is imported to find out."""
+    import importlib.util
+    import site
+    import sys
+    import sysconfig
+
+    module = target.partition(":")[0]
+    if module == "resprobe.zoo":
+        return True
+    top = module.split(".")[0]
+    if not top or top in sys.stdlib_module_names or top in sys.builtin_module_names:
+        return False
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return True  # not importable: building fails with a clear message, nothing runs
+    if spec is None:
+        return True
+    locations = [spec.origin] if spec.origin else list(spec.submodule_search_locations or [])
+    if not locations or any(loc in ("built-in", "frozen", None) for loc in locations):
+        return False
+    libraries = {sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    libraries |= set(getattr(site, "getsitepackages", lambda: [])()) | {site.getusersitepackages()}
+    roots = [Path(lib).resolve() for lib in libraries if lib]
+    for location in locations:
+        resolved = Path(location).resolve()
+        if any(resolved == root or root in resolved.parents for root in roots):
+            return False
+    return True
+
+
 def _load_resprobe_checkpoint(obj: Mapping[str, Any], path: Path, opts: LoadOptions) -> LoadedModel:
-    if int(obj.get("format_version", 0)) > CHECKPOINT_FORMAT_VERSION:
-        raise ModelError(f"{path} was written by a newer resprobe (format {obj.get('format_version')}); upgrade resprobe")
-    arch = dict(obj["arch"])
+    arch = _checked_arch(obj, path, opts)
     if opts.num_classes is not None and opts.num_classes != arch.get("num_classes"):
-        raise ModelError(f"{path} has {arch.get('num_classes')} classes; --num-classes {opts.num_classes} does not fit")
+        raise ModelError(f"{path} has {arch.get('num_classes')} classes; --num-classes {opts.num_classes} does not "
+                         "fit: leave --num-classes out")
     model, weights = build_architecture({**arch, "weights": None})
     for recipe in obj.get("recipes") or []:
-        model = apply_recipe(model, recipe)
+        try:
+            model = apply_recipe(model, recipe)
+        except ModelError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a damaged recipe
+            raise ModelError(f"{path} holds a recipe ({recipe.get('kind')!r}) that cannot be applied "
+                             f"({_first_line(exc)}); the file is damaged or from another resprobe") from exc
     load_weights(model, obj["state_dict"], str(path))
     return LoadedModel(
         model=model,

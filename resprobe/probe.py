@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from resprobe.blocks import Anatomy, discover_blocks
+from resprobe.blocks import Anatomy, discover_blocks, require_blocks
 from resprobe.data import (
     DataSource,
     Preprocessing,
@@ -34,10 +34,20 @@ from resprobe.runtime import Runtime, make_runtime
 class Probe:
     loaded: LoadedModel
     preprocessing: Preprocessing
-    anatomy: Anatomy
     runtime: Runtime
     blocks_globs: list[str] | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    sample_shape: tuple[int, ...] | None = None  # the data's own (C, H, W) when it is never resized
+    _anatomy: Anatomy | None = field(default=None, repr=False)
+
+    @property
+    def anatomy(self) -> Anatomy:
+        """The model's blocks, discovered on first use with one dummy sample of the shape the data
+        really has (arrays are never resized, so that can differ from the model's input size)."""
+        if self._anatomy is None:
+            shape = self.sample_shape or self.preprocessing.input_size
+            self._anatomy = discover_blocks(self.loaded.model, shape, self.blocks_globs)
+        return self._anatomy
 
     @property
     def model(self) -> torch.nn.Module:
@@ -51,6 +61,8 @@ class Probe:
         """Open ``--data SPEC`` with this model's preprocessing; checks that labels fit the classifier."""
         source = open_data(spec, self.preprocessing, self.num_classes, class_map, seed)
         check_labels_fit(source, self.num_classes)
+        if source.in_memory and self._anatomy is None and len(source):
+            self.sample_shape = tuple(source.dataset[0][0].shape)
         return limit_source(source, limit, seed)
 
     def loader(self, source: DataSource, batch_size: int = 64, workers: int | None = None) -> DataLoader:
@@ -83,12 +95,12 @@ def open_probe(
     device: str = "auto",
     precision: str = "fp32",
 ) -> Probe:
-    """Load MODEL, resolve its preprocessing (with overrides) and find its residual blocks."""
+    """Load MODEL and resolve its preprocessing (with overrides); ``probe.anatomy`` has its blocks."""
     runtime = make_runtime(device, precision)
     loaded = load_model(model, LoadOptions(checkpoint, pretrained, num_classes, dict(model_kwargs or {}), ema,
                                            trust_checkpoint))
     pre = override_preprocessing(default_preprocessing(loaded), input_size, mean, std, crop_pct, interpolation)
-    anatomy = discover_blocks(loaded.model, pre.input_size, blocks)
+    require_blocks(loaded.model, blocks)  # a model without residual blocks fails now, not later
     loaded.model.requires_grad_(False)
     runtime.prepare(loaded.model)
-    return Probe(loaded, pre, anatomy, runtime, blocks)
+    return Probe(loaded, pre, runtime, blocks)

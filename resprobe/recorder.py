@@ -319,6 +319,54 @@ def nonfinite_blocks(batch: BatchStats, names: list[str]) -> list[tuple[str, int
     return [(names[j], int(bad[:, j].sum())) for j in range(len(names)) if bad[:, j].any()]
 
 
+class NonfiniteTally:
+    """Where NaN or inf appeared in the activations or gradients, over a whole run.
+
+    Not an error (DESIGN.md §6): the statistics of the affected samples are NaN and left out of the
+    means; one warning names the blocks where the values first went bad and the samples affected.
+    """
+
+    def __init__(self, names: list[str], identity: list[bool] | None = None):
+        self.names = names
+        # U = out − h exists for identity blocks only (transitions record NaN there by design).
+        self.identity = np.array(identity if identity is not None else [False] * len(names), dtype=bool)
+        self.first: dict[str, int] = {}  # where a sample's activations first went bad -> samples
+        self.blocks: set[int] = set()  # every affected block
+        self.samples: list[int] = []  # dataset indices of affected samples, in order seen
+        self.gradient_only = 0
+
+    def add(self, batch: BatchStats) -> None:
+        forward = (~np.isfinite(batch.stats["input_norm"]) | np.isinf(batch.stats["branch_norm"])
+                   | (~np.isfinite(batch.stats["update_norm"]) & self.identity[None, :]))
+        backward = ~np.isfinite(batch.stats["grad_norm"])
+        bad = forward | backward
+        for row in np.flatnonzero(bad.any(axis=1)):
+            self.samples.append(int(batch.index[row]))
+            self.blocks.update(int(j) for j in np.flatnonzero(bad[row]))
+            if forward[row].any():
+                j = int(np.argmax(forward[row]))
+                name = self.names[j]
+                where = f"the input of block {name}" if not np.isfinite(batch.stats["input_norm"][row, j]) else \
+                    f"block {name}"
+                self.first[where] = self.first.get(where, 0) + 1
+            else:
+                self.gradient_only += 1
+
+    def messages(self) -> list[str]:
+        if not self.samples:
+            return []
+        n = len(self.samples)
+        shown = ", ".join(str(i) for i in self.samples[:5]) + (f" and {n - 5} more" if n > 5 else "")
+        origins = [f"{where} ({k} sample{'s' if k != 1 else ''})" for where, k in self.first.items()]
+        if self.gradient_only:
+            origins.append(f"the gradients only ({self.gradient_only} sample{'s' if self.gradient_only != 1 else ''})")
+        affected = [self.names[j] for j in sorted(self.blocks)]
+        listed = ", ".join(affected[:6]) + (f" and {len(affected) - 6} more" if len(affected) > 6 else "")
+        return [f"NaN or inf in the activations of {n} sample{'s' if n != 1 else ''} (dataset indices {shown}), "
+                f"starting at {', '.join(origins)}; affected blocks: {listed}; their statistics are NaN and left "
+                "out of the means"]
+
+
 def iterate(recorder: Recorder, loader: Iterable, progress: Callable[[int], None] | None = None) -> Iterator[BatchStats]:
     for images, labels, indices in loader:
         result = recorder.run_batch(images, labels, indices)

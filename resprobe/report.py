@@ -196,3 +196,148 @@ def align_table(payload: Mapping[str, Any]) -> list[RenderableType]:
                             str(r["n_borderline"]), fmt_num(r["corrected"]), fmt_num(r["broken"]))
         out.append(readout)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# share and finetune
+
+
+def share_table(payload: Mapping[str, Any]) -> list[RenderableType]:
+    before, after = payload["params_before"], payload["params_after"]
+    change = f"{after / before:.1%} of" if before else "vs"
+    stages = new_table(f"shared → {payload.get('out', '')}: {after:,} parameters ({change} {before:,})",
+                       "stage", "replaced blocks", "iterations", "init", "norm", "LoRA rank",
+                       right=("stage", "iterations", "LoRA rank"))
+    for s in payload["stages"]:
+        stages.add_row(str(s["stage"]), ", ".join(s["blocks"]), str(s["iterations"]), s["init"], s.get("norm", ""),
+                       "—" if s.get("lora_rank") is None else str(s["lora_rank"]))
+    out: list[RenderableType] = [stages]
+    rows = [("original", payload.get("eval_original")), ("shared", payload.get("eval_shared")),
+            ("shared + recalibrated", payload.get("eval_shared_recalibrated"))]
+    rows = [(label, result) for label, result in rows if result]
+    if rows:
+        evals = new_table(f"evaluation on {payload.get('data') or '--data'}", "model", "n", "loss", "acc", "top5",
+                          right=("n", "loss", "acc", "top5"))
+        for label, result in rows:
+            evals.add_row(label, f"{result['n']:,}", fmt_num(result["loss"]), fmt_num(result["acc"]),
+                          fmt_num(result.get("top5")))
+        out.append(evals)
+    return out
+
+
+def finetune_table(payload: Mapping[str, Any]) -> list[RenderableType]:
+    state = "complete" if payload.get("complete", True) else "interrupted (continue with --resume)"
+    history = new_table(f"fine-tuned {payload['steps']:,} steps, {payload['epochs']} epoch(s), {state}",
+                        "epoch", "step", "lr", "train loss", "val loss", "val acc",
+                        right=("epoch", "step", "lr", "train loss", "val loss", "val acc"))
+    for h in payload.get("history") or []:
+        history.add_row(str(h["epoch"]), f"{h['step']:,}", f"{h['lr']:.3g}", fmt_num(h["train_loss"]),
+                        fmt_num(h.get("val_loss")), fmt_num(h.get("val_acc")))
+    files = new_table("files", "", "path", "val loss", "val acc", right=("val loss", "val acc"))
+    val = payload.get("val") or {}
+    files.add_row("last", str(payload["out"]), fmt_num(val.get("loss")), fmt_num(val.get("acc")))
+    if payload.get("best"):
+        best = payload.get("best_val") or {}
+        files.add_row(f"best (epoch {best.get('epoch', '?')})", str(payload["best"]), fmt_num(best.get("loss")),
+                      fmt_num(best.get("acc")))
+    return [history, files]
+
+
+# --------------------------------------------------------------------------------------------------
+# ablate
+
+
+def harm_delta(value: Any, digits: int = 4, worse_if: str = "positive") -> Text:
+    """A change coloured by harm: red when it makes the model worse (loss up, accuracy down)."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return Text("—", style="dim")
+    worse = value > 0 if worse_if == "positive" else value < 0
+    better = value < 0 if worse_if == "positive" else value > 0
+    return Text(f"{value:+.{digits}f}", style="red" if worse else "green" if better else "")
+
+
+def ablate_rows(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """CSV rows: one per ranked block, with its proxies when they were computed."""
+    proxies = {p["name"]: p for p in (payload.get("proxies") or {}).get("blocks", [])}
+    rows = []
+    for block in payload["blocks"]:
+        row = dict(block)
+        extra = proxies.get(block["name"])
+        if extra:
+            row.update({k: v for k, v in extra.items() if k != "name"})
+        rows.append(row)
+    return rows
+
+
+def ablate_table(payload: Mapping[str, Any]) -> list[RenderableType]:
+    """The ranking (with proxies when asked), then the removal curve, correlations, unrolling, pruning."""
+    base = payload["baseline"]
+    proxies = payload.get("proxies") or None
+    by_name = {p["name"]: p for p in proxies["blocks"]} if proxies else {}
+    proxy_columns = ["BI", "angular", "‖F‖/‖h‖", "cos", "taylor"] if proxies else []
+    title = (f"{payload['model']} on {payload.get('data', '')} — {payload['n']:,} samples, baseline loss "
+             f"{fmt_num(base['loss'])}, acc {fmt_num(base['acc'])}\nremoving one block at a time; rank 1 = most "
+             f"harmful by {payload.get('by', 'loss')}")
+    numeric = ("stage", "loss", "acc", "Δloss", "Δacc", "rank", *proxy_columns)
+    table = new_table(title, "block", "stage", "kind", "loss", "acc", "Δloss", "Δacc", "rank", *proxy_columns,
+                      right=numeric)
+
+    def cells(b: Mapping[str, Any]) -> list:
+        row = [b["name"], str(b["stage"]), Text(b["kind"], style="yellow" if b["kind"] == "transition" else ""),
+               fmt_num(b["loss"]), fmt_num(b["acc"]), harm_delta(b["delta_loss"]),
+               harm_delta(b["delta_acc"], worse_if="negative"), str(b["rank"])]
+        if proxies:
+            p = by_name.get(b["name"], {})
+            row += [fmt_num(p.get("bi"), 4), fmt_num(p.get("angular"), 4), fmt_num(p.get("l2_ratio"), 3),
+                    signed(p.get("cos")), fmt_num(p.get("taylor"), 4)]
+        return row
+
+    add_block_rows(table, payload["blocks"], cells)
+    out: list[RenderableType] = [table]
+    if payload.get("cumulative"):
+        mode = payload.get("cumulative_mode") or "greedy"
+        how = ("greedy: least harmful block removed, the rest re-ranked, repeated" if mode == "greedy"
+               else "one-shot: blocks removed in the order of the single-removal ranking")
+        curve = new_table(f"removal curve ({how})", "k", "removed", "loss", "acc", "Δloss", "Δacc",
+                          right=("k", "loss", "acc", "Δloss", "Δacc"))
+        for p in payload["cumulative"]:
+            curve.add_row(str(p["k"]), p.get("block") or "(none: baseline)", fmt_num(p["loss"]), fmt_num(p["acc"]),
+                          harm_delta(p.get("delta_loss")), harm_delta(p.get("delta_acc"), worse_if="negative"))
+        out.append(curve)
+    if proxies:
+        source = proxies.get("source", "computed")
+        corr = new_table(f"can cheap proxies replace the exact Δloss? rank correlation over the ranked blocks "
+                         f"(cos, ‖F‖/‖h‖, taylor: {'recorded now' if source == 'computed' else source})",
+                         "proxy", "spearman", "kendall τ-b", right=("spearman", "kendall τ-b"))
+        labels = {"bi": "block influence 1 − cos(h, out)", "angular": "angular distance arccos(cos)/π",
+                  "l2_ratio": "‖F‖/‖h‖", "cos": "cos(F, ∂ℓ/∂h)", "taylor": "first-order −⟨U, ∂ℓ/∂out⟩"}
+        for name, values in proxies["correlation"].items():
+            corr.add_row(labels.get(name, name), fmt_num(values.get("spearman"), 3), fmt_num(values.get("kendall"), 3))
+        out.append(corr)
+    unroll = payload.get("unroll")
+    if unroll:
+        u = new_table(f"unrolling {unroll['block']}: applied {1 + unroll['k']} times, extra applications damped by "
+                      f"{unroll['scale']:g}", "samples", "n", "loss", "acc", "intact loss", "intact acc",
+                      right=("n", "loss", "acc", "intact loss", "intact acc"))
+        border, intact_border = unroll["borderline"], unroll.get("baseline_borderline") or {}
+        u.add_row("all", f"{payload['n']:,}", fmt_num(unroll["all"]["loss"]), fmt_num(unroll["all"]["acc"]),
+                  fmt_num(base["loss"]), fmt_num(base["acc"]))
+        u.add_row("borderline (|margin| < 0.1)", f"{border['n']:,}", fmt_num(border.get("loss")),
+                  fmt_num(border.get("acc")), fmt_num(intact_border.get("loss")), fmt_num(intact_border.get("acc")))
+        out.append(u)
+    pruned = payload.get("pruned")
+    if pruned:
+        saved = new_table(f"pruned model saved to {pruned['path']}", "removed", "loss", "acc", right=("loss", "acc"))
+        saved.add_row(", ".join(pruned["removed"]), fmt_num(pruned["loss"]), fmt_num(pruned["acc"]))
+        out.append(saved)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# plot
+
+
+def plot_table(payload: Mapping[str, Any]) -> RenderableType:
+    table = new_table("figure written", "out", "kind", "panels")
+    table.add_row(str(payload["out"]), str(payload["kind"]), ", ".join(payload["panels"]))
+    return table

@@ -22,16 +22,18 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from resprobe import __version__
-from resprobe.errors import RecordingError, ResprobeError
+from resprobe.errors import Interrupted as _Interrupted
+from resprobe.errors import BadValue, RecordingError, ResprobeError
 from resprobe.recorder import STAT_NAMES, BatchStats, Recorded
 
 FORMAT = "resprobe-record"
@@ -52,12 +54,27 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _write_error(path: Path, exc: OSError) -> RecordingError:
-    reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-              errno.EACCES: "permission denied", errno.EROFS: "the file system is read-only"}.get(
-        exc.errno or 0, exc.strerror or str(exc))
-    return RecordingError(f"cannot write {path}: {reason}; the batches recorded so far are kept in "
-                          f"{partial_dir(path) if path.suffix != '.partial' else path} for --resume")
+def _os_reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        known = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                 errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                 errno.EROFS: "the file system is read-only", errno.ENOENT: "no such directory",
+                 errno.ENOTDIR: "a part of the path is not a directory"}
+        if exc.errno in known:
+            return known[exc.errno]
+        if exc.strerror:
+            return exc.strerror
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _write_error(path: Path, exc: BaseException, kept: bool = True) -> RecordingError:
+    """A failed write, in one line; ``kept``: completed batches survive in the partial folder."""
+    if kept:
+        return RecordingError(f"cannot write {path}: {_os_reason(exc)}; the batches recorded so far are kept in "
+                              f"{partial_dir(path)}: free some space (or fix the cause) and run the same command "
+                              "with --resume")
+    return RecordingError(f"cannot write {path}: {_os_reason(exc)}; choose an --out in a writable directory")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,24 +99,24 @@ class RunWriter:
     @classmethod
     def create(cls, path: Path, meta: dict[str, Any], overwrite: bool = False) -> RunWriter:
         path = Path(path)
-        _check_output_dir(path)
+        check_can_create(path, overwrite)
         writer = cls(path)
-        if writer.dir.exists():
-            if not overwrite:
-                raise RecordingError(f"an interrupted recording exists at {writer.dir}: finish it with --resume "
-                                     "or start anew with --overwrite")
-            writer._acquire_lock()
-            writer._clear_partial()
-        elif path.exists() and not overwrite:
-            raise RecordingError(f"{path} exists: pass --overwrite to replace it (only once the new run is "
-                                 "complete), or --resume to finish an interrupted run")
         try:
-            writer.dir.mkdir(exist_ok=True)
-        except OSError as exc:
-            raise _write_error(path, exc) from None
-        writer._acquire_lock()
-        writer.meta = dict(meta)
-        writer._write_json("meta.json", writer.meta)
+            if writer.dir.exists():
+                # A run in progress refuses here (the lock), whatever the options. A partial folder
+                # without batch files holds nothing (killed before its first batch): it is reused.
+                writer._acquire_lock()
+                if _holds_batches(writer.dir) and not overwrite:
+                    raise RecordingError(f"an interrupted recording exists at {writer.dir}: finish it with "
+                                         "--resume or start anew with --overwrite")
+                writer._clear_partial()
+            else:
+                writer._acquire_lock()
+            writer.meta = dict(meta)
+            writer._write_json("meta.json", writer.meta, kept=False)
+        except BaseException:
+            writer.close()
+            raise
         return writer
 
     @classmethod
@@ -109,20 +126,48 @@ class RunWriter:
         if not writer.dir.is_dir():
             if path.exists():
                 raise RecordingError(f"{path} is already complete; nothing to resume")
-            raise RecordingError(f"nothing to resume: neither {path} nor {writer.dir} exists")
-        writer._acquire_lock()
+            raise RecordingError(f"nothing to resume: neither {path} nor {writer.dir} exists; start the "
+                                 "recording without --resume")
         try:
-            writer.meta = json.loads((writer.dir / "meta.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            raise RecordingError(f"{writer.dir} has no readable meta.json; start anew with --overwrite") from None
-        writer._scan_batches()
+            writer._acquire_lock()
+            try:
+                meta = json.loads((writer.dir / "meta.json").read_text())
+            except (OSError, ValueError):
+                raise RecordingError(f"{writer.dir} has no readable meta.json; start anew with --overwrite") from None
+            if not isinstance(meta, dict) or not isinstance(meta.get("blocks"), list) or "n_planned" not in meta:
+                raise RecordingError(f"{writer.dir}/meta.json is damaged; start anew with --overwrite")
+            writer.meta = meta
+            writer._scan_batches()
+        except BaseException:
+            writer.close()
+            raise
         return writer
+
+    @staticmethod
+    def is_locked(directory: Path) -> bool:
+        """Whether another process holds ``directory``'s lock (is writing that recording now)."""
+        try:
+            fh = open(directory / "lock", "rb")
+        except OSError:
+            return False
+        with fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            return False
 
     def _acquire_lock(self) -> None:
         if self._lock_fh is not None:
             return
-        self.dir.mkdir(exist_ok=True)
-        fh = open(self.dir / "lock", "a+")
+        try:
+            if not self.dir.is_dir():
+                self.dir.mkdir(exist_ok=True)
+                _fsync_dir(self.dir.parent)  # the folder itself survives a power loss
+            fh = open(self.dir / "lock", "a+")
+        except OSError as exc:
+            raise _write_error(self.path, exc, kept=False) from None
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -136,9 +181,16 @@ class RunWriter:
         self._lock_fh = fh
 
     def _clear_partial(self) -> None:
-        for child in self.dir.iterdir():
-            if child.name != "lock":
-                child.unlink()
+        try:
+            for child in self.dir.iterdir():
+                if child.name == "lock":
+                    continue
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        except OSError as exc:
+            raise _write_error(self.path, exc, kept=False) from None
 
     def _batch_files(self) -> list[Path]:
         return sorted(p for p in self.dir.glob(f"{_BATCH_PREFIX}*.npz"))
@@ -163,7 +215,7 @@ class RunWriter:
         for tmp in self.dir.glob("tmp-*"):
             tmp.unlink()
 
-    def _write_json(self, name: str, data: Mapping[str, Any]) -> None:
+    def _write_json(self, name: str, data: Mapping[str, Any], kept: bool = True) -> None:
         tmp = self.dir / f"tmp-{name}"
         try:
             with open(tmp, "w") as fh:
@@ -173,7 +225,9 @@ class RunWriter:
             os.replace(tmp, self.dir / name)
             _fsync_dir(self.dir)
         except OSError as exc:
-            raise _write_error(self.path, exc) from None
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise _write_error(self.path, exc, kept=kept) from None
 
     # -- batches -------------------------------------------------------------------------------
 
@@ -217,31 +271,81 @@ class RunWriter:
                 np.savez(fh, **arrays)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, final)
+            os.replace(tmp, final)  # atomic: the batch file is whole or absent
             _fsync_dir(self.dir)
-        except OSError as exc:
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            raise _write_error(self.path, exc) from None
+            if isinstance(exc, Exception):
+                raise _write_error(self.path, exc) from None
+            raise
 
     # -- finishing -------------------------------------------------------------------------------
 
     def finish(self) -> Path:
-        """Merge every batch into ``RUN.h5`` (atomically replacing it) and remove the partial folder."""
+        """Merge every batch into ``RUN.h5`` (atomically replacing it) and remove the partial folder.
+
+        Until the rename, ``RUN.h5`` is untouched (absent, or the old file of an ``--overwrite`` run);
+        a kill at any point leaves the partial folder whole, and ``--resume`` finishes again.
+        """
         self.flush()
         recorded = read_partial(self.dir)
+        n_planned = int(self.meta.get("n_planned", recorded.n_samples))
+        if recorded.n_samples != self.n_done or recorded.n_samples < n_planned:
+            raise RecordingError(f"{self.dir} holds {recorded.n_samples} readable samples of {n_planned} (a batch "
+                                 "file was lost or damaged); run the same command with --resume to recompute them")
+        self._remove_stale(f".{self.path.name}.tmp-*")  # left by a run killed while finishing (we hold the lock)
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         try:
             write_hdf5(tmp, recorded, complete=True)
-            os.replace(tmp, self.path)
+            os.replace(tmp, self.path)  # atomic: RUN.h5 is the old file or the whole new one
             _fsync_dir(self.path.parent)
-        except OSError as exc:
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            raise _write_error(self.path, exc) from None
+            if isinstance(exc, Exception):
+                raise _write_error(self.path, exc) from None
+            raise
+        # Retire the partial folder by renaming it first, so that it never exists half deleted under
+        # its own name (a kill during the removal leaves only a hidden folder, removed next time).
+        trash = self.path.with_name(f".{self.path.name}.partial-done-{os.getpid()}")
+        try:
+            os.replace(self.dir, trash)
+        except OSError:
+            trash = self.dir
         self.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(trash, ignore_errors=True)
+        self._remove_stale(f".{self.path.name}.partial-done-*")
         return self.path
+
+    def _remove_stale(self, pattern: str) -> None:
+        for stale in self.path.parent.glob(pattern):
+            with contextlib.suppress(OSError):
+                if stale.is_dir() and not stale.is_symlink():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink()
+
+    def discard_if_empty(self) -> None:
+        """Remove the partial folder of a run that failed before its first batch became durable:
+        it holds nothing, and would only make the next attempt ask for --resume or --overwrite."""
+        if not self.dir.is_dir():
+            return
+        with contextlib.suppress(Exception):
+            self.flush()
+        try:
+            self._acquire_lock()  # still ours, or taken back (never another process's)
+        except RecordingError:
+            return
+        if any(self.dir.glob(f"{_BATCH_PREFIX}*.npz")):
+            return
+        trash = self.path.with_name(f".{self.path.name}.partial-done-{os.getpid()}")
+        try:
+            os.replace(self.dir, trash)
+        except OSError:
+            return
+        self.close()
+        shutil.rmtree(trash, ignore_errors=True)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -254,14 +358,43 @@ class RunWriter:
 
 def _check_output_dir(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.exists():
-        raise RecordingError(f"cannot write {path}: directory {parent} does not exist")
-    if not parent.is_dir():
-        raise RecordingError(f"cannot write {path}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise RecordingError(f"cannot write {path}: directory {parent} is not writable")
-    if path.is_dir():
-        raise RecordingError(f"--out {path} is a directory; give a file name such as {path / 'run.h5'}")
+    try:
+        if not parent.exists():
+            raise RecordingError(f"cannot write {path}: directory {parent} does not exist; create it first or "
+                                 "choose another --out")
+        if not parent.is_dir():
+            raise RecordingError(f"cannot write {path}: {parent} is not a directory; choose another --out")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise RecordingError(f"cannot write {path}: directory {parent} is not writable; choose another --out")
+        if path.is_dir():
+            raise RecordingError(f"--out {path} is a directory; give a file name such as {path / 'run.h5'}")
+    except OSError as exc:  # e.g. a name too long, a path through a file
+        raise _write_error(path, exc, kept=False) from None
+
+
+def _holds_batches(directory: Path) -> bool:
+    """Whether an interrupted run's folder holds recorded work (else it can simply be reused)."""
+    return (directory / "meta.json").exists() and any(directory.glob(f"{_BATCH_PREFIX}*.npz"))
+
+
+def check_can_create(path: Path, overwrite: bool = False) -> None:
+    """Refuse, before any work, what :meth:`RunWriter.create` would refuse."""
+    path = Path(path)
+    _check_output_dir(path)
+    directory = partial_dir(path)
+    if directory.exists():
+        if not directory.is_dir():
+            raise RecordingError(f"{directory} is in the way (a file where resprobe keeps the batches of a run); "
+                                 "move it or choose another --out")
+        if RunWriter.is_locked(directory):
+            raise RecordingError(f"{path} is being written by another resprobe process; wait for it or choose "
+                                 "another --out")
+        if _holds_batches(directory) and not overwrite:
+            raise RecordingError(f"an interrupted recording exists at {directory}: finish it with --resume or "
+                                 "start anew with --overwrite")
+    elif path.exists() and not overwrite:
+        raise RecordingError(f"{path} exists: pass --overwrite to replace it (only once the new run is complete), "
+                             "or --resume to finish an interrupted run")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,7 +406,9 @@ def write_hdf5(path: Path, recorded: Recorded, complete: bool) -> None:
     import h5py
 
     n, n_blocks = recorded.n_samples, len(recorded.block_names)
-    with h5py.File(path, "w") as f:
+    # HDF5 1.8 file format (readable by every current HDF5): checksummed metadata; fletcher32 on
+    # the data, so damage is found when the file is read instead of passing as numbers.
+    with h5py.File(path, "w", libver=("v108", "v108")) as f:
         attrs = dict(recorded.attrs)
         attrs.update(format=FORMAT, schema_version=SCHEMA_VERSION, n_done=n, complete=bool(complete))
         for key, value in attrs.items():
@@ -293,23 +428,25 @@ def write_hdf5(path: Path, recorded: Recorded, complete: bool) -> None:
         for name, values in (("index", recorded.index), ("label", recorded.label), ("pred", recorded.pred),
                              ("loss", recorded.loss)):
             samples.create_dataset(name, data=values, chunks=chunk, maxshape=(None,), compression="gzip",
-                                   compression_opts=4)
+                                   compression_opts=4, fletcher32=True)
         stats = f.create_group("stats")
         for name in STAT_NAMES:
             stats.create_dataset(name, data=recorded.stats[name].astype(np.float32),
                                  chunks=(max(1, min(n, 1024)), max(1, n_blocks)), maxshape=(None, n_blocks),
-                                 compression="gzip", compression_opts=4)
+                                 compression="gzip", compression_opts=4, fletcher32=True)
         tensors = getattr(recorded, "tensors", None) or {}
         if tensors:
             group = f.create_group("tensors")
             for block, kinds in tensors.items():
                 sub = group.create_group(block)
                 for kind, values in kinds.items():
-                    sub.create_dataset(kind, data=values, compression="gzip", compression_opts=4)
+                    sub.create_dataset(kind, data=values, compression="gzip", compression_opts=4,
+                                       fletcher32=True)
         if recorded.readout:
             group = f.create_group("readout")
             for block, logits in recorded.readout.items():
-                group.create_dataset(block, data=logits.astype(np.float32), compression="gzip", compression_opts=4)
+                group.create_dataset(block, data=logits.astype(np.float32), compression="gzip", compression_opts=4,
+                                     fletcher32=True)
         f.flush()
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
@@ -347,8 +484,20 @@ def read_partial(directory: Path) -> Recording:
     """The batches of an interrupted (or finishing) run, as one :class:`Recording`."""
     try:
         meta = json.loads((directory / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         raise RecordingError(f"{directory} is not a resprobe recording in progress (no readable meta.json)") from None
+    try:
+        return _read_partial(directory, meta)
+    except ResprobeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged meta.json or batch file
+        raise RecordingError(f"{directory} holds a damaged recording in progress ({type(exc).__name__}); start anew "
+                             "with --overwrite") from None
+
+
+def _read_partial(directory: Path, meta: Any) -> Recording:
+    if not isinstance(meta, dict) or not isinstance(meta.get("blocks"), list):
+        raise RecordingError(f"{directory}/meta.json is damaged (no block list); start anew with --overwrite")
     blocks = meta["blocks"]
     names = [b["name"] for b in blocks]
     parts: dict[str, list[np.ndarray]] = {}
@@ -357,18 +506,19 @@ def read_partial(directory: Path) -> Recording:
     for expected, file in enumerate(sorted(directory.glob(f"{_BATCH_PREFIX}*.npz"))):
         if file.name != f"{_BATCH_PREFIX}{expected:06d}.npz":
             break
-        try:
+        try:  # the whole batch or nothing of it
             with np.load(file, allow_pickle=False) as f:
-                for key in f.files:
-                    if key.startswith("tensor."):
-                        _, kind, block = key.split(".", 2)
-                        tensors.setdefault(block, {}).setdefault(kind, []).append(f[key])
-                    elif key.startswith("readout."):
-                        readout.setdefault(key.split(".", 1)[1], []).append(f[key])
-                    else:
-                        parts.setdefault(key, []).append(f[key])
+                arrays = {key: f[key] for key in f.files}
         except Exception:  # noqa: BLE001 - a damaged last batch is simply not counted
             break
+        for key, value in arrays.items():
+            if key.startswith("tensor."):
+                _, kind, block = key.split(".", 2)
+                tensors.setdefault(block, {}).setdefault(kind, []).append(value)
+            elif key.startswith("readout."):
+                readout.setdefault(key.split(".", 1)[1], []).append(value)
+            else:
+                parts.setdefault(key, []).append(value)
 
     def cat(key: str, dtype: Any, shape: tuple[int, ...] = ()) -> np.ndarray:
         arrays = parts.get(key)
@@ -377,6 +527,8 @@ def read_partial(directory: Path) -> Recording:
     n = len(cat("index", np.int64))
     attrs = dict(meta.get("attrs", {}))
     n_planned = int(meta.get("n_planned", attrs.get("n_planned", n)))
+    if any(cat(f"stat.{s}", np.float32, (len(names),)).shape != (n, len(names)) for s in STAT_NAMES):
+        raise RecordingError(f"{directory} holds batches of inconsistent shapes; start anew with --overwrite")
     return Recording(
         block_names=names, blocks=blocks,
         index=cat("index", np.int64), label=cat("label", np.int64), pred=cat("pred", np.int64),
@@ -404,24 +556,64 @@ def open_recording(path: str | Path, load_tensors: bool = False) -> Recording:
             recording = read_partial(path)
             recording.complete = False
             return recording
-        raise RecordingError(f"{path} is a directory, not a recording")
+        raise RecordingError(f"{path} is a directory, not a recording: give a RUN.h5 written by `resprobe record` "
+                             "(or MODEL with --data)")
     import h5py
 
     try:
+        with open(path, "rb") as fh:
+            signature = fh.read(8)
+    except OSError as exc:
+        raise RecordingError(f"cannot read {path}: {_os_reason(exc)}") from None
+    if signature != _HDF5_SIGNATURE:
+        raise RecordingError(f"{path} is not an HDF5 file, so not a resprobe recording (those are written by "
+                             "`resprobe record`)")
+    try:
         f = h5py.File(path, "r")
-    except OSError:
-        raise RecordingError(f"{path} is not an HDF5 file (a resprobe recording is written by `resprobe record`)") from None
+    except Exception:  # noqa: BLE001 - h5py reports damage with several exception types
+        raise RecordingError(f"{path} is a damaged HDF5 file (truncated or corrupt); record it again") from None
     with f:
-        if _decode(f.attrs.get("format")) != FORMAT:
-            raise RecordingError(f"{path} is an HDF5 file but not a resprobe recording")
-        version = int(_decode(f.attrs.get("schema_version", 0)) or 0)
+        try:
+            fmt = _decode(f.attrs.get("format"))
+            version_attr = _decode(f.attrs.get("schema_version", 0))
+        except Exception:  # noqa: BLE001
+            raise RecordingError(f"{path} is a damaged HDF5 file (unreadable attributes); record it again") from None
+        if fmt != FORMAT:
+            raise RecordingError(f"{path} is an HDF5 file but not a resprobe recording (give a file written by "
+                                 "`resprobe record`)")
+        try:
+            version = int(version_attr or 0)
+        except (TypeError, ValueError):
+            raise RecordingError(f"{path} is a damaged resprobe recording (schema_version {version_attr!r})") from None
         if version > SCHEMA_VERSION:
             raise RecordingError(f"{path} uses recording schema {version}, newer than this resprobe reads "
                                  f"({SCHEMA_VERSION}); upgrade resprobe")
         try:
-            return _read_hdf5(f, path, load_tensors)
-        except (KeyError, ValueError, TypeError, OSError) as exc:
-            raise RecordingError(f"{path} is a damaged resprobe recording ({type(exc).__name__}: {exc})") from None
+            recording = _read_hdf5(f, path, load_tensors)
+        except ResprobeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a damaged file can fail anywhere inside h5py
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise RecordingError(f"{path} is a damaged resprobe recording ({type(exc).__name__}"
+                                 f"{': ' + first if first else ''}); record it again") from None
+    _warn_newer_partial(path, recording)
+    return recording
+
+
+def _warn_newer_partial(path: Path, recording: Recording) -> None:
+    """An unfinished ``--overwrite`` run beside a complete file: say which one the report is of."""
+    try:
+        meta = json.loads((partial_dir(path) / "meta.json").read_text())
+        created = meta.get("attrs", {}).get("created")
+    except (OSError, ValueError, AttributeError):
+        return
+    if created is not None and created == recording.attrs.get("created"):
+        return  # the same run, killed while removing its partial folder: the file is complete
+    warnings.warn(f"{partial_dir(path)} holds a newer, unfinished run for {path} (--overwrite): this report is of the "
+                  "older, complete file; finish the new run with --resume", stacklevel=3)
+
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 def _read_hdf5(f: Any, path: Path, load_tensors: bool) -> Recording:
@@ -435,14 +627,20 @@ def _read_hdf5(f: Any, path: Path, load_tensors: bool) -> Recording:
                "in_shape": json.loads(_decode(g["in_shape"][i])), "out_shape": json.loads(_decode(g["out_shape"][i]))}
               for i, name in enumerate(names)]
     n_done = int(attrs.get("n_done", 0))
+    if n_done < 0:
+        raise RecordingError(f"{path} is a damaged resprobe recording (n_done {n_done})")
     stats = {s: np.asarray(f["stats"][s][:n_done], dtype=np.float32) for s in STAT_NAMES}
     samples = {k: np.asarray(f["samples"][k][:n_done]) for k in ("index", "label", "pred", "loss")}
+    shapes_ok = (all(v.shape == (n_done, len(names)) for v in stats.values())
+                 and all(v.shape == (n_done,) for v in samples.values()))
+    if not shapes_ok:
+        raise RecordingError(f"{path} is a damaged resprobe recording (datasets of inconsistent shapes)")
     readout = {k: np.asarray(v[:n_done]) for k, v in f["readout"].items()} if "readout" in f else {}
     tensors: dict[str, dict[str, np.ndarray]] = {}
     if load_tensors and "tensors" in f:
         tensors = {b: {k: np.asarray(v) for k, v in kinds.items()} for b, kinds in f["tensors"].items()}
     n_planned = int(attrs.get("n_planned", n_done))
-    complete = bool(attrs.get("complete")) and n_done >= n_planned and all(len(v) == n_done for v in stats.values())
+    complete = bool(attrs.get("complete")) and n_done >= n_planned and shapes_ok
     return Recording(block_names=names, blocks=blocks, index=samples["index"].astype(np.int64),
                      label=samples["label"].astype(np.int64), pred=samples["pred"].astype(np.int64),
                      loss=samples["loss"].astype(np.float32), stats=stats, attrs=attrs, complete=complete,
@@ -453,8 +651,8 @@ def _read_hdf5(f: Any, path: Path, load_tensors: bool) -> Recording:
 # A whole recording run: loader → recorder → durable batches → RUN.h5
 
 
-class Interrupted(ResprobeError):
-    """Ctrl-C during a recording: the batch in flight was finished and made durable."""
+# Ctrl-C during a recording: the batch in flight was finished and made durable (exit status 130).
+Interrupted = _Interrupted
 
 
 @contextlib.contextmanager
@@ -500,42 +698,60 @@ def run_recording(
     loader: Any,
     progress: Callable[[int], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    skip: int | None = None,
 ) -> RecordResult:
     """Record every batch not yet durable in ``writer``; finish the file when all are done.
 
-    ``loader`` yields the batches of the whole (limited) data set in order; the first ``n_done``
-    samples (whole batches) are skipped, so a resumed run computes exactly the remaining batches.
+    ``loader`` yields the batches of the whole (limited) data set in order, and the first ``skip``
+    samples (default ``writer.n_done``: whole batches) are skipped, so a resumed run computes exactly
+    the remaining batches. Pass ``skip=0`` with a loader that already starts after them.
+
+    Ctrl-C finishes the batch in flight, makes it durable and raises :class:`Interrupted` (the
+    command line exits 130); the merge into ``RUN.h5`` at the end is not interrupted either.
     """
-    from resprobe.recorder import nonfinite_blocks
+    from resprobe.recorder import NonfiniteTally
 
     start = time.perf_counter()
     names = [b["name"] for b in writer.meta["blocks"]]
-    skip = writer.n_done
-    nonfinite: dict[str, int] = {}
+    tally = NonfiniteTally(names, [b.get("kind") == "identity" for b in writer.meta["blocks"]])
+    skip = writer.n_done if skip is None else skip
+    if progress and writer.n_done:
+        progress(writer.n_done)
+
+    def interrupted() -> Interrupted:
+        writer.flush()
+        result = RecordResult(str(writer.path), writer.n_done, False, time.perf_counter() - start)
+        return Interrupted(f"interrupted: {writer.n_done} of {writer.meta['n_planned']} samples are recorded in "
+                           f"{writer.dir}; finish with `resprobe record --out {writer.path} --resume`", result)
+
     try:
         with sigint_after_batch() as stop_requested:
-            if progress and skip:
-                progress(skip)
-            for images, labels, indices in loader:
-                if skip > 0:
-                    skip -= len(labels)
-                    continue
-                batch = recorder.run_batch(images, labels, indices)
-                for block, count in nonfinite_blocks(batch, names):
-                    nonfinite[block] = nonfinite.get(block, 0) + count
-                writer.write_batch(batch)
-                if progress:
-                    progress(len(batch))
-                if stop_requested():
-                    writer.flush()
-                    raise Interrupted(f"interrupted: {writer.n_done} of {writer.meta['n_planned']} samples are "
-                                      f"recorded in {writer.dir}; finish with --resume")
-        messages = [f"NaN or inf in the activations of block {b} ({n} samples); their statistics are NaN"
-                    for b, n in nonfinite.items()]
-        if warn:
-            for message in messages:
-                warn(message)
-        out = writer.finish()
+            try:
+                for images, labels, indices in loader:
+                    if skip > 0:
+                        if len(labels) > skip:
+                            raise RecordingError(f"--resume: the recorded batches of {writer.path} do not line up "
+                                                 "with the data's batches; start anew with --overwrite")
+                        skip -= len(labels)
+                        continue
+                    batch = recorder.run_batch(images, labels, indices)
+                    tally.add(batch)
+                    writer.write_batch(batch)
+                    if progress:
+                        progress(len(batch))
+                    if stop_requested():
+                        raise interrupted()
+            except Exception as exc:
+                # Ctrl-C from a terminal also reaches the loader's worker processes, which then die:
+                # that is the interruption, not an error of its own.
+                if stop_requested() and not isinstance(exc, ResprobeError):
+                    raise interrupted() from exc
+                raise
+            messages = tally.messages()
+            if warn:
+                for message in messages:
+                    warn(message)
+            out = writer.finish()
     except BaseException:
         with contextlib.suppress(Exception):
             writer.flush()
@@ -595,12 +811,15 @@ class RecordOptions:
 def merge_resume_options(stored: Mapping[str, Any], given: RecordOptions, path: Path) -> RecordOptions:
     """``--resume`` reuses the stored options; an explicitly given option that differs is refused."""
     for key, value in given.given().items():
-        if key in stored and stored[key] != value and not (key == "model" and _same_model(stored[key], value)):
-            flag = "--" + key.replace("_", "-")
+        if key in stored and stored[key] != value and not (key in _PATH_OPTIONS and _same_model(stored[key], value)):
+            flag = "MODEL" if key == "model" else "--" + key.replace("_", "-")
             raise RecordingError(f"--resume: {path} was recorded with {flag} {stored[key]!r}, not {value!r}; drop "
                                  f"{flag} or start anew with --overwrite")
     known = {k: stored.get(k) for k in RecordOptions.__dataclass_fields__}
     return RecordOptions(**known).with_defaults()
+
+
+_PATH_OPTIONS = ("model", "data", "checkpoint", "class_map")
 
 
 def _same_model(a: Any, b: Any) -> bool:
@@ -622,15 +841,32 @@ def record(
     """``resprobe record``: one hooked pass over the data into ``out`` (durable, resumable).
 
     ``progress(done, total)`` is called as samples complete.
+
+    ``resume``: continue the interrupted run at ``out`` with its stored options (given ones must
+    match); when nothing was recorded yet (the run was killed before its first batch) and MODEL and
+    ``--data`` are given, a new run starts; a complete ``out`` is reported as it is.
     """
     import torch
+    from torch.utils.data import Subset
 
     from resprobe.recorder import Recorder
 
     out = Path(out)
     if resume and overwrite:
         raise RecordingError("give either --resume or --overwrite, not both")
+    _check_option_values(options)
     writer: RunWriter | None = None
+    if resume:
+        state = _resume_state(out)
+        if state == "complete":
+            return _already_complete(out, options, warn)
+        if state == "nothing":
+            if options.model is None or options.data is None:
+                raise RecordingError(f"nothing to resume: neither {out} nor {partial_dir(out)} exists; start the "
+                                     "recording without --resume")
+            if warn:
+                warn(f"nothing of {out} was recorded yet: starting a new recording")
+            resume = False
     if resume:
         writer = RunWriter.resume(out)
         try:
@@ -642,11 +878,12 @@ def record(
         options = options.with_defaults()
         if options.model is None or options.data is None:
             raise RecordingError("record needs MODEL and --data")
-        _check_output_dir(out)
-        if not overwrite and (out.exists() or partial_dir(out).exists()):
-            RunWriter.create(out, {}, overwrite=False)  # raises the right message
+        check_can_create(out, overwrite)  # before the model loads: a refusal costs nothing
     if options.tensor_dtype not in ("float32", "float16"):
         raise RecordingError(f"--tensor-dtype {options.tensor_dtype!r}: choose float32 or float16")
+    if workers is not None and workers < 0:
+        raise BadValue(f"--workers must be 0 or more, got {workers}")
+    created_here = False
     try:
         probe, source, readout = open_for_recording(options, device, trust_checkpoint)
         blocks = [b.to_dict() for b in probe.anatomy.blocks]
@@ -663,10 +900,18 @@ def record(
                 },
             }
             writer = RunWriter.create(out, meta, overwrite=overwrite)
+            created_here = True
         elif writer.meta["blocks"] != blocks or int(writer.meta["n_planned"]) != len(source):
             raise RecordingError(f"--resume: the model or data no longer match what {out} was recording "
                                  f"({len(source)} samples now, {writer.meta['n_planned']} planned)")
-        loader = probe.loader(source, int(options.batch_size), workers)
+        batch_size = int(options.batch_size)
+        if writer.n_done % batch_size and writer.n_done < len(source):
+            raise RecordingError(f"--resume: the {writer.n_done} recorded samples of {out} are not whole batches of "
+                                 f"{batch_size}; start anew with --overwrite")
+        remaining = source
+        if writer.n_done:  # the loader starts after the durable batches: nothing is loaded twice
+            remaining = replace(source, dataset=Subset(source.dataset, range(writer.n_done, len(source))))
+        loader = probe.loader(remaining, batch_size, workers)
         total = len(source)
         done = [0]
 
@@ -678,10 +923,46 @@ def record(
         dtype = torch.float16 if options.tensor_dtype == "float16" else torch.float32
         with Recorder(probe.anatomy, probe.runtime, target=str(options.target), save_tensors=int(options.save_tensors),
                       tensor_dtype=dtype, readout=readout, samples_seen=writer.n_done) as recorder:
-            return run_recording(writer, recorder, loader, advance, warn)
+            return run_recording(writer, recorder, loader, advance, warn, skip=0)
+    except BaseException:
+        if writer is not None and created_here:
+            writer.discard_if_empty()
+        raise
     finally:
         if writer is not None:
             writer.close()
+
+
+def _check_option_values(options: RecordOptions) -> None:
+    """Values that are wrong whatever the model: refused before anything loads."""
+    for name in ("batch_size", "limit"):
+        value = getattr(options, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise BadValue(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if options.save_tensors is not None and options.save_tensors < 0:
+        raise BadValue(f"--save-tensors must be 0 or more, got {options.save_tensors}")
+    if options.target is not None and options.target not in ("label", "pred"):
+        raise BadValue(f"--target {options.target!r}: choose label or pred")
+
+
+def _resume_state(out: Path) -> str:
+    """``partial`` (a run to continue, or one in progress), ``complete`` or ``nothing``."""
+    directory = partial_dir(out)
+    if directory.is_dir() and ((directory / "meta.json").exists() or RunWriter.is_locked(directory)):
+        return "partial"
+    return "complete" if out.exists() else "nothing"
+
+
+def _already_complete(out: Path, options: RecordOptions, warn: Callable[[str], None] | None) -> RecordResult:
+    recording = open_recording(out)
+    if not recording.complete:
+        raise RecordingError(f"{out} is incomplete and no batches are left to resume from; start anew with "
+                             "--overwrite")
+    stored = recording.attrs.get("options")
+    merge_resume_options(stored if isinstance(stored, dict) else {}, options, out)
+    if warn:
+        warn(f"{out} is already complete: nothing to resume")
+    return RecordResult(str(out), recording.n_samples, True, 0.0)
 
 
 def open_for_recording(options: RecordOptions, device: str = "auto", trust_checkpoint: bool = False) -> tuple[Any, Any, list[str]]:
@@ -708,8 +989,9 @@ def record_in_memory(
     progress: Callable[[int, int], None] | None = None,
 ) -> Recorded:
     """The same pass as :func:`record`, kept in memory (``align MODEL`` without ``--out``)."""
-    from resprobe.recorder import Recorder, concat_batches, iterate
+    from resprobe.recorder import NonfiniteTally, Recorder, concat_batches, iterate
 
+    _check_option_values(options)
     options = options.with_defaults()
     probe, source, readout = open_for_recording(options, device, trust_checkpoint)
     loader = probe.loader(source, int(options.batch_size), workers)
@@ -722,7 +1004,13 @@ def record_in_memory(
 
     with Recorder(probe.anatomy, probe.runtime, str(options.target), readout=readout) as recorder:
         batches = list(iterate(recorder, loader, advance))
-    recorded = concat_batches(batches, [b.to_dict() for b in probe.anatomy.blocks])
+    blocks = [b.to_dict() for b in probe.anatomy.blocks]
+    tally = NonfiniteTally([b["name"] for b in blocks], [b["kind"] == "identity" for b in blocks])
+    for batch in batches:
+        tally.add(batch)
+    for message in tally.messages():
+        warnings.warn(message, stacklevel=2)
+    recorded = concat_batches(batches, blocks)
     recorded.attrs = {**probe.describe(), "data": options.data}
     recorded.n_planned = len(source)
     return recorded

@@ -1,0 +1,625 @@
+"""Fine-tuning any resprobe-loadable model (DESIGN.md §2 ``finetune``): original, pruned, shared, or
+randomly initialized. From a notebook::
+
+    from resprobe.probe import open_probe
+    from resprobe.train import FinetuneOptions, finetune
+    probe = open_probe("shared.pt")
+    result = finetune(probe, probe.data("cifar10:~/data:train"), probe.data("cifar10:~/data"),
+                      FinetuneOptions(out="ft.pt", max_steps=300, lr=0.01))
+
+Defaults: SGD with momentum 0.9 (Nesterov), weight decay 5e-4 on every parameter of two or more
+dimensions (none on norms and biases), no warmup, cosine decay to zero over all steps, light
+augmentation (horizontal flip and a random crop after zero-padding by 1/8 of the side, applied to the
+normalized batch in the loop, so in-memory arrays are augmented too).
+
+``--out`` always holds the last state: a resprobe checkpoint (usable as MODEL) that also carries what
+``resume`` needs — optimizer, scheduler and gradient-scaler state, step, epoch and position in the
+epoch, the RNG states — as tensors and plain containers (``torch.load(weights_only=True)`` reads it).
+A run resumed from it continues exactly where it stopped: on the CPU, the result equals an
+uninterrupted run bit for bit. The data order of epoch e is a permutation seeded by (seed, e), and
+``timm`` augmentation is seeded per (seed, epoch, sample), so neither depends on worker processes
+or on where a run was interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import random
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import Dataset, Subset
+
+from resprobe.data import DataSource, IndexedDataset, Preprocessing, TensorImages, limit_source, make_loader
+from resprobe.errors import BadValue
+from resprobe.evaluate import EvalResult, evaluate
+from resprobe.models import is_resprobe_checkpoint, load_weights, read_checkpoint, save_resprobe_checkpoint
+from resprobe.share import check_out_path, check_recalibrate_scope, recalibrate
+
+AUGMENTS = ("none", "light", "timm")
+OPTIMIZERS = ("sgd", "adamw")
+DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-3}
+DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 0.05}
+STATE_VERSION = 1
+_SYNC_EVERY = 10  # steps between reading the loss back from the device (progress, divergence check)
+
+
+# --------------------------------------------------------------------------------------------------
+# Options, progress and results
+
+
+@dataclass
+class FinetuneOptions:
+    """The ``finetune`` command's options. ``lr`` and ``weight_decay`` default by optimizer (SGD:
+    0.01 and 5e-4; AdamW: 1e-3 and 0.05). Without ``epochs`` and ``max_steps``: one epoch."""
+
+    out: str | Path
+    epochs: int | None = None
+    max_steps: int | None = None
+    lr: float | None = None
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float | None = None
+    warmup_steps: int = 0
+    augment: str = "light"
+    recalibrate: int | None = None
+    recalibrate_scope: str = "all"
+    batch_size: int = 64
+    workers: int | None = None
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    @property
+    def decay(self) -> float:
+        return self.weight_decay if self.weight_decay is not None else DEFAULT_WEIGHT_DECAY[self.optimizer]
+
+    def validate(self) -> FinetuneOptions:
+        if self.epochs is not None and self.max_steps is not None:
+            raise BadValue("give --epochs or --max-steps, not both")
+        if self.epochs is not None and self.epochs < 1:
+            raise BadValue(f"--epochs must be at least 1, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise BadValue(f"--max-steps must be at least 1, got {self.max_steps}")
+        if self.optimizer not in OPTIMIZERS:
+            raise BadValue(f"--optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if self.augment not in AUGMENTS:
+            raise BadValue(f"--augment {self.augment!r}: choose one of {', '.join(AUGMENTS)}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise BadValue(f"--lr must be a positive number, got {self.lr}")
+        if not (self.decay >= 0 and math.isfinite(self.decay)):
+            raise BadValue(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        if not 0 <= self.momentum < 1:
+            raise BadValue(f"--momentum must be in [0, 1), got {self.momentum}")
+        if self.warmup_steps < 0:
+            raise BadValue(f"--warmup-steps must be 0 or more, got {self.warmup_steps}")
+        if self.recalibrate is not None and self.recalibrate < 1:
+            raise BadValue(f"--recalibrate must be at least 1, got {self.recalibrate}")
+        check_recalibrate_scope(self.recalibrate_scope)
+        if self.batch_size < 1:
+            raise BadValue(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.resume and self.overwrite:
+            raise BadValue("give --resume or --overwrite, not both")
+        return self
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The options a resumed run must share with the run it continues."""
+        return {"epochs": self.epochs, "max_steps": self.max_steps, "lr": self.learning_rate,
+                "optimizer": self.optimizer, "momentum": self.momentum, "weight_decay": self.decay,
+                "warmup_steps": self.warmup_steps, "augment": self.augment, "recalibrate": self.recalibrate,
+                "recalibrate_scope": self.recalibrate_scope, "batch_size": self.batch_size, "seed": self.seed}
+
+
+@dataclass
+class TrainState:
+    """Where a run is; what ``on_step`` and ``stop`` callbacks see. ``loss`` is the mean training loss
+    of the current epoch so far (read from the device every few steps, ``None`` before)."""
+
+    step: int = 0
+    total_steps: int = 0
+    epoch: int = 0
+    position: int = 0
+    steps_per_epoch: int = 0
+    loss: float | None = None
+    lr: float = 0.0
+
+
+@dataclass
+class FinetuneResult:
+    steps: int
+    epochs: int
+    train_loss: float | None
+    val: dict[str, float] | None
+    out: str
+    best: str | None
+    best_val: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    complete: bool = True
+    recalibrated: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def best_path(out: str | Path) -> Path:
+    """``PATH.best.pt`` beside ``--out``: ``ft.pt`` → ``ft.best.pt``; a name without ``.pt`` gets it appended."""
+    out = Path(out)
+    if out.suffix in (".pt", ".pth"):
+        return out.with_name(out.stem + ".best" + out.suffix)
+    return out.with_name(out.name + ".best.pt")
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def make_optimizer(model: nn.Module, options: FinetuneOptions) -> torch.optim.Optimizer:
+    """Weight decay on every parameter of two or more dimensions; none on norms and biases (1-D)."""
+    decay, no_decay = [], []
+    for _name, param in model.named_parameters():  # shared tensors come once
+        (no_decay if param.ndim <= 1 else decay).append(param)
+    groups = [g for g in ({"params": decay, "weight_decay": options.decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if not groups:
+        raise BadValue("the model has no parameters to train")
+    if options.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=options.learning_rate)
+    return torch.optim.SGD(groups, lr=options.learning_rate, momentum=options.momentum,
+                           nesterov=options.momentum > 0)
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay to zero at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
+
+
+# --------------------------------------------------------------------------------------------------
+# Data order and augmentation
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch) % (2**63)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The sample order of epoch ``epoch``: a permutation seeded by (seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(_epoch_seed(seed, epoch))).tolist()
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Full batches only (the last partial batch is dropped), or one batch when n < batch size."""
+    return max(1, n // batch_size)
+
+
+def light_augment(images: Tensor, generator: torch.Generator) -> Tensor:
+    """Horizontal flip (p = 0.5) and a random crop of the original size after zero-padding by 1/8 of
+    each side, per sample, on a normalized [B, C, H, W] batch (zero = the normalization mean)."""
+    b, _c, h, w = images.shape
+    pad_h, pad_w = h // 8, w // 8
+    flips = torch.rand(b, generator=generator) < 0.5
+    dy = torch.randint(0, 2 * pad_h + 1, (b,), generator=generator)
+    dx = torch.randint(0, 2 * pad_w + 1, (b,), generator=generator)
+    images = torch.where(flips.view(b, 1, 1, 1).to(images.device), images.flip(3), images)
+    if pad_h == 0 and pad_w == 0:
+        return images
+    padded = F.pad(images, (pad_w, pad_w, pad_h, pad_h))
+    rows = (dy[:, None] + torch.arange(h)).to(images.device)
+    cols = (dx[:, None] + torch.arange(w)).to(images.device)
+    batch = torch.arange(b, device=images.device)[:, None, None]
+    # Advanced indices split by the channel slice: the result is [B, H, W, C].
+    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
+class SeededTrainTransform(Dataset):
+    """Items (training-transformed image, label, index) with randomness seeded per (seed, epoch,
+    sample): the same augmentation whatever the worker count and wherever a run resumed.
+
+    ``raw(i)`` gives (PIL image, label). Set ``epoch`` before each epoch's loader is created.
+    """
+
+    def __init__(self, raw: Callable[[int], tuple[Any, int]], length: int, transform: Callable, seed: int):
+        self.raw, self.length, self.transform, self.seed = raw, length, transform, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        image, label = self.raw(index)
+        sample_seed = (_epoch_seed(self.seed, self.epoch) * 1_000_000_007 + index) % (2**63)
+        with torch.random.fork_rng(devices=[]):
+            py_state, np_state = random.getstate(), np.random.get_state()
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            np.random.seed(sample_seed % (2**32))
+            try:
+                tensor = self.transform(image)
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+        return tensor, int(label), index
+
+
+class _SubsetItems:
+    def __init__(self, inner: Callable[[int], tuple[Any, int]], indices: list[int]):
+        self.inner, self.indices = inner, indices
+
+    def __call__(self, i: int) -> tuple[Any, int]:
+        return self.inner(self.indices[i])
+
+
+class _FileItems:
+    """An ImageFolder / CIFAR dataset's own (PIL image, label), its evaluation transform taken off."""
+
+    def __init__(self, base: Any):
+        self.base = copy.copy(base)
+        self.base.transform = None
+
+    def __call__(self, i: int) -> tuple[Any, int]:
+        return self.base[i]
+
+
+class _ArrayItems:
+    """Arrays: back to 8-bit images, so they go through the same transform as image files."""
+
+    def __init__(self, dataset: TensorImages, pre: Preprocessing):
+        self.dataset = dataset
+        self.mean = torch.tensor(pre.mean).view(-1, 1, 1)
+        self.std = torch.tensor(pre.std).view(-1, 1, 1)
+
+    def __call__(self, i: int) -> tuple[Any, int]:
+        from torchvision.transforms.functional import to_pil_image
+
+        image, label, _ = self.dataset[i]
+        return to_pil_image((image * self.std + self.mean).clamp(0, 1)), label
+
+
+def _raw_items(dataset: Dataset, pre: Preprocessing) -> Callable[[int], tuple[Any, int]]:
+    """(PIL image, label) by index for a resprobe dataset, before any evaluation transform (picklable,
+    for loader worker processes)."""
+    if isinstance(dataset, Subset):
+        return _SubsetItems(_raw_items(dataset.dataset, pre), list(dataset.indices))
+    if isinstance(dataset, IndexedDataset) and hasattr(dataset.base, "transform"):
+        return _FileItems(dataset.base)
+    if isinstance(dataset, TensorImages):
+        return _ArrayItems(dataset, pre)
+    raise BadValue(f"--augment timm does not support this data ({type(dataset).__name__}); use light or none")
+
+
+def timm_train_transform(pre: Preprocessing) -> Callable:
+    """timm's training transform at the model's input size: RandomResizedCrop (scale 0.08–1),
+    horizontal flip, colour jitter 0.4, normalization."""
+    from timm.data import create_transform
+
+    return create_transform(input_size=pre.input_size, is_training=True, mean=pre.mean, std=pre.std,
+                            interpolation=pre.interpolation)
+
+
+def _training_dataset(source: DataSource, options: FinetuneOptions, pre: Preprocessing) -> Dataset:
+    if options.augment != "timm":
+        return source.dataset
+    return SeededTrainTransform(_raw_items(source.dataset, pre), len(source), timm_train_transform(pre), options.seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint state
+
+
+def _cpu(obj: Any) -> Any:
+    """Tensors to the CPU inside plain containers (optimizer states live beside the parameters)."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+@dataclass
+class _Run:
+    """Everything a run carries from step to step (and into its checkpoint)."""
+
+    state: TrainState
+    loss_sum: Tensor  # float64 sum of per-sample losses over the current epoch
+    loss_count: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    last_val: dict[str, float] | None = None
+    recalibrated: int = 0
+    complete: bool = False
+
+
+def _rng_state(aug_generator: torch.Generator) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "augment": aug_generator.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict[str, Any], aug_generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    aug_generator.set_state(state["augment"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _training_payload(run: _Run, options: FinetuneOptions, data: dict[str, Any], optimizer: torch.optim.Optimizer,
+                      scheduler: Any, scaler: Any, aug_generator: torch.Generator) -> dict[str, Any]:
+    s = run.state
+    return _cpu({
+        "version": STATE_VERSION,
+        "options": options.fingerprint(),
+        "data": data,
+        "step": s.step, "total_steps": s.total_steps, "epoch": s.epoch, "position": s.position,
+        "steps_per_epoch": s.steps_per_epoch,
+        "data_order": {"seed": options.seed, "epoch": s.epoch, "position": s.position},
+        "loss_sum": run.loss_sum, "loss_count": run.loss_count,
+        "history": run.history, "best": run.best, "last_val": run.last_val,
+        "recalibrated": run.recalibrated, "complete": run.complete,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": _rng_state(aug_generator),
+    })
+
+
+def _read_resume_state(out: Path, options: FinetuneOptions, data: dict[str, Any]) -> dict[str, Any]:
+    if not out.exists():
+        raise BadValue(f"--resume: {out} does not exist; run without --resume to start")
+    obj = read_checkpoint(out)
+    training = obj.get("training") if is_resprobe_checkpoint(obj) else None
+    if not isinstance(training, dict):
+        raise BadValue(f"--resume: {out} is not a checkpoint written by resprobe finetune")
+    if int(training.get("version", 0)) > STATE_VERSION:
+        raise BadValue(f"--resume: {out} was written by a newer resprobe")
+    for key, value in {**options.fingerprint(), **data}.items():
+        old = {**training["options"], **training["data"]}.get(key)
+        if old != value:
+            raise BadValue(f"--resume: {key} is {value} but the interrupted run used {old}; "
+                           "resume with the same options, or start anew with --overwrite")
+    training["state_dict"] = obj["state_dict"]
+    return training
+
+
+# --------------------------------------------------------------------------------------------------
+# Ctrl-C: finish the step, save, then stop
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """SIGINT sets a flag the loop checks after each step (a second Ctrl-C stops at once)."""
+    flag = {"set": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag["set"]:
+            raise KeyboardInterrupt
+        flag["set"] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: flag["set"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _result(run: _Run, out: Path, best_file: Path) -> FinetuneResult:
+    last = run.history[-1] if run.history else None
+    return FinetuneResult(
+        steps=run.state.step, epochs=run.state.epoch,
+        train_loss=last["train_loss"] if last else None,
+        val=run.last_val, out=str(out), best=str(best_file) if run.best else None, best_val=run.best,
+        history=run.history, complete=run.complete, recalibrated=run.recalibrated,
+    )
+
+
+def finetune(
+    probe: Any,
+    train: DataSource,
+    val: DataSource | None,
+    options: FinetuneOptions,
+    *,
+    stop: Callable[[TrainState], bool] | None = None,
+    on_step: Callable[[TrainState], None] | None = None,
+    eval_progress: Callable[[int], None] | None = None,
+    recalibrate_progress: Callable[[int], None] | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``probe.model`` on ``train`` (validating on ``val`` after each epoch).
+
+    ``stop(state)`` is asked after every step; when it says yes the run saves its state to
+    ``options.out`` and returns with ``complete=False`` (``resume=True`` continues it). Ctrl-C does the
+    same and then raises ``KeyboardInterrupt``.
+    """
+    options.validate()
+    model, runtime = probe.model, probe.runtime
+    out = Path(options.out).expanduser()
+    best_file = best_path(out)
+    n_train = len(train)
+    if n_train == 0:
+        raise BadValue(f"--data {train.spec} holds no samples")
+    data_info = {"train": train.spec, "n_train": n_train, "val": val.spec if val else None,
+                 "n_val": len(val) if val else None}
+    resumed = _read_resume_state(out, options, data_info) if options.resume else None
+    if resumed is None:
+        check_out_path(out, options.overwrite)
+        check_out_path(best_file, options.overwrite, option="the best checkpoint")
+        best_file.unlink(missing_ok=True)  # a stale best from an earlier run would be misleading
+
+    per_epoch = steps_per_epoch(n_train, options.batch_size)
+    total = options.max_steps or per_epoch * (options.epochs or 1)
+    # Loss sums stay on the device (no sync per step), in float64 where the device has it.
+    sum_dtype = torch.float32 if runtime.device.type == "mps" else torch.float64
+    run = _Run(TrainState(0, total, 0, 0, per_epoch), torch.zeros((), dtype=sum_dtype, device=runtime.device))
+
+    model.requires_grad_(True)  # open_probe freezes everything for analysis
+    optimizer = make_optimizer(model, options)
+    scheduler = make_scheduler(optimizer, total, options.warmup_steps)
+    scaler = torch.amp.GradScaler(runtime.device.type) if runtime.precision == "fp16" else None
+    aug_generator = torch.Generator()
+
+    if resumed is not None:
+        load_weights(model, resumed["state_dict"], str(out))
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        if scaler is not None and resumed.get("scaler"):
+            scaler.load_state_dict(resumed["scaler"])
+        _restore_rng(resumed["rng"], aug_generator)
+        run.state = TrainState(resumed["step"], total, resumed["epoch"], resumed["position"], per_epoch)
+        run.loss_sum = resumed["loss_sum"].to(runtime.device, sum_dtype)
+        run.loss_count = int(resumed["loss_count"])
+        run.history, run.best, run.last_val = list(resumed["history"]), resumed["best"], resumed["last_val"]
+        run.recalibrated, run.complete = int(resumed["recalibrated"]), bool(resumed["complete"])
+        if run.complete:
+            model.eval()
+            return _result(run, out, best_file)
+    else:
+        torch.manual_seed(options.seed)  # dropout and drop-path draw from the global generator
+        aug_generator.manual_seed(options.seed)
+        if options.recalibrate:
+            calib = make_loader(limit_source(train, min(options.recalibrate, n_train), options.seed),
+                                options.batch_size, options.workers, runtime.device, generator=torch.Generator())
+            run.recalibrated = recalibrate(model, calib, runtime, options.recalibrate, options.recalibrate_scope,
+                                           recalibrate_progress)
+
+    dataset = _training_dataset(train, options, probe.preprocessing)
+    val_loader = (make_loader(val, options.batch_size, options.workers, runtime.device, generator=torch.Generator())
+                  if val else None)
+
+    def save_last() -> None:
+        save_resprobe_checkpoint(
+            out, probe.loaded, model, recipes=probe.loaded.recipes, preprocessing=probe.preprocessing.to_dict(),
+            meta={"finetune": {"steps": run.state.step, "epochs": run.state.epoch, "complete": run.complete}},
+            extra={"training": _training_payload(run, options, data_info, optimizer, scheduler, scaler,
+                                                 aug_generator)})
+
+    def end_epoch() -> None:
+        s = run.state
+        train_loss = float(run.loss_sum) / max(run.loss_count, 1)
+        record: dict[str, Any] = {"epoch": s.epoch, "step": s.step, "train_loss": train_loss, "lr": s.lr}
+        if val_loader is not None:
+            model.eval()
+            result: EvalResult = evaluate(model, val_loader, runtime, eval_progress)
+            model.train()
+            run.last_val = {"loss": result.loss, "acc": result.acc}
+            record.update(val_loss=result.loss, val_acc=result.acc)
+            if run.best is None or result.loss < run.best["loss"]:
+                run.best = {"epoch": s.epoch, "step": s.step, "loss": result.loss, "acc": result.acc}
+                save_resprobe_checkpoint(best_file, probe.loaded, model, recipes=probe.loaded.recipes,
+                                         preprocessing=probe.preprocessing.to_dict(),
+                                         meta={"finetune_best": run.best})
+        run.history.append(record)
+        s.epoch += 1
+        s.position = 0
+        run.loss_sum.zero_()
+        run.loss_count = 0
+        run.complete = s.step >= s.total_steps
+        save_last()
+
+    with _deferred_interrupt() as interrupted:
+        while run.state.step < total:
+            stopped = _train_epoch(model, dataset, train, options, runtime, run, optimizer, scheduler, scaler,
+                                   aug_generator, end_epoch, on_step, stop, interrupted)
+            if stopped:
+                save_last()
+                model.eval()
+                if interrupted():
+                    raise KeyboardInterrupt
+                return _result(run, out, best_file)
+    model.eval()
+    return _result(run, out, best_file)
+
+
+def _train_epoch(model: nn.Module, dataset: Dataset, train: DataSource, options: FinetuneOptions, runtime: Any,
+                 run: _Run, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+                 aug_generator: torch.Generator, end_epoch: Callable[[], None],
+                 on_step: Callable[[TrainState], None] | None, stop: Callable[[TrainState], bool] | None,
+                 interrupted: Callable[[], bool]) -> bool:
+    """Run the rest of the current epoch; True when asked to stop before the end."""
+    s = run.state
+    n = len(train)
+    batch_size = min(options.batch_size, n)
+    order = epoch_order(n, options.seed, s.epoch)[s.position * batch_size:]
+    if isinstance(dataset, SeededTrainTransform):
+        dataset.epoch = s.epoch
+    # The loader gets its own generator so creating it never draws from the global RNG.
+    loader = make_loader(replace(train, dataset=Subset(dataset, order)), batch_size, options.workers,
+                         runtime.device, generator=torch.Generator().manual_seed(_epoch_seed(options.seed, s.epoch)),
+                         drop_last=True)
+    model.train()
+    for images, labels, _index in loader:
+        if options.augment == "light":
+            images = light_augment(images, aug_generator)
+        s.lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it on)
+        loss = _train_step(model, images, labels, runtime, optimizer, scheduler, scaler)
+        run.loss_sum += loss.detach().to(run.loss_sum.dtype) * len(labels)
+        run.loss_count += len(labels)
+        s.step += 1
+        s.position += 1
+        epoch_done = s.position >= s.steps_per_epoch or s.step >= s.total_steps
+        if epoch_done or s.step % _SYNC_EVERY == 0:
+            s.loss = _check_finite(run, s.step)
+        if on_step:
+            on_step(s)
+        if epoch_done:
+            end_epoch()
+            if s.step >= s.total_steps:
+                return False
+        if (stop is not None and stop(s)) or interrupted():
+            return True
+        if epoch_done:
+            return False
+    return False
+
+
+def _train_step(model: nn.Module, images: Tensor, labels: Tensor, runtime: Any, optimizer: torch.optim.Optimizer,
+                scheduler: Any, scaler: Any) -> Tensor:
+    images, labels = runtime.batch(images), labels.to(runtime.device)
+    with runtime.compute():
+        logits = model(images)
+    loss = F.cross_entropy(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    scheduler.step()
+    return loss
+
+
+def _check_finite(run: _Run, step: int) -> float:
+    mean = float(run.loss_sum) / max(run.loss_count, 1)
+    if not math.isfinite(mean):
+        raise BadValue(f"training diverged: the loss is {mean} by step {step}; lower --lr")
+    return mean

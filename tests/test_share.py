@@ -1,0 +1,331 @@
+"""Shared iterative stages: invariants, exact parameter counts, recalibration, files, CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import tinymodels
+from conftest import FIXTURES, save_state_dict
+from resprobe.blocks import count_params, discover_blocks
+from resprobe.cli import app
+from resprobe.data import TensorImages
+from resprobe.errors import BadValue, ModelError
+from resprobe.models import load_model
+from resprobe.runtime import Runtime
+from resprobe.share import (
+    SHARED_ATTR,
+    SharedIteration,
+    ShareOptions,
+    check_out_path,
+    parse_stages,
+    recalibrate,
+    share_stages,
+    shared_iterations,
+)
+
+SHAPES = str(FIXTURES / "shapes_test.npz")
+TRAINED = str(FIXTURES / "tiny_resnet.pt")
+CPU = Runtime(torch.device("cpu"))
+
+
+@pytest.fixture
+def cli():
+    runner = CliRunner()
+
+    def invoke(*args: str, code: int = 0):
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == code, (result.stdout, result.stderr)
+        return result
+
+    return invoke
+
+
+def shared(model: nn.Module, **options) -> tuple[nn.Module, object]:
+    """A shared copy of ``model`` (32×32 inputs) and the ShareResult."""
+    model = copy.deepcopy(model)
+    result = share_stages(model, discover_blocks(model, (3, 32, 32)), ShareOptions(**options))
+    return model, result
+
+
+def outputs(model: nn.Module, seed: int = 0) -> torch.Tensor:
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def identical_convs(model: nn.Module, stage: str = "layer1") -> nn.Module:
+    """Every identity block of ``stage`` gets block 0's convolutions; the norms stay different."""
+    blocks = list(model.get_submodule(stage))
+    with torch.no_grad():
+        for block in blocks[1:]:
+            for name, module in block.named_modules():
+                if isinstance(module, nn.Conv2d):
+                    module.weight.copy_(blocks[0].get_submodule(name).weight)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Invariants
+
+
+@pytest.mark.parametrize("factory", [tinymodels.timm_basic, tinymodels.torchvision_tiny])
+def test_identical_convolutions_share_without_changing_outputs(factory):
+    model = identical_convs(factory())
+    before = outputs(model)
+    after, _ = shared(model, stages=[0], init="average", norm="unshared")
+    torch.testing.assert_close(outputs(after), before, rtol=0, atol=1e-5)
+    norms = [it.get_submodule("bn1").weight for it in shared_iterations(after)]
+    assert not torch.equal(norms[0], norms[1])  # the norms really differ: they are per iteration
+
+
+@pytest.mark.parametrize("factory,stages", [(tinymodels.timm_basic, [0]), (tinymodels.timm_seresnext, [0, 1]),
+                                            (tinymodels.timm_resnetv2, [1]), (tinymodels.torchvision_bottleneck, [0])])
+def test_full_rank_lora_reproduces_the_original(factory, stages):
+    model = factory()
+    for init in ("average", "last"):
+        after, _ = shared(model, stages=stages, init=init, lora_rank=10_000)
+        torch.testing.assert_close(outputs(after), outputs(model), rtol=0, atol=1e-5)
+
+
+def test_shared_norms_differ_from_unshared():
+    model = tinymodels.timm_basic()
+    unshared, r_unshared = shared(model, stages=[0], norm="unshared")
+    naive, r_naive = shared(model, stages=[0], norm="shared")
+    assert not torch.allclose(outputs(unshared), outputs(naive), atol=1e-4)
+    assert r_naive.params_after == r_unshared.params_after - 32  # one set of norms instead of two
+    shared_bn1 = naive.get_submodule(f"{SHARED_ATTR}.layer1.bn1")
+    assert all(it.norm_modules()[0] is shared_bn1 for it in shared_iterations(naive))
+
+
+def test_weights_start_from_the_init_rule():
+    model = tinymodels.timm_basic()
+    w0, w1 = model.layer1[0].conv1.weight, model.layer1[1].conv1.weight
+    for init, expected in (("average", (w0 + w1) / 2), ("first", w0), ("last", w1)):
+        after, _ = shared(model, stages=[0], init=init)
+        torch.testing.assert_close(after.get_submodule(f"{SHARED_ATTR}.layer1.conv1").weight, expected)
+
+
+def test_gamma_init_sets_every_norm_weight_and_keeps_the_rest():
+    model = tinymodels.timm_basic()
+    after, _ = shared(model, stages=[0], gamma_init="0.1")
+    for t, it in enumerate(shared_iterations(after)):
+        for name in ("bn1", "bn2"):
+            norm, original = it.get_submodule(name), model.layer1[t].get_submodule(name)
+            assert torch.all(norm.weight == 0.1)
+            assert torch.equal(norm.bias, original.bias) and torch.equal(norm.running_var, original.running_var)
+
+
+# --------------------------------------------------------------------------------------------------
+# Structure, names, counts
+
+
+def test_exact_parameter_counts():
+    model = tinymodels.timm_basic()
+    before = count_params(model)
+    # layer1.0 and layer1.1: conv1, conv2 8×8×3×3 = 576 each; bn1, bn2 8 weights + 8 biases each.
+    conv, norms = 2 * 576, 2 * 16
+    cases = {
+        (2, "unshared", None): before - 2 * (conv + norms) + conv + 2 * norms,
+        (2, "shared", None): before - 2 * (conv + norms) + conv + norms,
+        (3, "unshared", None): before - 2 * (conv + norms) + conv + 3 * norms,
+        (1, "unshared", None): before - 2 * (conv + norms) + conv + norms,
+        # W viewed as [8, 72]: per conv and iteration A [3, 72] + B [8, 3].
+        (2, "unshared", 3): before - 2 * (conv + norms) + conv + 2 * norms + 2 * 2 * (3 * 72 + 8 * 3),
+        # R capped at min(8, 72) = 8.
+        (2, "unshared", 100): before - 2 * (conv + norms) + conv + 2 * norms + 2 * 2 * (8 * 72 + 8 * 8),
+    }
+    for (k, norm, rank), expected in cases.items():
+        after, result = shared(model, stages=[0], iterations=k, norm=norm, lora_rank=rank)
+        assert result.params_before == before
+        assert result.params_after == expected == count_params(after), (k, norm, rank)
+
+
+def test_grouped_conv_lora_shapes():
+    model = tinymodels.timm_seresnext()  # conv2 has 4 groups
+    after, _ = shared(model, stages=[1], lora_rank=2)
+    it = shared_iterations(after)[0]
+    conv2 = after.get_submodule(f"{SHARED_ATTR}.layer2.conv2")
+    rest = conv2.weight[0].numel()  # (I / groups) · kh · kw
+    assert rest == conv2.in_channels // conv2.groups * 9
+    factors = it.lora.get_submodule("conv2")
+    assert factors.A.shape == (2, rest) and factors.B.shape == (conv2.out_channels, 2)
+
+
+def test_iterations_take_the_replaced_names_and_extra_ones_the_next_indices():
+    model = tinymodels.timm_basic()
+    after, result = shared(model, stages=[0, 1], iterations=3)
+    names = [b.name for b in discover_blocks(after, (3, 32, 32)).blocks]
+    assert names == ["layer1.0", "layer1.1", "layer1.2", "layer2.0", "layer2.1", "layer2.2", "layer2.3",
+                     "layer3.0", "layer4.0"]
+    assert [s.names for s in result.stages] == [["layer1.0", "layer1.1", "layer1.2"],
+                                                ["layer2.1", "layer2.2", "layer2.3"]]
+    # Beyond the replaced blocks, iterations start from the last replaced block's norms.
+    torch.testing.assert_close(after.layer1[2].bn1.running_mean, model.layer1[1].bn1.running_mean)
+    fewer, _ = shared(model, stages=[0], iterations=1)
+    assert [b.name for b in discover_blocks(fewer, (3, 32, 32)).blocks][:2] == ["layer1.0", "layer2.0"]
+
+
+def test_shared_block_is_stored_once_and_hidden():
+    after, _ = shared(tinymodels.timm_basic(), stages=[0], lora_rank=2)
+    keys = list(after.state_dict())
+    assert sum(k.endswith("conv1.weight") and "layer1" in k for k in keys) == 1  # resprobe_shared.layer1.conv1.weight
+    assert "layer1.1.bn1.running_mean" in keys and "layer1.1.lora.conv2.A" in keys
+    assert [b.name for b in discover_blocks(after, (3, 32, 32)).blocks if SHARED_ATTR in b.name] == []
+
+
+def test_each_iteration_has_its_own_branch_end_and_lesion():
+    after, _ = shared(tinymodels.timm_basic(), stages=[0])
+    anatomy = discover_blocks(after, (3, 32, 32))
+    calls = []
+    ends = [b.family.branch_end_module(b.module) for b in anatomy.blocks[:2]]
+    assert ends[0] is not ends[1]
+    handles = [m.register_forward_hook(lambda *_a, i=i: calls.append(i)) for i, m in enumerate(ends)]
+    outputs(after)
+    for h in handles:
+        h.remove()
+    assert calls == [0, 1]
+    h = torch.randn(2, 8, 8, 8)
+    assert torch.equal(anatomy.blocks[0].lesion(h), h)
+
+
+def test_sharing_a_shared_stage_again_is_refused():
+    after, _ = shared(tinymodels.timm_basic(), stages=[0])
+    with pytest.raises(ModelError, match="already shared"):
+        share_stages(after, discover_blocks(after, (3, 32, 32)), ShareOptions(stages=[0]))
+
+
+def test_bad_options():
+    model = tinymodels.timm_basic()
+    anatomy = discover_blocks(model, (3, 32, 32))
+    for options, message in ((ShareOptions(stages=[7]), "no stage 7"), (ShareOptions(stages=[3]), "no identity"),
+                             (ShareOptions(lora_rank=0), "at least 1"), (ShareOptions(iterations=0), "at least 1"),
+                             (ShareOptions(init="mean"), "--init"), (ShareOptions(gamma_init="1"), "--gamma-init")):
+        with pytest.raises(BadValue, match=message):
+            share_stages(model, anatomy, options)
+    with pytest.raises(BadValue, match="comma-separated"):
+        parse_stages("a,b")
+    assert parse_stages("0, 2") == [0, 2] and parse_stages(None) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Recalibration
+
+
+@pytest.mark.parametrize("scope", ["shared", "all"])
+def test_recalibration_changes_only_norm_statistics(scope):
+    after, _ = shared(tinymodels.timm_basic(), stages=[0], lora_rank=2)
+    before = {k: v.clone() for k, v in after.state_dict().items()}
+    images = torch.randn(20, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    loader = torch.utils.data.DataLoader(TensorImages(images, torch.zeros(20, dtype=torch.long)), batch_size=8)
+    after.eval()
+    assert recalibrate(after, loader, CPU, 16, scope) == 16
+    assert not after.training and not any(m.training for m in after.modules())
+    changed = {k for k, v in after.state_dict().items() if not torch.equal(v, before[k])}
+    statistics = ("running_mean", "running_var", "num_batches_tracked")
+    assert changed and all(k.rsplit(".", 1)[1] in statistics for k in changed)
+    in_shared_stage = {k for k in changed if k.startswith("layer1.")}
+    assert in_shared_stage if scope == "shared" else changed > in_shared_stage
+    if scope == "shared":
+        assert changed == in_shared_stage
+    assert all(m.momentum == 0.1 for m in after.modules() if isinstance(m, nn.BatchNorm2d))  # restored
+    if scope == "shared":  # iteration 0's bn1 mean: over the 16 images (two equal batches)
+        seen = []
+        hook = after.layer1.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        with torch.no_grad():
+            after(images[:16])
+            hook.remove()
+            weight = after.layer1[0].relaxed_weights()["conv1.weight"]  # W + B_0 A_0
+            expected = nn.functional.conv2d(seen[0], weight, padding=1).mean((0, 2, 3))
+        torch.testing.assert_close(after.layer1[0].bn1.running_mean, expected, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Files and the command line
+
+
+def test_shared_checkpoint_round_trip(tmp_path, cli):
+    data = SHAPES
+    out = tmp_path / "shared.pt"
+    payload = json.loads(cli("share", TRAINED, "--out", out, "--lora-rank", 2, "--data", data, "--limit", 32,
+                             "-f", "json", "--device", "cpu").stdout)
+    assert [s["stage"] for s in payload["stages"]] == [0, 1]  # stages with two or more identity blocks
+    assert payload["stages"][0] == {"stage": 0, "blocks": ["layer1.0", "layer1.1", "layer1.2"], "iterations": 3,
+                                    "init": "average", "names": ["layer1.0", "layer1.1", "layer1.2"],
+                                    "norm": "unshared", "lora_rank": 2}
+    assert payload["eval_shared_recalibrated"] is None and set(payload["eval_original"]) == {"n", "loss", "acc", "top5"}
+    raw = torch.load(out, weights_only=True)
+    assert raw["recipes"][-1]["kind"] == "share" and raw["preprocessing"]["input_size"] == [3, 32, 32]
+    loaded = load_model(str(out))
+    assert count_params(loaded.model) == payload["params_after"]
+    evaluated = json.loads(cli("eval", out, "--data", data, "--limit", 32, "-f", "json", "--device", "cpu").stdout)
+    assert evaluated["loss"] == pytest.approx(payload["eval_shared"]["loss"], abs=1e-6)
+    listed = json.loads(cli("blocks", out, "-f", "json").stdout)
+    original = json.loads(cli("blocks", TRAINED, "-f", "json").stdout)
+    assert [(b["name"], b["stage"], b["index"], b["kind"]) for b in listed["blocks"]] == \
+        [(b["name"], b["stage"], b["index"], b["kind"]) for b in original["blocks"]]
+    aligned = json.loads(cli("align", out, "--data", data, "--limit", 16, "-f", "json", "--device", "cpu").stdout)
+    assert [b["name"] for b in aligned["blocks"]] == [b["name"] for b in original["blocks"]]
+    assert all(b["cos_mean"] is not None for b in aligned["blocks"] if b["kind"] == "identity")
+
+
+def test_cli_identical_convolutions_then_eval(tmp_path, cli, arrays_file):
+    data = arrays_file(24)
+    weights = save_state_dict(identical_convs(tinymodels.timm_basic()), tmp_path / "identical.pt")
+    out = tmp_path / "shared.pt"
+    common = ("--input-size", "32", "--device", "cpu")
+    payload = json.loads(cli("share", "tinymodels:timm_basic", "--checkpoint", weights, "--out", out, "--init",
+                             "average", "--norm", "unshared", "--data", data, "-f", "json", *common).stdout)
+    assert payload["eval_shared"]["loss"] == pytest.approx(payload["eval_original"]["loss"], abs=1e-5)
+    evaluated = json.loads(cli("eval", out, "--data", data, "-f", "json", "--device", "cpu").stdout)
+    assert evaluated["loss"] == pytest.approx(payload["eval_original"]["loss"], abs=1e-5)
+    assert evaluated["acc"] == payload["eval_original"]["acc"]
+
+
+def test_cli_recalibrate_and_table(tmp_path, cli):
+    out = tmp_path / "shared.pt"
+    payload = json.loads(cli("share", TRAINED, "--out", out, "--stages", "0", "--norm", "shared", "--data", SHAPES,
+                             "--limit", 24, "--train-data", SHAPES, "--recalibrate", 16, "-f", "json",
+                             "--device", "cpu").stdout)
+    assert payload["recalibrated"] == 16 and payload["eval_shared_recalibrated"]["n"] == 24
+    assert payload["eval_shared_recalibrated"]["loss"] != payload["eval_shared"]["loss"]
+    table = cli("share", TRAINED, "--out", out, "--overwrite", "--iterations", 2, "--device", "cpu").stdout
+    assert "layer1.0, layer1.1, layer1.2" in table
+    listed = json.loads(cli("blocks", out, "-f", "json").stdout)
+    assert [b["name"] for b in listed["blocks"]][:4] == ["layer1.0", "layer1.1", "layer2.0", "layer2.1"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--stages", "x"), "--stages"),
+    (("--stages", "9"), "no stage 9"),
+    (("--lora-rank", "0"), "--lora-rank"),
+    (("--iterations", "0"), "--iterations"),
+    (("--recalibrate", "4"), "--train-data"),
+    (("--norm", "half"), "--norm"),
+])
+def test_cli_errors_are_one_line(tmp_path, cli, args, message):
+    result = cli("share", TRAINED, "--out", tmp_path / "s.pt", *args, code=1)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+
+
+def test_cli_out_errors(tmp_path, cli):
+    result = cli("share", TRAINED, "--out", tmp_path / "missing" / "s.pt", code=1)
+    assert "does not exist" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    existing = tmp_path / "s.pt"
+    existing.write_bytes(b"keep")
+    result = cli("share", TRAINED, "--out", existing, code=1)
+    assert "--overwrite" in result.stderr and existing.read_bytes() == b"keep"
+    with pytest.raises(BadValue, match="directory"):
+        check_out_path(tmp_path)
+
+
+def test_iteration_modules_are_shared_iterations(tmp_path):
+    after, result = shared(tinymodels.timm_basic(), stages=[0])
+    assert all(isinstance(after.layer1[i], SharedIteration) for i in range(2))
+    assert result.recipe["stages"][0]["container"] == "layer1"

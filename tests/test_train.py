@@ -1,0 +1,211 @@
+"""Fine-tuning: schedule, augmentation, loss goes down, exact resume, checkpoints, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import FIXTURES
+from resprobe.cli import app
+from resprobe.errors import BadValue
+from resprobe.evaluate import evaluate
+from resprobe.models import load_model
+from resprobe.probe import open_probe
+from resprobe.train import (
+    FinetuneOptions,
+    best_path,
+    epoch_order,
+    finetune,
+    light_augment,
+    lr_factor,
+    make_optimizer,
+)
+
+TRAINED = str(FIXTURES / "tiny_resnet.pt")
+SHAPES = str(FIXTURES / "shapes_test.npz")
+
+
+@pytest.fixture
+def cli():
+    runner = CliRunner()
+
+    def invoke(*args: str, code: int = 0):
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == code, (result.stdout, result.stderr)
+        return result
+
+    return invoke
+
+
+def tiny_probe():
+    return open_probe("tinymodels:timm_basic", input_size="32", device="cpu")
+
+
+def sources(probe, n_train: int = 24, n_val: int = 16):
+    return probe.data("synthetic:64", limit=n_train, seed=0), probe.data("synthetic:64", limit=n_val, seed=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces
+
+
+def test_schedule_is_cosine_to_zero_after_warmup():
+    assert [lr_factor(s, 10, 0) for s in (0, 5)] == [1.0, pytest.approx(0.5)]
+    assert lr_factor(10, 10, 0) == pytest.approx(0.0)
+    assert [lr_factor(s, 12, 2) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert lr_factor(7, 12, 2) == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 10)))
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = tiny_probe().model
+    groups = make_optimizer(model, FinetuneOptions(out="x")).param_groups
+    assert groups[0]["weight_decay"] == 5e-4 and all(p.ndim > 1 for p in groups[0]["params"])
+    assert groups[1]["weight_decay"] == 0 and all(p.ndim == 1 for p in groups[1]["params"])
+    assert groups[0]["nesterov"] and groups[0]["momentum"] == 0.9
+
+
+def test_light_augment_flips_and_shifts_with_zero_padding():
+    images = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).view(2, 3, 16, 16)
+    out = light_augment(images, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape
+    again = light_augment(images, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    for b in range(2):  # each output is a window of the (maybe flipped) image padded by 2 zeros
+        padded = [torch.nn.functional.pad(img, (2, 2, 2, 2)) for img in (images[b], images[b].flip(2))]
+        windows = [p[:, y:y + 16, x:x + 16] for p in padded for y in range(5) for x in range(5)]
+        assert any(torch.equal(out[b], w) for w in windows)
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only():
+    assert epoch_order(10, 0, 1) == epoch_order(10, 0, 1)
+    assert epoch_order(10, 0, 1) != epoch_order(10, 0, 2) and sorted(epoch_order(10, 3, 0)) == list(range(10))
+
+
+def test_best_path():
+    assert str(best_path("run/ft.pt")) == "run/ft.best.pt" and str(best_path("ft")) == "ft.best.pt"
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def test_finetuning_lowers_the_training_loss(tmp_path):
+    probe = tiny_probe()
+    train, val = sources(probe, 32)
+    loader = probe.loader(train, 32)
+    before = evaluate(probe.model, loader, probe.runtime).loss
+    result = finetune(probe, train, val, FinetuneOptions(out=tmp_path / "ft.pt", epochs=6, batch_size=8, lr=0.05,
+                                                         augment="none"))
+    after = evaluate(probe.model, loader, probe.runtime).loss
+    assert after < before - 0.1
+    assert result.complete and result.steps == 24 and result.epochs == 6 and len(result.history) == 6
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.val is not None and result.best == str(tmp_path / "ft.best.pt")
+    assert result.best_val["loss"] == min(h["val_loss"] for h in result.history)
+
+
+def _run(tmp_path, name: str, augment: str, stop_at: tuple[int, ...] = ()):
+    """A 2-epoch run (3 steps an epoch), stopped after each step in ``stop_at`` and resumed."""
+    results = []
+    for i in range(len(stop_at) + 1):
+        probe = tiny_probe()
+        train, val = sources(probe)
+        options = FinetuneOptions(out=tmp_path / name, epochs=2, batch_size=8, augment=augment, recalibrate=8,
+                                  warmup_steps=1, resume=i > 0)
+        stop = (lambda s, at=stop_at[i]: s.step == at) if i < len(stop_at) else None
+        results.append(finetune(probe, train, val, options, stop=stop))
+    return probe.model, results
+
+
+@pytest.mark.parametrize("augment,stops", [("light", (2, 3)), ("timm", (4,))])
+def test_resume_equals_an_uninterrupted_run(tmp_path, augment, stops):
+    model, (whole,) = _run(tmp_path, "whole.pt", augment)
+    resumed_model, parts = _run(tmp_path, "parts.pt", augment, stops)
+    assert [p.complete for p in parts] == [False] * len(stops) + [True]
+    assert [p.steps for p in parts[:-1]] == list(stops)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, resumed_model.state_dict()[key]), key
+    final = parts[-1]
+    assert final.history == whole.history and final.best_val == whole.best_val and final.steps == whole.steps == 6
+    a = torch.load(tmp_path / "whole.pt", weights_only=True)["training"]
+    b = torch.load(tmp_path / "parts.pt", weights_only=True)["training"]
+    for group_a, group_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(group_a["momentum_buffer"], group_b["momentum_buffer"])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 6
+
+
+def test_checkpoint_round_trip_and_resume_of_a_finished_run(tmp_path):
+    probe = tiny_probe()
+    train, val = sources(probe)
+    out = tmp_path / "ft.pt"
+    result = finetune(probe, train, None, FinetuneOptions(out=out, max_steps=2, batch_size=8))
+    raw = torch.load(out, weights_only=True)  # tensors and plain containers only
+    assert raw["format"] == "resprobe-checkpoint" and raw["training"]["complete"] and raw["training"]["step"] == 2
+    loaded = load_model(str(out))
+    for key, value in probe.model.state_dict().items():
+        assert torch.equal(value, loaded.model.state_dict()[key]), key
+    assert result.best is None and result.val is None and not best_path(out).exists()
+    again = finetune(tiny_probe(), train, None, FinetuneOptions(out=out, max_steps=2, batch_size=8, resume=True))
+    assert again.to_dict() == result.to_dict()
+
+
+def test_resume_refuses_other_options_and_missing_files(tmp_path):
+    probe = tiny_probe()
+    train, _ = sources(probe)
+    out = tmp_path / "ft.pt"
+    with pytest.raises(BadValue, match="does not exist"):
+        finetune(probe, train, None, FinetuneOptions(out=out, max_steps=1, batch_size=8, resume=True))
+    finetune(probe, train, None, FinetuneOptions(out=out, max_steps=2, batch_size=8), stop=lambda s: True)
+    with pytest.raises(BadValue, match="lr"):
+        finetune(tiny_probe(), train, None, FinetuneOptions(out=out, max_steps=2, batch_size=8, lr=0.5, resume=True))
+    with pytest.raises(BadValue, match="--overwrite"):
+        finetune(tiny_probe(), train, None, FinetuneOptions(out=out, max_steps=2, batch_size=8))
+    with pytest.raises(BadValue, match="not both"):
+        FinetuneOptions(out=out, epochs=1, max_steps=2).validate()
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def test_cli_share_then_finetune(tmp_path, cli):
+    shared = tmp_path / "shared.pt"
+    cli("share", TRAINED, "--out", shared, "--stages", "0", "--device", "cpu", "-q")
+    out = tmp_path / "ft.pt"
+    payload = json.loads(cli("finetune", shared, "--data", SHAPES, "--limit", 32, "--val-data", SHAPES, "--val-limit",
+                             16, "--out", out, "--max-steps", 3, "-b", 8, "--recalibrate", 16, "--lr", 0.01,
+                             "--device", "cpu", "-f", "json").stdout)
+    assert {"steps", "epochs", "train_loss", "val", "out", "best"} <= set(payload)
+    assert payload["steps"] == 3 and payload["epochs"] == 1 and set(payload["val"]) == {"loss", "acc"}
+    assert payload["out"] == str(out) and payload["best"] == str(tmp_path / "ft.best.pt")
+    listed = json.loads(cli("blocks", out, "-f", "json").stdout)
+    assert listed["blocks"][0]["name"] == "layer1.0"
+    evaluated = json.loads(cli("eval", payload["best"], "--data", SHAPES, "--limit", 16, "-f", "json",
+                               "--device", "cpu").stdout)
+    assert evaluated["loss"] == pytest.approx(payload["best_val"]["loss"], abs=1e-6)
+    args = ("finetune", shared, "--data", SHAPES, "--limit", 32, "--val-data", SHAPES, "--val-limit", 16, "--out", out,
+            "-b", 8, "--recalibrate", 16, "--lr", 0.01, "--device", "cpu", "--resume")
+    assert "ft.best.pt" in cli(*args, "--max-steps", 3).stdout  # a finished run: --resume reports it again
+    assert "used 3" in cli(*args, "--max-steps", 4, code=1).stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--epochs", "1", "--max-steps", "2"), "not both"),
+    (("--lr", "-1"), "--lr"),
+    (("--augment", "heavy"), "--augment"),
+    (("--optimizer", "lamb"), "--optimizer"),
+    (("--resume",), "does not exist"),
+])
+def test_cli_errors_are_one_line(tmp_path, cli, args, message):
+    result = cli("finetune", TRAINED, "--data", SHAPES, "--out", tmp_path / "ft.pt", "--device", "cpu", *args, code=1)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+
+
+def test_cli_out_directory_must_exist(tmp_path, cli):
+    result = cli("finetune", TRAINED, "--data", SHAPES, "--out", tmp_path / "no" / "ft.pt", code=1)
+    assert "does not exist" in result.stderr and len(result.stderr.strip().splitlines()) == 1
