@@ -46,6 +46,9 @@ def _norm(t: Tensor) -> Tensor:
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
+    if a.dtype == b.dtype == torch.float32 and a.is_contiguous() and b.is_contiguous():
+        # One fused pass, no product tensor (contiguous NCHW: flattening is a view).
+        return torch.linalg.vecdot(a.view(len(a), -1), b.view(len(b), -1))
     return (a.float() * b.float()).sum(dim=_dims(a))
 
 
@@ -215,14 +218,7 @@ class Recorder:
                     self._readout_logits[block.name] = self.anatomy.head(out.detach()).float()
             if not block.is_identity:
                 return
-            assert slot.h is not None
-            update = out.detach() - slot.h.detach()
-            self._put("update_norm", j, _norm(update))
-            self._keep_tensor(j, "update", update)
-            if block.preact or slot.branch is None and self._branch_ends[j] is None:
-                # F = U: pre-activation blocks, and blocks of unknown families (out = h + F).
-                self._put("branch_norm", j, _norm(update))
-                self._keep_tensor(j, "branch", update)
+            # U = out − h is formed once, when the output's gradient arrives (no copy kept meanwhile).
             if out.requires_grad:
                 out.register_hook(self._out_grad_hook(j, block, slot))
 
@@ -233,11 +229,21 @@ class Recorder:
             assert slot.h is not None and slot.out is not None
             _check_version(slot.out, slot.out_version, "the output", block.name)
             _check_version(slot.h, slot.h_version, "the input", block.name)
-            slot.update = slot.out.detach() - slot.h.detach()
+            self._form_update(j, block, slot)
             self._put("out_dot", j, _dot(slot.update, g_out))
             slot.out = None
 
         return hook
+
+    def _form_update(self, j: int, block: Block, slot: _Slot) -> None:
+        assert slot.h is not None and slot.out is not None
+        slot.update = update = slot.out.detach() - slot.h.detach()
+        self._put("update_norm", j, _norm(update))
+        self._keep_tensor(j, "update", update)
+        if block.preact or slot.branch is None and self._branch_ends[j] is None:
+            # F = U: pre-activation blocks, and blocks of unknown families (out = h + F).
+            self._put("branch_norm", j, _norm(update))
+            self._keep_tensor(j, "branch", update)
 
     def _grad_hook(self, j: int, block: Block, slot: _Slot) -> Callable:
         def hook(g: Tensor) -> None:
@@ -247,10 +253,9 @@ class Recorder:
             if block.is_identity:
                 assert slot.h is not None
                 _check_version(slot.h, slot.h_version, "the input", block.name)
+                if slot.update is None:  # the output's gradient never arrived (unused output)
+                    self._form_update(j, block, slot)
                 update = slot.update
-                if update is None:  # the output's gradient never arrived (unused output)
-                    assert slot.out is not None
-                    update = slot.out.detach() - slot.h.detach()
                 update_norm = _norm(update)
                 update_dot = _dot(update, g)
                 self._put("update_dot", j, update_dot)
