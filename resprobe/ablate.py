@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from resprobe.blocks import GENERIC, Anatomy, Block, BlockFamily, family_of, replaced_blocks
 from resprobe.errors import BadValue, ModelError, RecordingError
-from resprobe.evaluate import EvalResult, Tally
+from resprobe.evaluate import EvalResult, Tally, borderline_mask
 from resprobe.models import register_recipe, save_resprobe_checkpoint
 from resprobe.runtime import Runtime
 
@@ -54,7 +54,6 @@ Advance = Callable[[int], None]
 ProgressFactory = Callable[[str, int], Advance]  # (description, total samples) -> advance(n)
 
 BY_CHOICES = ("loss", "acc")
-BORDERLINE_MARGIN = 0.10  # DESIGN.md §1: margin p_y − max_{k≠y} p_k in (−0.10, 0.10)
 BATCH_CACHE_BYTES = int(1.5e9)  # keep the preprocessed batches in memory below this size
 PROXY_NAMES = ("bi", "angular", "l2_ratio", "cos", "taylor")
 REBUILDABLE_SOURCES = ("timm", "torchvision", "hf-hub", "callable")
@@ -236,15 +235,6 @@ def unrolled(block: Block, k: int, scale: float = 1.0) -> Fn:
 
 # --------------------------------------------------------------------------------------------------
 # A pass over the data: tallies per variant, over all samples and over the borderline ones
-
-
-def borderline_mask(logits: Tensor, labels: Tensor, margin: float = BORDERLINE_MARGIN) -> Tensor:
-    """Samples whose ``p_y − max_{k≠y} p_k`` lies in (−margin, margin) (DESIGN.md §1)."""
-    probs = torch.softmax(logits.float(), dim=1)
-    p_true = probs.gather(1, labels[:, None]).squeeze(1)
-    others = probs.scatter(1, labels[:, None], float("-inf"))
-    gap = p_true - others.max(dim=1).values
-    return (gap > -margin) & (gap < margin)
 
 
 @dataclass

@@ -12,10 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
+from resprobe.evaluate import BORDERLINE_MARGIN, borderline_mask
 from resprobe.recorder import Recorded
 
-BORDERLINE = 0.10
+BORDERLINE = BORDERLINE_MARGIN
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -25,26 +27,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def margins(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """``p_y − max_{k≠y} p_k`` per sample."""
-    rows = np.arange(len(labels))
-    p_true = probs[rows, labels]
-    others = probs.copy()
-    others[rows, labels] = -np.inf
-    return p_true - others.max(axis=1)
-
-
-def borderline_mask(final_logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    m = margins(softmax(final_logits), labels)
-    return (m > -BORDERLINE) & (m < BORDERLINE)
-
-
 def summarize_readout(recorded: Recorded) -> list[dict[str, Any]]:
     names = [n for n in recorded.block_names if n in recorded.readout]
     if not names:
         return []
     labels = recorded.label
-    border = borderline_mask(recorded.readout[names[-1]], labels)
+    # The readout after the last block is the model's own output.
+    border = borderline_mask(torch.from_numpy(recorded.readout[names[-1]]), torch.from_numpy(labels)).numpy()
     rows: list[dict[str, Any]] = []
     previous_right: np.ndarray | None = None
     for name in names:

@@ -77,6 +77,20 @@ def _write_error(path: Path, exc: BaseException, kept: bool = True) -> Recording
     return RecordingError(f"cannot write {path}: {_os_reason(exc)}; choose an --out in a writable directory")
 
 
+@contextlib.contextmanager
+def _removed_on_failure(tmp: Path, path: Path) -> Iterator[None]:
+    """Whatever stops a write to ``tmp`` (an error, a kill signal) removes ``tmp``; errors become one
+    clear RecordingError about ``path``."""
+    try:
+        yield
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, Exception):
+            raise _write_error(path, exc) from None
+        raise
+
+
 # --------------------------------------------------------------------------------------------------
 # Writing
 
@@ -266,19 +280,13 @@ class RunWriter:
             arrays[f"readout.{block}"] = logits
         tmp = self.dir / f"tmp-{number:06d}.npz"
         final = self.dir / f"{_BATCH_PREFIX}{number:06d}.npz"
-        try:
+        with _removed_on_failure(tmp, self.path):
             with open(tmp, "wb") as fh:
                 np.savez(fh, **arrays)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, final)  # atomic: the batch file is whole or absent
             _fsync_dir(self.dir)
-        except BaseException as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            if isinstance(exc, Exception):
-                raise _write_error(self.path, exc) from None
-            raise
 
     # -- finishing -------------------------------------------------------------------------------
 
@@ -296,16 +304,10 @@ class RunWriter:
                                  "file was lost or damaged); run the same command with --resume to recompute them")
         self._remove_stale(f".{self.path.name}.tmp-*")  # left by a run killed while finishing (we hold the lock)
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        try:
+        with _removed_on_failure(tmp, self.path):
             write_hdf5(tmp, recorded, complete=True)
             os.replace(tmp, self.path)  # atomic: RUN.h5 is the old file or the whole new one
             _fsync_dir(self.path.parent)
-        except BaseException as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            if isinstance(exc, Exception):
-                raise _write_error(self.path, exc) from None
-            raise
         # Retire the partial folder by renaming it first, so that it never exists half deleted under
         # its own name (a kill during the removal leaves only a hidden folder, removed next time).
         trash = self.path.with_name(f".{self.path.name}.partial-done-{os.getpid()}")

@@ -38,3 +38,20 @@ def save_state_dict(model: torch.nn.Module, path: Path) -> Path:
 
 
 requires_cifar = pytest.mark.skipif(not CIFAR10.is_dir(), reason="../shared/cifar10 is not present")
+
+
+@pytest.fixture
+def run():
+    """Invoke the CLI in-process; asserts the exit status (0 unless ``code=`` says otherwise)."""
+    from typer.testing import CliRunner
+
+    from resprobe.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str, code: int = 0):
+        result = runner.invoke(app, list(args))
+        assert result.exit_code == code, (result.stdout, result.stderr)
+        return result
+
+    return invoke

@@ -11,7 +11,6 @@ import pytest
 import torch
 from scipy import stats
 from torch import nn
-from typer.testing import CliRunner
 
 import tinymodels
 from conftest import FIXTURES
@@ -34,7 +33,6 @@ from resprobe.ablate import (
     unrolled,
 )
 from resprobe.blocks import Anatomy, discover_blocks, replaced_blocks
-from resprobe.cli import app
 from resprobe.evaluate import EvalResult, Tally
 from resprobe.runtime import make_runtime
 
@@ -416,18 +414,6 @@ def test_run_ablation_remove_beyond_one_shot_curve(tmp_path):
 
 # --------------------------------------------------------------------------------------------------
 # The command line
-
-
-@pytest.fixture
-def run():
-    runner = CliRunner()
-
-    def invoke(*args: str, code: int = 0):
-        result = runner.invoke(app, list(args))
-        assert result.exit_code == code, (result.stdout, result.stderr)
-        return result
-
-    return invoke
 
 
 def ablate_json(run, *args: str) -> dict:

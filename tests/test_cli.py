@@ -7,26 +7,12 @@ import io
 import json
 
 import pytest
-from typer.testing import CliRunner
 
 from conftest import FIXTURES
 from resprobe import __version__
-from resprobe.cli import app
 
 MODEL = str(FIXTURES / "tiny_resnet.pt")
 DATA = str(FIXTURES / "shapes_test.npz")
-
-
-@pytest.fixture
-def run():
-    runner = CliRunner()
-
-    def invoke(*args: str, code: int = 0):
-        result = runner.invoke(app, list(args))
-        assert result.exit_code == code, (result.stdout, result.stderr)
-        return result
-
-    return invoke
 
 
 def test_version(run):
