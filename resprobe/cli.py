@@ -662,6 +662,9 @@ def finetune_command(
                                                      show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for data order, augmentation, --limit and "
                                       "initialization.")] = 0,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the training step (pays on "
+                                                "GPUs after a compile of a minute or so; training goes on "
+                                                "eagerly, with a warning, if compiling fails).")] = False,
     batch_size: BatchSize = 64, workers: Workers = None, class_map: ClassMap = None,
     checkpoint: Checkpoint = None, pretrained: Pretrained = False, num_classes: NumClasses = None,
     model_kwargs: ModelKwargs = None, ema: Ema = False, trust_checkpoint: Trust = False, blocks: BlocksGlob = None,
@@ -681,7 +684,7 @@ def finetune_command(
         require(out, "--out", "the checkpoint to write, e.g. --out finetuned.pt")
         options = FinetuneOptions(out, epochs, max_steps, lr, optimizer, momentum, weight_decay, warmup_steps, augment,
                                   recalibrate, recalibrate_scope, batch_size, workers, seed, resume,
-                                  overwrite).validate()
+                                  overwrite, compile_model).validate()
         if not resume:
             from resprobe.share import check_out_path
 

@@ -42,20 +42,57 @@ def _dims(t: Tensor) -> tuple[int, ...]:
 
 
 def _norm(t: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(t.float(), dim=_dims(t))
+    # ``dtype`` makes the reduction accumulate and return float32 without a float32 copy of ``t``.
+    return torch.linalg.vector_norm(t, dim=_dims(t), dtype=torch.float32)
+
+
+def _flat(t: Tensor) -> Tensor:
+    """[B, -1] as a view where the layout allows (NCHW or channels_last), elements in memory order."""
+    if t.is_contiguous():
+        return t.view(len(t), -1)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).view(len(t), -1)
+    return t.reshape(len(t), -1)
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
-    if a.dtype == b.dtype == torch.float32 and a.is_contiguous() and b.is_contiguous():
-        # One fused pass, no product tensor (contiguous NCHW: flattening is a view).
-        return torch.linalg.vecdot(a.view(len(a), -1), b.view(len(b), -1))
-    return (a.float() * b.float()).sum(dim=_dims(a))
+    """Per-sample dot products in float32, one fused pass when both are float32 and laid out alike."""
+    if a.dtype != torch.float32 or b.dtype != torch.float32:
+        a, b = a.float(), b.float()
+    if a.stride() != b.stride():  # the same element order is needed in both
+        a, b = a.contiguous(), b.contiguous()
+    return torch.linalg.vecdot(_flat(a), _flat(b))
 
 
 def _cos(dot: Tensor, na: Tensor, nb: Tensor) -> Tensor:
     # A zero norm makes the cosine undefined: NaN, excluded from means and counted (n_invalid).
     denom = na * nb
     return torch.where(denom > 0, dot / denom, torch.full_like(dot, math.nan))
+
+
+def identity_block_stats(h: Tensor, out: Tensor, g: Tensor, g_out: Tensor | None, branch: Tensor | None) -> Tensor:
+    """Every statistic of an identity block, [len(STAT_NAMES), B] float32 (DESIGN.md §1).
+
+    ``branch`` is the copy of F (post-activation blocks) or None where F = U = out − h. Each tensor is
+    read as few times as the formulas allow and converted to float32 at most once (bf16/fp16 runs).
+    It is not compiled: on an H200, torch.compile(dynamic=True) of it made ``record`` slower (1.38× the
+    floor against 1.13× in fp32) and disagreed with the CPU on U·g (docs/gpu.md).
+    """
+    if out.dtype == torch.float32:
+        update = out - h
+    else:  # float32 from the start: U is often much smaller than h, and fp16/bf16 would round it
+        update = out.float()
+        update.sub_(h)  # mixed dtypes computed in float32 inside the kernel, no float32 copy of h
+    g32 = g.float()
+    input_norm, update_norm, grad_norm = _norm(h), _norm(update), _norm(g)
+    update_dot = _dot(update, g32)
+    if branch is None:
+        branch_norm, dot = update_norm, update_dot
+    else:
+        branch_norm, dot = _norm(branch), _dot(branch.float(), g32)
+    out_dot = _dot(update, g_out.float()) if g_out is not None else torch.full_like(input_norm, math.nan)
+    return torch.stack([input_norm, branch_norm, update_norm, grad_norm, dot, update_dot, out_dot,
+                        _cos(dot, branch_norm, grad_norm), _cos(update_dot, update_norm, grad_norm)])
 
 
 class _Stale(RuntimeError):
@@ -70,14 +107,16 @@ def _check_version(t: Tensor, version: int, what: str, block: str) -> None:
 
 @dataclass
 class _Slot:
-    """What one block holds between its forward and its backward within a batch."""
+    """What one block holds between its forward and its backward within a batch (references only,
+    checked with their version counters, except ``branch``, a copy)."""
 
     h: Tensor | None = None
     h_version: int = 0
     out: Tensor | None = None
     out_version: int = 0
     branch: Tensor | None = None  # copy of F (post-activation identity blocks)
-    update: Tensor | None = None  # U, kept from g_out's arrival until g's
+    g_out: Tensor | None = None  # ∂ℓ/∂out, kept from its arrival until g's
+    g_out_version: int = 0
 
 
 @dataclass
@@ -182,10 +221,11 @@ class Recorder:
             h = args[0]
             self._active = j
             slot = self._slots[j] = _Slot(h=h, h_version=h._version)
-            self._put("input_norm", j, _norm(h))
             self._keep_tensor(j, "input", h)
             if h.requires_grad:
                 h.register_hook(self._grad_hook(j, block, slot))
+            else:  # no backward will reach this block's input: what can be read is read now
+                self._put("input_norm", j, _norm(h))
 
         return hook
 
@@ -195,11 +235,12 @@ class Recorder:
             if not self._recording or j is None or self._branch_ends[j] is not module or not isinstance(output, Tensor):
                 return
             block = self.blocks[j]
-            self._put("branch_norm", j, _norm(output))
             self._keep_tensor(j, "branch", output)
             if block.is_identity and not block.preact:
                 # Post-activation: ``x += shortcut`` and the in-place ReLU will overwrite F.
                 self._slots[j].branch = output.detach().clone()
+            elif not block.is_identity:  # transitions: ‖F‖ is all that is recorded of F
+                self._put("branch_norm", j, _norm(output))
 
         return hook
 
@@ -218,57 +259,46 @@ class Recorder:
                     self._readout_logits[block.name] = self.anatomy.head(out.detach()).float()
             if not block.is_identity:
                 return
-            # U = out − h is formed once, when the output's gradient arrives (no copy kept meanwhile).
+            if self._keep and slot.h is not None:
+                self._keep_update(j, block, slot)
             if out.requires_grad:
-                out.register_hook(self._out_grad_hook(j, block, slot))
+                out.register_hook(self._out_grad_hook(slot))
 
         return hook
 
-    def _out_grad_hook(self, j: int, block: Block, slot: _Slot) -> Callable:
-        def hook(g_out: Tensor) -> None:
-            assert slot.h is not None and slot.out is not None
-            _check_version(slot.out, slot.out_version, "the output", block.name)
-            _check_version(slot.h, slot.h_version, "the input", block.name)
-            self._form_update(j, block, slot)
-            self._put("out_dot", j, _dot(slot.update, g_out))
-            slot.out = None
-
-        return hook
-
-    def _form_update(self, j: int, block: Block, slot: _Slot) -> None:
+    def _keep_update(self, j: int, block: Block, slot: _Slot) -> None:
         assert slot.h is not None and slot.out is not None
-        slot.update = update = slot.out.detach() - slot.h.detach()
-        self._put("update_norm", j, _norm(update))
+        k = self._keep
+        update = slot.out[:k].detach().float() - slot.h[:k].detach().float()
         self._keep_tensor(j, "update", update)
         if block.preact or slot.branch is None and self._branch_ends[j] is None:
-            # F = U: pre-activation blocks, and blocks of unknown families (out = h + F).
-            self._put("branch_norm", j, _norm(update))
-            self._keep_tensor(j, "branch", update)
+            self._keep_tensor(j, "branch", update)  # F = U
+
+    @staticmethod
+    def _out_grad_hook(slot: _Slot) -> Callable:
+        def hook(g_out: Tensor) -> None:
+            # Only kept: every statistic is computed when g = ∂ℓ/∂h arrives, in one go.
+            slot.g_out, slot.g_out_version = g_out, g_out._version
+
+        return hook
 
     def _grad_hook(self, j: int, block: Block, slot: _Slot) -> Callable:
         def hook(g: Tensor) -> None:
-            grad_norm = _norm(g)
-            self._put("grad_norm", j, grad_norm)
+            assert slot.h is not None
             self._keep_tensor(j, "grad", g)
-            if block.is_identity:
-                assert slot.h is not None
-                _check_version(slot.h, slot.h_version, "the input", block.name)
-                if slot.update is None:  # the output's gradient never arrived (unused output)
-                    self._form_update(j, block, slot)
-                update = slot.update
-                update_norm = _norm(update)
-                update_dot = _dot(update, g)
-                self._put("update_dot", j, update_dot)
-                self._put("update_cos", j, _cos(update_dot, update_norm, grad_norm))
-                if slot.branch is not None:
-                    branch_norm = _norm(slot.branch)
-                    dot = _dot(slot.branch, g)
-                else:  # F = U
-                    branch_norm, dot = update_norm, update_dot
-                self._put("dot", j, dot)
-                self._put("cos", j, _cos(dot, branch_norm, grad_norm))
+            _check_version(slot.h, slot.h_version, "the input", block.name)
+            if block.is_identity and slot.out is not None:
+                _check_version(slot.out, slot.out_version, "the output", block.name)
+                if slot.g_out is not None:
+                    _check_version(slot.g_out, slot.g_out_version, "the output's gradient", block.name)
+                stats = identity_block_stats(slot.h.detach(), slot.out.detach(), g, slot.g_out, slot.branch)
+                assert self._stats is not None
+                self._stats[:, :, j] = stats
+            else:
+                self._put("input_norm", j, _norm(slot.h))
+                self._put("grad_norm", j, _norm(g))
             # Free what this block held as soon as its gradient has been consumed.
-            slot.h = slot.out = slot.branch = slot.update = None
+            slot.h = slot.out = slot.branch = slot.g_out = None
 
         return hook
 
@@ -288,15 +318,16 @@ class Recorder:
         self._keep = max(0, min(batch, self.save_tensors - self.samples_seen))
         self._recording = True
         try:
-            with torch.enable_grad(), self.runtime.compute():
-                logits = model(images)
-            logits = logits.float()
-            pred = logits.argmax(1)
-            target = labels if self.target == "label" else pred
-            losses = F.cross_entropy(logits, target, reduction="none")
-            # Samples are independent in eval mode: the gradient of the summed loss w.r.t. sample
-            # n's activations is exactly ∂ℓ_n/∂h_n.
-            torch.autograd.grad(losses.sum(), images)
+            with self.runtime.numerics():  # the backward pass too: fp32 means no TF32 there either
+                with torch.enable_grad(), self.runtime.compute():
+                    logits = model(images)
+                logits = logits.float()
+                pred = logits.argmax(1)
+                target = labels if self.target == "label" else pred
+                losses = F.cross_entropy(logits, target, reduction="none")
+                # Samples are independent in eval mode: the gradient of the summed loss w.r.t. sample
+                # n's activations is exactly ∂ℓ_n/∂h_n.
+                torch.autograd.grad(losses.sum(), images)
             label_losses = losses if self.target == "label" else F.cross_entropy(logits, labels, reduction="none")
         except _Stale as exc:
             raise RuntimeError(str(exc)) from None

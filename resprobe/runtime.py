@@ -7,8 +7,10 @@ accumulated in float32 or better whatever the compute precision.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,21 +54,28 @@ class Runtime:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
     @contextlib.contextmanager
-    def compute(self) -> Iterator[None]:
-        """The context a forward pass runs in: TF32 only when asked, autocast for bf16/fp16."""
+    def numerics(self) -> Iterator[None]:
+        """TF32 only when asked. Unlike autocast this also covers backward passes, whose convolutions
+        and matrix products read the flags when they run (cuDNN's default would otherwise be TF32)."""
         tf32 = self.precision == "tf32"
         saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
         try:
-            dtype = self.autocast_dtype
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+    @contextlib.contextmanager
+    def compute(self) -> Iterator[None]:
+        """The context a forward pass runs in: :meth:`numerics`, plus autocast for bf16/fp16."""
+        dtype = self.autocast_dtype
+        with self.numerics():
             if dtype is None:
                 yield
             else:
                 with torch.autocast(device_type=self.device.type, dtype=dtype):
                     yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Move the model; channels_last on CUDA, where convolutions run faster in it."""
@@ -89,3 +98,54 @@ def make_runtime(device: str = "auto", precision: str = "fp32") -> Runtime:
     if precision == "fp16" and resolved.type == "cpu":
         raise BadValue("--precision fp16 is not supported on the CPU; use bf16 or fp32")
     return Runtime(resolved, precision)
+
+
+def _signature(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple((tuple(a.shape), a.dtype, a.device, a.stride()) if isinstance(a, torch.Tensor) else a is None
+                 for a in args)
+
+
+class CompiledOrEager:
+    """``fn`` through ``torch.compile``, or eagerly, with one warning, if compiling it fails.
+
+    torch.compile compiles lazily, at the first call with inputs of a new kind (shapes, dtypes,
+    devices, layouts, which arguments are None), so exactly those calls are allowed to fail (no C
+    compiler, an unsupported operation, an old GPU): ``warn`` says why and ``fn`` runs eagerly from
+    then on. An error in a call with inputs already seen is a real error and propagates.
+    """
+
+    def __init__(self, fn: Callable[..., Any], what: str, fallback: str, warn: Callable[[str], None] | None = None,
+                 **compile_options: Any):
+        self.fn = fn
+        self.what = what
+        self.fallback = fallback
+        self.warn = warn or (lambda message: warnings.warn(message, stacklevel=3))
+        self._seen: set[tuple[Any, ...]] = set()
+        self._compiled: Callable[..., Any] | None = None
+        try:
+            self._compiled = torch.compile(fn, **compile_options)
+        except Exception as exc:  # e.g. torch.compile unsupported on this Python
+            self._give_up(exc)
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
+    def _give_up(self, exc: BaseException) -> None:
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        self.warn(f"{self.what}: torch.compile failed ({type(exc).__name__}: {reason}); {self.fallback}")
+        self._compiled = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self._compiled is None:
+            return self.fn(*args)
+        signature = _signature(args)
+        if signature in self._seen:
+            return self._compiled(*args)
+        try:
+            result = self._compiled(*args)
+        except Exception as exc:
+            self._give_up(exc)
+            return self.fn(*args)
+        self._seen.add(signature)
+        return result

@@ -44,6 +44,7 @@ from resprobe.data import DataSource, IndexedDataset, Preprocessing, TensorImage
 from resprobe.errors import BadValue
 from resprobe.evaluate import EvalResult, evaluate
 from resprobe.models import is_resprobe_checkpoint, load_weights, read_checkpoint, save_resprobe_checkpoint
+from resprobe.runtime import CompiledOrEager
 from resprobe.share import check_out_path, check_recalibrate_scope, recalibrate
 
 AUGMENTS = ("none", "light", "timm")
@@ -79,6 +80,7 @@ class FinetuneOptions:
     seed: int = 0
     resume: bool = False
     overwrite: bool = False
+    compile: bool = False  # torch.compile the training forward/backward (eager on failure)
 
     @property
     def learning_rate(self) -> float:
@@ -544,10 +546,11 @@ def finetune(
         run.complete = s.step >= s.total_steps
         save_last()
 
+    forward = compiled_forward(model) if options.compile else model
     with _deferred_interrupt() as interrupted:
         while run.state.step < total:
-            stopped = _train_epoch(model, dataset, train, options, runtime, run, optimizer, scheduler, scaler,
-                                   aug_generator, end_epoch, on_step, stop, interrupted)
+            stopped = _train_epoch(model, forward, dataset, train, options, runtime, run, optimizer, scheduler,
+                                   scaler, aug_generator, end_epoch, on_step, stop, interrupted)
             if stopped:
                 save_last()
                 model.eval()
@@ -558,8 +561,8 @@ def finetune(
     return _result(run, out, best_file)
 
 
-def _train_epoch(model: nn.Module, dataset: Dataset, train: DataSource, options: FinetuneOptions, runtime: Any,
-                 run: _Run, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+def _train_epoch(model: nn.Module, forward: Callable[[Tensor], Tensor], dataset: Dataset, train: DataSource,
+                 options: FinetuneOptions, runtime: Any, run: _Run, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
                  aug_generator: torch.Generator, end_epoch: Callable[[], None],
                  on_step: Callable[[TrainState], None] | None, stop: Callable[[TrainState], bool] | None,
                  interrupted: Callable[[], bool]) -> bool:
@@ -577,9 +580,10 @@ def _train_epoch(model: nn.Module, dataset: Dataset, train: DataSource, options:
     model.train()
     for images, labels, _index in loader:
         if options.augment == "light":
-            images = light_augment(images, aug_generator)
+            # On the device: the same result as on the host (index arithmetic only), no host work.
+            images = light_augment(runtime.batch(images), aug_generator)
         s.lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it on)
-        loss = _train_step(model, images, labels, runtime, optimizer, scheduler, scaler)
+        loss = train_step(forward, images, labels, runtime, optimizer, scheduler, scaler)
         run.loss_sum += loss.detach().to(run.loss_sum.dtype) * len(labels)
         run.loss_count += len(labels)
         s.step += 1
@@ -600,22 +604,33 @@ def _train_epoch(model: nn.Module, dataset: Dataset, train: DataSource, options:
     return False
 
 
-def _train_step(model: nn.Module, images: Tensor, labels: Tensor, runtime: Any, optimizer: torch.optim.Optimizer,
-                scheduler: Any, scaler: Any) -> Tensor:
-    images, labels = runtime.batch(images), labels.to(runtime.device)
-    with runtime.compute():
-        logits = model(images)
-    loss = F.cross_entropy(logits.float(), labels)
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
+def train_step(model: Callable[[Tensor], Tensor], images: Tensor, labels: Tensor, runtime: Any,
+                optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any) -> Tensor:
+    """One optimizer step of ``finetune`` on an (augmented) batch; the loss stays on the device."""
+    images, labels = runtime.batch(images), labels.to(runtime.device, non_blocking=True)
+    with runtime.numerics():  # the backward too: fp32 means no TF32 anywhere
+        with runtime.compute():
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
     scheduler.step()
     return loss
+
+
+def compiled_forward(model: nn.Module, warn: Callable[[str], None] | None = None) -> CompiledOrEager:
+    """``model(x)`` through ``torch.compile`` (``finetune --compile``), eager if compiling fails.
+
+    Parameters are shared with ``model``, so checkpoints are written from the uncompiled module,
+    without ``_orig_mod.`` prefixes.
+    """
+    return CompiledOrEager(model, "--compile", "training continues eagerly", warn)
 
 
 def _check_finite(run: _Run, step: int) -> float:

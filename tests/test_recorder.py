@@ -215,3 +215,39 @@ def test_collect_concatenates_batches():
     with Recorder(anatomy, make_runtime("cpu")) as recorder:
         whole = recorder.run_batch(x, y, torch.arange(10))
     np.testing.assert_allclose(recorded.stats["cos"], whole.stats["cos"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision,tf32", [("fp32", False), ("tf32", True)])
+def test_backward_runs_with_the_chosen_tf32_setting(precision, tf32, monkeypatch):
+    """cuDNN allows TF32 by default; fp32 must turn it off in the backward pass too, then restore it."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    model = tinymodels.timm_basic().requires_grad_(False)
+    anatomy = discover_blocks(model, (3, 32, 32))
+    seen = []
+    model.fc.register_full_backward_pre_hook(
+        lambda *_: seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)))
+    with Recorder(anatomy, make_runtime("cpu", precision)) as recorder:
+        recorder.run_batch(torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long), torch.arange(2))
+    assert seen == [(tf32, tf32)]
+    assert torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+
+
+
+def test_bf16_autocast_statistics_are_float32_and_close_to_fp32():
+    """bf16 activations, float32 statistics: close to the fp32 run at bf16's precision."""
+    model = tinymodels.torchvision_tiny().requires_grad_(False)
+    anatomy = discover_blocks(model, (3, 32, 32))
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    y = torch.zeros(4, dtype=torch.long)
+    got = {}
+    for precision in ("fp32", "bf16"):
+        with Recorder(anatomy, make_runtime("cpu", precision)) as recorder:
+            got[precision] = recorder.run_batch(x, y, torch.arange(4)).stats
+    for name in STAT_NAMES:
+        assert got["bf16"][name].dtype == np.float32
+        scale = np.nanmax(np.abs(got["fp32"][name]))
+        tolerance = 0.02 if name.endswith("norm") else 0.15  # dot products of near-orthogonal vectors cancel
+        np.testing.assert_allclose(got["bf16"][name], got["fp32"][name], atol=tolerance * scale, err_msg=name,
+                                   equal_nan=True)
+    assert not np.array_equal(got["bf16"]["update_norm"], got["fp32"]["update_norm"])  # bf16 really ran

@@ -18,6 +18,7 @@ from resprobe.probe import open_probe
 from resprobe.train import (
     FinetuneOptions,
     best_path,
+    compiled_forward,
     epoch_order,
     finetune,
     light_augment,
@@ -166,6 +167,67 @@ def test_resume_refuses_other_options_and_missing_files(tmp_path):
         finetune(tiny_probe(), train, None, FinetuneOptions(out=out, max_steps=2, batch_size=8))
     with pytest.raises(BadValue, match="not both"):
         FinetuneOptions(out=out, epochs=1, max_steps=2).validate()
+
+
+def _weights_after(tmp_path, name: str, **options) -> dict[str, torch.Tensor]:
+    probe = tiny_probe()
+    train, _ = sources(probe)
+    finetune(probe, train, None, FinetuneOptions(out=tmp_path / name, max_steps=2, batch_size=8, **options))
+    return probe.model.state_dict()
+
+
+def test_compile_that_fails_falls_back_to_the_eager_run(tmp_path, monkeypatch):
+    eager = _weights_after(tmp_path, "eager.pt")
+
+    def broken_compile(model, **_kwargs):
+        def call(*_args):
+            raise RuntimeError("inductor: no working C++ compiler\nsecond line")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match=r"--compile: torch.compile failed \(RuntimeError: inductor: no working C\+\+ "
+                                         r"compiler\); training continues eagerly"):
+        fallback = _weights_after(tmp_path, "fallback.pt", compile=True)
+    for key, value in eager.items():
+        assert torch.equal(value, fallback[key]), key
+
+
+def test_compile_errors_after_the_first_step_are_not_hidden(monkeypatch):
+    calls = []
+
+    def flaky_compile(model, **_kwargs):
+        def call(x):
+            calls.append(x)
+            if len(calls) > 1:
+                raise RuntimeError("CUDA out of memory")
+            return model(x)
+        return call
+
+    monkeypatch.setattr(torch, "compile", flaky_compile)
+    model = torch.nn.Linear(3, 2)
+    forward = compiled_forward(model)
+    x = torch.randn(4, 3)
+    assert torch.equal(forward(x), model(x)) and forward.compiled
+    with pytest.raises(RuntimeError, match="out of memory"):
+        forward(x)
+
+
+def test_compiled_training_step_matches_eager():
+    """A real torch.compile (inductor) of a tiny block: same logits and gradients as eager."""
+    pytest.importorskip("torch._inductor")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).train()
+    x = torch.randn(4, 3, 8, 8)
+    eager_logits = model(x)
+    eager_grads = torch.autograd.grad(eager_logits.square().sum(), list(model.parameters()))
+    forward = compiled_forward(model, warn=lambda message: pytest.fail(message))
+    logits = forward(x)
+    grads = torch.autograd.grad(logits.square().sum(), list(model.parameters()))
+    assert forward.compiled
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------
