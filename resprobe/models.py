@@ -464,6 +464,37 @@ def build_architecture(arch: Mapping[str, Any], pretrained: bool = False) -> tup
     raise ModelError(f"cannot rebuild an architecture from source {source!r}")
 
 
+def build_with_weights(arch: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor],
+                       source: str) -> tuple[nn.Module, Any]:
+    """Build an architecture and load ``state_dict`` into it, without initializing it randomly first.
+
+    The model is built on the meta device and takes the checkpoint's tensors (cast to its own dtypes):
+    random initialization of a ResNet-50 costs about half a second that the weights then overwrite.
+    Where that cannot work (a build that fails on the meta device, a tensor the checkpoint does not
+    hold, such as a buffer computed at construction) the model is built and loaded the ordinary way.
+    """
+    try:
+        with torch.device("meta"):
+            model, weights = build_architecture(arch)
+    except ModelError:
+        raise
+    except Exception:  # noqa: BLE001 - some constructors compute with their tensors
+        model = None
+    if model is not None:
+        own = model.state_dict()
+        tensors = [*model.parameters(), *model.buffers()]
+        if (set(own) <= set(state_dict) and len(tensors) == len(own)
+                and all(isinstance(v, torch.Tensor) and v.shape == own[k].shape for k, v in state_dict.items()
+                        if k in own)):
+            load_weights(model, {k: v.to(own[k].dtype).contiguous() if k in own else v
+                                 for k, v in state_dict.items()}, source, assign=True)
+            if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+                return model, weights
+    model, weights = build_architecture(arch)
+    load_weights(model, state_dict, source)
+    return model, weights
+
+
 def classifier_key(model: nn.Module) -> str | None:
     """The module name of the classifier (``fc``, ``head.fc``), as timm reports it when it can."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -503,7 +534,8 @@ def infer_num_classes(state_dict: Mapping[str, torch.Tensor], classifier: str | 
     return None
 
 
-def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, strict: bool = True) -> None:
+def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, strict: bool = True,
+                 assign: bool = False) -> None:
     """``load_state_dict`` whose failure names the first offending keys and the likely cause."""
     own = model.state_dict()
     bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
@@ -534,7 +566,7 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
         raise ModelError(f"weights from {source} do not fit the model: {'; '.join(parts)}; likely another "
                          "architecture or other --model-kwargs than the checkpoint was trained with")
     try:
-        model.load_state_dict(state_dict, strict=False)
+        model.load_state_dict(state_dict, strict=False, assign=assign)
     except Exception as exc:  # noqa: BLE001 - e.g. a dtype that cannot be copied
         raise ModelError(f"weights from {source} do not fit the model: {_first_line(exc)}") from exc
 
@@ -751,11 +783,13 @@ def load_model(model: str | ModelSpec, opts: LoadOptions | None = None) -> Loade
             arch["weights"] = spec.weights
         if state_dict is not None and opts.num_classes is None:
             arch["num_classes"] = infer_num_classes(state_dict, _classifier_name(arch))
-        built, tv_weights = build_architecture(arch, pretrained=opts.pretrained)
+        if state_dict is not None:
+            built, tv_weights = build_with_weights(arch, state_dict, str(checkpoint_path))
+        else:
+            built, tv_weights = build_architecture(arch, pretrained=opts.pretrained)
         arch["num_classes"] = _model_num_classes(built, arch.get("num_classes"))
         loaded = LoadedModel(model=built, spec=spec, arch=arch, torchvision_weights=tv_weights)
         if state_dict is not None:
-            load_weights(built, state_dict, str(checkpoint_path))
             loaded.checkpoint = str(checkpoint_path)
             loaded.checkpoint_sha256 = file_sha256(checkpoint_path)
     loaded.model.eval()
@@ -796,8 +830,7 @@ def _load_from_path(spec: ModelSpec, opts: LoadOptions) -> LoadedModel:
         state_dict = extract_state_dict(obj, opts.ema, str(path))
         arch["kwargs"] = dict(opts.model_kwargs)
         arch["num_classes"] = opts.num_classes or infer_num_classes(state_dict, _classifier_name(arch))
-        model, _ = build_architecture(arch)
-        load_weights(model, state_dict, str(path))
+        model, _ = build_with_weights(arch, state_dict, str(path))
         loaded = LoadedModel(model=model, spec=spec, arch=arch)
     loaded.checkpoint, loaded.checkpoint_sha256 = str(path), sha
     return loaded

@@ -67,15 +67,20 @@ class Runtime:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
     @contextlib.contextmanager
-    def compute(self) -> Iterator[None]:
-        """The context a forward pass runs in: :meth:`numerics`, plus autocast for bf16/fp16."""
+    def autocast(self) -> Iterator[None]:
+        """Autocast for bf16/fp16, nothing otherwise. Thread-local, unlike :meth:`numerics`'s flags."""
         dtype = self.autocast_dtype
-        with self.numerics():
-            if dtype is None:
+        if dtype is None:
+            yield
+        else:
+            with torch.autocast(device_type=self.device.type, dtype=dtype):
                 yield
-            else:
-                with torch.autocast(device_type=self.device.type, dtype=dtype):
-                    yield
+
+    @contextlib.contextmanager
+    def compute(self) -> Iterator[None]:
+        """The context a forward pass runs in: :meth:`numerics` and :meth:`autocast`."""
+        with self.numerics(), self.autocast():
+            yield
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Move the model; channels_last on CUDA, where convolutions run faster in it."""

@@ -76,13 +76,15 @@ def close(a: EvalResult, b: EvalResult, tol: float = 1e-5) -> bool:
 # The engine
 
 
+@pytest.mark.parametrize("threads", [2, 1], ids=["suffixes-in-threads", "sequential"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_engine_equals_naive_reevaluation(family):
+def test_engine_equals_naive_reevaluation(family, threads, monkeypatch):
     model = tiny(family)
     anatomy = discover_blocks(model, (3, 32, 32))
     data = batches()
     engine = AblationEngine(model, anatomy, CPU, data)
-    assert engine.fast
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # what _suffix_workers reads
+    assert engine.fast and engine._suffix_workers(10) == threads
     positions = list(range(len(anatomy.blocks)))  # identity and transition blocks
     result = evaluate_pass(engine, [lesion_variant(anatomy, [p]) for p in positions])
     assert close(result.base, naive(model, data))

@@ -131,3 +131,45 @@ def test_callable_models(monkeypatch):
 def test_clean_state_dict_strips_prefixes():
     t = torch.zeros(1)
     assert list(clean_state_dict({"module._orig_mod.a.b": t, "n_averaged": t, "_orig_mod.c": t})) == ["a.b", "c"]
+
+
+class WithComputedBuffer(torch.nn.Module):
+    """A model whose constructor computes a buffer that checkpoints do not hold (non-persistent)."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, num_classes)
+        self.register_buffer("scale", torch.arange(4.0) + 1, persistent=False)
+
+    def forward(self, x):
+        return self.fc(x * self.scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_build_with_weights_skips_random_init_and_keeps_model_dtypes(dtype, monkeypatch):
+    import resprobe.models as models
+    from resprobe.models import build_with_weights
+
+    state = {k: v.to(dtype) for k, v in reference_state().items()}
+    arch = {"source": "timm", "name": "resnet18", "num_classes": 7, "kwargs": KWARGS}
+    loads = []
+    load_weights = models.load_weights
+    monkeypatch.setattr(models, "load_weights", lambda *a, **k: (loads.append(k.get("assign")), load_weights(*a, **k)))
+    model, _ = build_with_weights(arch, state, "test")
+    assert loads == [True]  # one load, into the model built on the meta device
+    tensors = [*model.parameters(), *model.buffers()]
+    assert not any(t.is_meta for t in tensors)
+    assert all(t.dtype == (torch.int64 if t.dtype == torch.int64 else torch.float32) for t in tensors)
+    assert_same(model, state)
+
+
+def test_build_with_weights_falls_back_where_the_checkpoint_lacks_a_tensor(monkeypatch):
+    """A buffer computed at construction is not in the checkpoint: built and loaded the ordinary way."""
+    import resprobe.models as models
+    from resprobe.models import build_with_weights
+
+    monkeypatch.setattr(models, "build_architecture", lambda arch, pretrained=False: (WithComputedBuffer(), None))
+    state = {k: torch.randn_like(v) for k, v in WithComputedBuffer().state_dict().items()}
+    model, _ = build_with_weights({"source": "callable", "name": "x"}, state, "test")
+    assert torch.equal(model.scale, torch.arange(4.0) + 1) and not model.scale.is_meta
+    assert torch.equal(model.fc.weight, state["fc.weight"])
