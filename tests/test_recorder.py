@@ -251,3 +251,36 @@ def test_bf16_autocast_statistics_are_float32_and_close_to_fp32():
         np.testing.assert_allclose(got["bf16"][name], got["fp32"][name], atol=tolerance * scale, err_msg=name,
                                    equal_nan=True)
     assert not np.array_equal(got["bf16"]["update_norm"], got["fp32"]["update_norm"])  # bf16 really ran
+
+
+def test_channels_last_statistics_match_hand_split_autograd():
+    """The CUDA layout (channels_last model and batch) read on the CPU: per-sample reductions flatten
+    channels_last tensors as views, and mixed layouts are aligned before a dot product."""
+    model = tinymodels.torchvision_bottleneck().requires_grad_(False)
+    anatomy = discover_blocks(model, (3, 32, 32))
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 3, 32, 32, generator=g)
+    y = torch.randint(0, 5, (4,), generator=g)
+    want = reference_stats(model, x, y)
+    model.to(memory_format=torch.channels_last)
+    with Recorder(anatomy, make_runtime("cpu")) as recorder:
+        got = recorder.run_batch(x.contiguous(memory_format=torch.channels_last), y, torch.arange(4))
+    for name in STAT_NAMES:
+        np.testing.assert_allclose(got.stats[name], want[name], rtol=2e-4, atol=1e-5, err_msg=name, equal_nan=True)
+
+
+def test_per_sample_dot_products_whatever_the_layouts():
+    from resprobe.recorder import _dot, _norm
+
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(3, 4, 5, 6, generator=g), torch.randn(3, 4, 5, 6, generator=g)
+    want = (a.double() * b.double()).sum((1, 2, 3))
+    cl = torch.channels_last
+    for x, y in [(a, b), (a.contiguous(memory_format=cl), b.contiguous(memory_format=cl)),
+                 (a.contiguous(memory_format=cl), b), (a, b.contiguous(memory_format=cl)),
+                 (a.transpose(2, 3), b.transpose(2, 3)), (a.bfloat16(), b)]:
+        tolerance = 1e-2 if x.dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(_dot(x, y).double(), want if x.dtype != torch.bfloat16 else
+                                   (x.double() * y.double()).sum((1, 2, 3)), rtol=tolerance, atol=tolerance)
+        assert _dot(x, y).dtype == torch.float32
+    torch.testing.assert_close(_norm(a.contiguous(memory_format=cl)).double(), a.double().flatten(1).norm(dim=1))
