@@ -1,13 +1,16 @@
 """The hooked pass: per-sample block statistics, reduced on the device (DESIGN.md §1, §5).
 
 One forward and one backward (to the input images; parameters frozen, so no weight gradient is ever
-computed) per batch. Hooks on every block reduce what they see at once to per-sample numbers:
+computed) per batch. Hooks keep references to what each block sees and reduce it to per-sample
+numbers as soon as the block's last ingredient arrives:
 
-* block forward pre-hook: ``h`` (a reference; blocks never modify their input) and ``‖h‖``;
-  a tensor hook on ``h`` delivers ``g = ∂ℓ/∂h`` during the backward pass;
+* block forward pre-hook: ``h`` (a reference; blocks never modify their input); a tensor hook on
+  ``h`` delivers ``g = ∂ℓ/∂h`` during the backward pass;
 * branch-end forward hook (post-activation blocks): ``F`` is copied at once, because the block's
-  ``x += shortcut`` and in-place ReLU overwrite it a moment later; ``‖F‖`` right away;
-* block forward hook: ``out``; a tensor hook on ``out`` delivers ``g_out = ∂ℓ/∂out``.
+  ``x += shortcut`` and in-place ReLU overwrite it a moment later (transitions: only ``‖F‖``);
+* block forward hook: ``out``; a tensor hook on ``out`` keeps ``g_out = ∂ℓ/∂out``;
+* when ``g`` arrives, :func:`identity_block_stats` computes every statistic of the block at once
+  (float32, U = out − h formed once) and the block's references are dropped.
 
 In pre-activation blocks ``F = U = out − h`` (identity blocks), so nothing needs copying. Tensors
 that are only referenced are checked with their version counters, so an in-place change after the
