@@ -15,35 +15,15 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from common import CIFAR_MEAN, CIFAR_STD, cifar_arrays, python
+from common import CIFAR_MEAN, CIFAR_STD, cifar_arrays, measure, python
 
 HERE = Path(__file__).resolve().parent
 TARGET = 0.65
-
-
-def timed(cmd: list[str]) -> tuple[float, float, str]:
-    """Wall time, CPU time (user + system, from the child's own rusage) and stdout of one whole process.
-
-    The CPU time is reported beside the wall time because it is far less sensitive to other
-    processes competing for the cores; the target is on the wall time, measured on a quiet machine.
-    """
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - start
-        if os.waitstatus_to_exitcode(status) != 0:
-            err.seek(0)
-            raise SystemExit(f"{' '.join(cmd)} failed: {err.read().decode()[-2000:]}")
-        out.seek(0)
-        return seconds, usage.ru_utime + usage.ru_stime, out.read().decode()
 
 
 def largest_difference(resprobe: dict, naive: dict) -> float:
@@ -78,10 +58,10 @@ def main() -> None:
         outputs: dict[str, dict] = {}
         for _ in range(args.repeats):
             for name, cmd in (("naive", naive), ("resprobe", ablate)):
-                seconds, cpu_seconds, stdout = timed(cmd)
-                times[name].append(seconds)
-                cpu[name].append(cpu_seconds)
-                outputs[name] = json.loads(stdout)
+                run = measure(cmd)
+                times[name].append(run.seconds)
+                cpu[name].append(run.cpu_seconds)
+                outputs[name] = json.loads(run.stdout)
     med = {k: statistics.median(v) for k, v in times.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     ratio = med["resprobe"] / med["naive"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,19 +41,29 @@ def cifar_arrays(path: Path, n: int = 1000, seed: int = 0) -> Path:
 
 @dataclass
 class Measurement:
-    seconds: float
+    seconds: float  # wall time
+    cpu_seconds: float  # user + system, far less sensitive than wall time to other processes
     max_rss_mb: float
+    stdout: str
 
 
 def measure(cmd: list[str], env: dict[str, str] | None = None) -> Measurement:
-    """Wall time and peak resident memory of one whole process (``os.wait4`` gives its own rusage)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
-    return Measurement(seconds, usage.ru_maxrss / 1024)
+    """One whole process: wall time, and from its own rusage (``os.wait4``) CPU time and peak resident
+    memory. Output goes to temporary files, which unlike pipes can never fill up and stall the child.
+
+    ``ru_maxrss`` also counts the resident set the child inherited at fork, before its exec: a peak
+    below this process's own (about 0.5 GB once torch is imported) would read as that. The processes
+    measured here peak well above it."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, **(env or {})})
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            raise SystemExit(f"{' '.join(cmd)} failed: {err.read().decode()[-2000:]}")
+        out.seek(0)
+        return Measurement(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, out.read().decode())
 
 
 def python() -> str:

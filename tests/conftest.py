@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -11,6 +12,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 FIXTURES = ROOT / "fixtures"
 CIFAR10 = ROOT.parent / "shared" / "cifar10"
+MODEL = str(FIXTURES / "tiny_resnet.pt")  # the shipped tiny trained ResNet (a resprobe checkpoint)
+DATA = str(FIXTURES / "shapes_test.npz")  # 256 of its "shapes" images
+# The fixture's timm architecture, for its weights given with --checkpoint.
+MODEL_KWARGS = json.dumps({"layers": [3, 3, 2, 2], "channels": [16, 24, 32, 48], "stem_width": 8,
+                           "stem_type": "deep"})
 
 sys.path.insert(0, str(HERE))  # tinymodels importable, also as MODEL "tinymodels:timm_basic"
 
@@ -40,18 +46,30 @@ def save_state_dict(model: torch.nn.Module, path: Path) -> Path:
 requires_cifar = pytest.mark.skipif(not CIFAR10.is_dir(), reason="../shared/cifar10 is not present")
 
 
-@pytest.fixture
-def run():
-    """Invoke the CLI in-process; asserts the exit status (0 unless ``code=`` says otherwise)."""
+def invoke(*args: object, code: int | None = 0, stdin: str | None = None):
+    """Invoke the CLI in-process; asserts the exit status (0 unless ``code=`` says otherwise; None: any)."""
     from typer.testing import CliRunner
 
     from resprobe.cli import app
 
-    runner = CliRunner()
-
-    def invoke(*args: str, code: int = 0):
-        result = runner.invoke(app, list(args))
+    result = CliRunner().invoke(app, [str(a) for a in args], input=stdin)
+    if code is not None:
         assert result.exit_code == code, (result.stdout, result.stderr)
-        return result
+    return result
 
+
+@pytest.fixture
+def run():
+    """:func:`invoke`, as a fixture."""
     return invoke
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): the
+    same arithmetic as subprocesses run with one thread, and no OpenMP threads spinning on a shared,
+    busy machine (two threads on two busy cores run ~100× slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -355,7 +355,7 @@ def test_unroll_matches_a_hand_loop():
         return out
 
     assert close(result.variants[0], naive(model, data, [block], [by_hand]))
-    all_tally, border_tally, n_border = Tally(), Tally(), 0
+    border_tally, n_border = Tally(), 0
     with torch.no_grad():
         for x, y in data:
             probs = torch.softmax(model(x), 1)

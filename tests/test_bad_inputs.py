@@ -25,24 +25,13 @@ import torch
 from typer.testing import CliRunner
 
 import tinymodels
-from conftest import FIXTURES, HERE, ROOT
+from conftest import DATA, FIXTURES, HERE, MODEL, MODEL_KWARGS, ROOT
 from resprobe.cli import app
 from resprobe.recorder import STAT_NAMES
 from resprobe.store import open_recording, partial_dir
 
-MODEL = str(FIXTURES / "tiny_resnet.pt")
-DATA = str(FIXTURES / "shapes_test.npz")
-# The fixture's architecture, for weights given with --checkpoint.
-KWARGS = json.dumps({"layers": [3, 3, 2, 2], "channels": [16, 24, 32, 48], "stem_width": 8, "stem_type": "deep"})
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: OpenMP threads spinning on a shared, busy machine are ~100× slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +49,7 @@ def bad(tmp_path_factory) -> Path:
     torch.save(tinymodels.custom_net().state_dict(), root / "other_arch.pt")
     import timm
 
-    ten = timm.create_model("resnet18", num_classes=10, **json.loads(KWARGS))
+    ten = timm.create_model("resnet18", num_classes=10, **json.loads(MODEL_KWARGS))
     torch.save(ten.state_dict(), root / "ten_classes.pt")
     # Image folders: empty, without class folders, with one corrupt image among good ones.
     (root / "empty_folder" / "cat").mkdir(parents=True)
@@ -135,9 +124,9 @@ def fails(*args: object, expect: str | tuple[str, ...] = ()) -> str:
     (["eval", "timm:resnet18", "--checkpoint", "{bad}/random.pt"], ("random.pt", "not a readable")),
     (["eval", "timm:resnet18", "--checkpoint", "{bad}/empty.pt"], ("empty.pt", "empty")),
     (["eval", "timm:resnet18", "--checkpoint", "{bad}/random.safetensors"], ("random.safetensors", "safetensors")),
-    (["eval", "timm:resnet18", "--model-kwargs", KWARGS, "--checkpoint", "{bad}/other_arch.pt"],
+    (["eval", "timm:resnet18", "--model-kwargs", MODEL_KWARGS, "--checkpoint", "{bad}/other_arch.pt"],
      ("do not fit", "missing conv1.0.weight", "unexpected stem.weight", "architecture")),
-    (["eval", "timm:resnet18", "--model-kwargs", KWARGS, "--checkpoint", "{bad}/ten_classes.pt", "--num-classes", "4"],
+    (["eval", "timm:resnet18", "--model-kwargs", MODEL_KWARGS, "--checkpoint", "{bad}/ten_classes.pt", "--num-classes", "4"],
      ("10-class", "4 classes", "--num-classes 10")),
     (["eval", MODEL, "--num-classes", "10"], ("4 classes", "--num-classes")),
     (["blocks", "resnet181"], ("unknown timm model", "did you mean", "resnet18")),

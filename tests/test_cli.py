@@ -6,13 +6,8 @@ import csv
 import io
 import json
 
-import pytest
-
-from conftest import FIXTURES
+from conftest import DATA, MODEL
 from resprobe import __version__
-
-MODEL = str(FIXTURES / "tiny_resnet.pt")
-DATA = str(FIXTURES / "shapes_test.npz")
 
 
 def test_version(run):

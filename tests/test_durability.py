@@ -23,16 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from conftest import FIXTURES, ROOT
+from conftest import DATA, FIXTURES, MODEL, ROOT
 from resprobe.cli import app
 from resprobe.recorder import STAT_NAMES
 from resprobe.store import open_recording, partial_dir
 
-MODEL = str(FIXTURES / "tiny_resnet.pt")
-DATA = str(FIXTURES / "shapes_test.npz")
 BATCH = 16
 N = 256
 RECORD = ["record", MODEL, "--data", DATA, "--batch-size", str(BATCH), "-f", "json"]
@@ -107,14 +104,7 @@ app(prog_name="resprobe")
 '''
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread here and in the subprocesses: the same arithmetic on both sides, and no
-    OpenMP spinning on a shared machine (two threads on two busy cores run ~100× slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,22 +14,13 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import FIXTURES
-from resprobe.cli import app
+from conftest import DATA, MODEL, invoke
 from resprobe.errors import BadValue
 
 pytest.importorskip("matplotlib")
 
-MODEL, DATA = str(FIXTURES / "tiny_resnet.pt"), str(FIXTURES / "shapes_test.npz")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def invoke(*args: str, code: int = 0, stdin: str | None = None):
-    result = CliRunner().invoke(app, list(args), input=stdin)
-    assert result.exit_code == code, (result.stdout, result.stderr)
-    return result
 
 
 @pytest.fixture(scope="module")

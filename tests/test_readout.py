@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 import tinymodels
-from conftest import FIXTURES
+from conftest import DATA, MODEL
 from resprobe.blocks import discover_blocks
 from resprobe.cli import app
 from resprobe.readout import BORDERLINE, summarize_readout
@@ -209,8 +209,6 @@ def test_no_readout_gives_no_rows():
 
 
 # -- through the command line -------------------------------------------------------------------------
-
-MODEL, DATA = str(FIXTURES / "tiny_resnet.pt"), str(FIXTURES / "shapes_test.npz")
 
 
 def test_align_readout_json_carries_the_readout(tmp_path):

@@ -233,7 +233,6 @@ def test_backward_runs_with_the_chosen_tf32_setting(precision, tf32, monkeypatch
     assert torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
 
 
-
 def test_bf16_autocast_statistics_are_float32_and_close_to_fp32():
     """bf16 activations, float32 statistics: close to the fp32 run at bf16's precision."""
     model = tinymodels.torchvision_tiny().requires_grad_(False)

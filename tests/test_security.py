@@ -19,25 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import tinymodels
-from conftest import FIXTURES, HERE, ROOT
-from resprobe.cli import app
+from conftest import DATA, HERE, MODEL, MODEL_KWARGS, ROOT, invoke
 from resprobe.errors import ModelError
 from resprobe.models import LoadOptions, load_model, read_checkpoint
 
-MODEL = str(FIXTURES / "tiny_resnet.pt")
-DATA = str(FIXTURES / "shapes_test.npz")
-KWARGS = json.dumps({"layers": [3, 3, 2, 2], "channels": [16, 24, 32, 48], "stem_width": 8, "stem_type": "deep"})
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class RunsCode:
@@ -60,7 +49,7 @@ def fixture_checkpoint() -> dict:
 
 
 def cli(*args: object):
-    return CliRunner().invoke(app, [str(a) for a in args])
+    return invoke(*args, code=None)  # the tests below look at the exit status themselves
 
 
 def assert_refused(result, marker: Path) -> str:
@@ -82,7 +71,7 @@ def test_malicious_checkpoint_is_refused_then_trusted(tmp_path, marker, zipfile_
     state = fixture_checkpoint()["state_dict"]
     torch.save({"state_dict": state, "payload": RunsCode(marker)}, evil,
                _use_new_zipfile_serialization=zipfile_format)
-    common = ["eval", "timm:resnet18", "--model-kwargs", KWARGS, "--num-classes", "4", "--checkpoint", evil,
+    common = ["eval", "timm:resnet18", "--model-kwargs", MODEL_KWARGS, "--num-classes", "4", "--checkpoint", evil,
               "--data", DATA, "--limit", "8", "-f", "json"]
     message = assert_refused(cli(*common), marker)
     assert_names_the_way_out(message)
@@ -115,7 +104,7 @@ def test_disguised_as_safetensors_is_never_unpickled(tmp_path, marker):
     evil = tmp_path / "model.safetensors"
     torch.save({"state_dict": fixture_checkpoint()["state_dict"], "payload": RunsCode(marker)}, evil)
     for trust in ((), ("--trust-checkpoint",)):  # not even when trusted: the name says safetensors
-        result = cli("eval", "timm:resnet18", "--model-kwargs", KWARGS, "--checkpoint", evil, "--data", DATA,
+        result = cli("eval", "timm:resnet18", "--model-kwargs", MODEL_KWARGS, "--checkpoint", evil, "--data", DATA,
                      "--limit", "8", *trust)
         message = assert_refused(result, marker)
         assert "safetensors" in message and "pickle" in message
@@ -147,7 +136,7 @@ def test_safe_forms_load_without_trust(tmp_path):
     torch.save(state, tmp_path / "state_dict.pt")
     torch.save({"state_dict": state, "epoch": 3, "arch": "resnet18"}, tmp_path / "train_ckpt.pth.tar")
     for name in ("weights.safetensors", "state_dict.pt", "train_ckpt.pth.tar"):
-        result = cli("eval", "timm:resnet18", "--model-kwargs", KWARGS, "--checkpoint", tmp_path / name,
+        result = cli("eval", "timm:resnet18", "--model-kwargs", MODEL_KWARGS, "--checkpoint", tmp_path / name,
                      "--data", DATA, "--limit", "8", "-f", "json")
         assert result.exit_code == 0, (name, result.stderr)
 
@@ -167,7 +156,7 @@ def test_a_checkpoint_cannot_name_library_code_to_run(tmp_path, marker):
     assert not marker.exists()
     # A timm architecture cannot smuggle a file to load through its arguments either.
     checkpoint["arch"] = {"source": "timm", "name": "resnet18", "num_classes": 4,
-                          "kwargs": {**json.loads(KWARGS), "checkpoint_path": str(tmp_path / "other.pt")}}
+                          "kwargs": {**json.loads(MODEL_KWARGS), "checkpoint_path": str(tmp_path / "other.pt")}}
     torch.save(checkpoint, path)
     assert "checkpoint_path" in assert_refused(cli("blocks", path), marker)
 
@@ -185,7 +174,7 @@ def test_real_process_never_runs_the_payload(tmp_path, marker):
     evil = tmp_path / "weights.pt"
     torch.save({"state_dict": fixture_checkpoint()["state_dict"], "payload": RunsCode(marker)}, evil)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "resprobe", "blocks", "timm:resnet18", "--model-kwargs", KWARGS,
+    proc = subprocess.run([sys.executable, "-m", "resprobe", "blocks", "timm:resnet18", "--model-kwargs", MODEL_KWARGS,
                            "--checkpoint", str(evil)], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 1 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()

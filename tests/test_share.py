@@ -8,12 +8,10 @@ import json
 import pytest
 import torch
 from torch import nn
-from typer.testing import CliRunner
 
 import tinymodels
-from conftest import FIXTURES, save_state_dict
+from conftest import DATA, MODEL, save_state_dict
 from resprobe.blocks import count_params, discover_blocks
-from resprobe.cli import app
 from resprobe.data import TensorImages
 from resprobe.errors import BadValue, ModelError
 from resprobe.models import load_model
@@ -29,21 +27,7 @@ from resprobe.share import (
     shared_iterations,
 )
 
-SHAPES = str(FIXTURES / "shapes_test.npz")
-TRAINED = str(FIXTURES / "tiny_resnet.pt")
 CPU = Runtime(torch.device("cpu"))
-
-
-@pytest.fixture
-def cli():
-    runner = CliRunner()
-
-    def invoke(*args: str, code: int = 0):
-        result = runner.invoke(app, [str(a) for a in args])
-        assert result.exit_code == code, (result.stdout, result.stderr)
-        return result
-
-    return invoke
 
 
 def shared(model: nn.Module, **options) -> tuple[nn.Module, object]:
@@ -249,10 +233,10 @@ def test_recalibration_changes_only_norm_statistics(scope):
 # Files and the command line
 
 
-def test_shared_checkpoint_round_trip(tmp_path, cli):
-    data = SHAPES
+def test_shared_checkpoint_round_trip(tmp_path, run):
+    data = DATA
     out = tmp_path / "shared.pt"
-    payload = json.loads(cli("share", TRAINED, "--out", out, "--lora-rank", 2, "--data", data, "--limit", 32,
+    payload = json.loads(run("share", MODEL, "--out", out, "--lora-rank", 2, "--data", data, "--limit", 32,
                              "-f", "json", "--device", "cpu").stdout)
     assert [s["stage"] for s in payload["stages"]] == [0, 1]  # stages with two or more identity blocks
     assert payload["stages"][0] == {"stage": 0, "blocks": ["layer1.0", "layer1.1", "layer1.2"], "iterations": 3,
@@ -263,40 +247,40 @@ def test_shared_checkpoint_round_trip(tmp_path, cli):
     assert raw["recipes"][-1]["kind"] == "share" and raw["preprocessing"]["input_size"] == [3, 32, 32]
     loaded = load_model(str(out))
     assert count_params(loaded.model) == payload["params_after"]
-    evaluated = json.loads(cli("eval", out, "--data", data, "--limit", 32, "-f", "json", "--device", "cpu").stdout)
+    evaluated = json.loads(run("eval", out, "--data", data, "--limit", 32, "-f", "json", "--device", "cpu").stdout)
     assert evaluated["loss"] == pytest.approx(payload["eval_shared"]["loss"], abs=1e-6)
-    listed = json.loads(cli("blocks", out, "-f", "json").stdout)
-    original = json.loads(cli("blocks", TRAINED, "-f", "json").stdout)
+    listed = json.loads(run("blocks", out, "-f", "json").stdout)
+    original = json.loads(run("blocks", MODEL, "-f", "json").stdout)
     assert [(b["name"], b["stage"], b["index"], b["kind"]) for b in listed["blocks"]] == \
         [(b["name"], b["stage"], b["index"], b["kind"]) for b in original["blocks"]]
-    aligned = json.loads(cli("align", out, "--data", data, "--limit", 16, "-f", "json", "--device", "cpu").stdout)
+    aligned = json.loads(run("align", out, "--data", data, "--limit", 16, "-f", "json", "--device", "cpu").stdout)
     assert [b["name"] for b in aligned["blocks"]] == [b["name"] for b in original["blocks"]]
     assert all(b["cos_mean"] is not None for b in aligned["blocks"] if b["kind"] == "identity")
 
 
-def test_cli_identical_convolutions_then_eval(tmp_path, cli, arrays_file):
+def test_cli_identical_convolutions_then_eval(tmp_path, run, arrays_file):
     data = arrays_file(24)
     weights = save_state_dict(identical_convs(tinymodels.timm_basic()), tmp_path / "identical.pt")
     out = tmp_path / "shared.pt"
     common = ("--input-size", "32", "--device", "cpu")
-    payload = json.loads(cli("share", "tinymodels:timm_basic", "--checkpoint", weights, "--out", out, "--init",
+    payload = json.loads(run("share", "tinymodels:timm_basic", "--checkpoint", weights, "--out", out, "--init",
                              "average", "--norm", "unshared", "--data", data, "-f", "json", *common).stdout)
     assert payload["eval_shared"]["loss"] == pytest.approx(payload["eval_original"]["loss"], abs=1e-5)
-    evaluated = json.loads(cli("eval", out, "--data", data, "-f", "json", "--device", "cpu").stdout)
+    evaluated = json.loads(run("eval", out, "--data", data, "-f", "json", "--device", "cpu").stdout)
     assert evaluated["loss"] == pytest.approx(payload["eval_original"]["loss"], abs=1e-5)
     assert evaluated["acc"] == payload["eval_original"]["acc"]
 
 
-def test_cli_recalibrate_and_table(tmp_path, cli):
+def test_cli_recalibrate_and_table(tmp_path, run):
     out = tmp_path / "shared.pt"
-    payload = json.loads(cli("share", TRAINED, "--out", out, "--stages", "0", "--norm", "shared", "--data", SHAPES,
-                             "--limit", 24, "--train-data", SHAPES, "--recalibrate", 16, "-f", "json",
+    payload = json.loads(run("share", MODEL, "--out", out, "--stages", "0", "--norm", "shared", "--data", DATA,
+                             "--limit", 24, "--train-data", DATA, "--recalibrate", 16, "-f", "json",
                              "--device", "cpu").stdout)
     assert payload["recalibrated"] == 16 and payload["eval_shared_recalibrated"]["n"] == 24
     assert payload["eval_shared_recalibrated"]["loss"] != payload["eval_shared"]["loss"]
-    table = cli("share", TRAINED, "--out", out, "--overwrite", "--iterations", 2, "--device", "cpu").stdout
+    table = run("share", MODEL, "--out", out, "--overwrite", "--iterations", 2, "--device", "cpu").stdout
     assert "layer1.0, layer1.1, layer1.2" in table
-    listed = json.loads(cli("blocks", out, "-f", "json").stdout)
+    listed = json.loads(run("blocks", out, "-f", "json").stdout)
     assert [b["name"] for b in listed["blocks"]][:4] == ["layer1.0", "layer1.1", "layer2.0", "layer2.1"]
 
 
@@ -308,18 +292,18 @@ def test_cli_recalibrate_and_table(tmp_path, cli):
     (("--recalibrate", "4"), "--train-data"),
     (("--norm", "half"), "--norm"),
 ])
-def test_cli_errors_are_one_line(tmp_path, cli, args, message):
-    result = cli("share", TRAINED, "--out", tmp_path / "s.pt", *args, code=1)
+def test_cli_errors_are_one_line(tmp_path, run, args, message):
+    result = run("share", MODEL, "--out", tmp_path / "s.pt", *args, code=1)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
 
 
-def test_cli_out_errors(tmp_path, cli):
-    result = cli("share", TRAINED, "--out", tmp_path / "missing" / "s.pt", code=1)
+def test_cli_out_errors(tmp_path, run):
+    result = run("share", MODEL, "--out", tmp_path / "missing" / "s.pt", code=1)
     assert "does not exist" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     existing = tmp_path / "s.pt"
     existing.write_bytes(b"keep")
-    result = cli("share", TRAINED, "--out", existing, code=1)
+    result = run("share", MODEL, "--out", existing, code=1)
     assert "--overwrite" in result.stderr and existing.read_bytes() == b"keep"
     with pytest.raises(BadValue, match="directory"):
         check_out_path(tmp_path)

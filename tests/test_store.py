@@ -6,14 +6,11 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import FIXTURES
+from conftest import DATA, MODEL
 from resprobe.align import summarize
 from resprobe.errors import RecordingError
 from resprobe.recorder import STAT_NAMES
 from resprobe.store import RecordOptions, open_recording, partial_dir, record, record_in_memory
-
-MODEL = str(FIXTURES / "tiny_resnet.pt")
-DATA = str(FIXTURES / "shapes_test.npz")
 
 
 def options(**kw) -> RecordOptions:

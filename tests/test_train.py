@@ -7,10 +7,8 @@ import math
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from conftest import FIXTURES
-from resprobe.cli import app
+from conftest import DATA, MODEL
 from resprobe.errors import BadValue
 from resprobe.evaluate import evaluate
 from resprobe.models import load_model
@@ -25,21 +23,6 @@ from resprobe.train import (
     lr_factor,
     make_optimizer,
 )
-
-TRAINED = str(FIXTURES / "tiny_resnet.pt")
-SHAPES = str(FIXTURES / "shapes_test.npz")
-
-
-@pytest.fixture
-def cli():
-    runner = CliRunner()
-
-    def invoke(*args: str, code: int = 0):
-        result = runner.invoke(app, [str(a) for a in args])
-        assert result.exit_code == code, (result.stdout, result.stderr)
-        return result
-
-    return invoke
 
 
 def tiny_probe():
@@ -234,25 +217,25 @@ def test_compiled_training_step_matches_eager():
 # Command line
 
 
-def test_cli_share_then_finetune(tmp_path, cli):
+def test_cli_share_then_finetune(tmp_path, run):
     shared = tmp_path / "shared.pt"
-    cli("share", TRAINED, "--out", shared, "--stages", "0", "--device", "cpu", "-q")
+    run("share", MODEL, "--out", shared, "--stages", "0", "--device", "cpu", "-q")
     out = tmp_path / "ft.pt"
-    payload = json.loads(cli("finetune", shared, "--data", SHAPES, "--limit", 32, "--val-data", SHAPES, "--val-limit",
+    payload = json.loads(run("finetune", shared, "--data", DATA, "--limit", 32, "--val-data", DATA, "--val-limit",
                              16, "--out", out, "--max-steps", 3, "-b", 8, "--recalibrate", 16, "--lr", 0.01,
                              "--device", "cpu", "-f", "json").stdout)
     assert {"steps", "epochs", "train_loss", "val", "out", "best"} <= set(payload)
     assert payload["steps"] == 3 and payload["epochs"] == 1 and set(payload["val"]) == {"loss", "acc"}
     assert payload["out"] == str(out) and payload["best"] == str(tmp_path / "ft.best.pt")
-    listed = json.loads(cli("blocks", out, "-f", "json").stdout)
+    listed = json.loads(run("blocks", out, "-f", "json").stdout)
     assert listed["blocks"][0]["name"] == "layer1.0"
-    evaluated = json.loads(cli("eval", payload["best"], "--data", SHAPES, "--limit", 16, "-f", "json",
+    evaluated = json.loads(run("eval", payload["best"], "--data", DATA, "--limit", 16, "-f", "json",
                                "--device", "cpu").stdout)
     assert evaluated["loss"] == pytest.approx(payload["best_val"]["loss"], abs=1e-6)
-    args = ("finetune", shared, "--data", SHAPES, "--limit", 32, "--val-data", SHAPES, "--val-limit", 16, "--out", out,
+    args = ("finetune", shared, "--data", DATA, "--limit", 32, "--val-data", DATA, "--val-limit", 16, "--out", out,
             "-b", 8, "--recalibrate", 16, "--lr", 0.01, "--device", "cpu", "--resume")
-    assert "ft.best.pt" in cli(*args, "--max-steps", 3).stdout  # a finished run: --resume reports it again
-    assert "used 3" in cli(*args, "--max-steps", 4, code=1).stderr
+    assert "ft.best.pt" in run(*args, "--max-steps", 3).stdout  # a finished run: --resume reports it again
+    assert "used 3" in run(*args, "--max-steps", 4, code=1).stderr
 
 
 @pytest.mark.parametrize("args,message", [
@@ -262,12 +245,12 @@ def test_cli_share_then_finetune(tmp_path, cli):
     (("--optimizer", "lamb"), "--optimizer"),
     (("--resume",), "does not exist"),
 ])
-def test_cli_errors_are_one_line(tmp_path, cli, args, message):
-    result = cli("finetune", TRAINED, "--data", SHAPES, "--out", tmp_path / "ft.pt", "--device", "cpu", *args, code=1)
+def test_cli_errors_are_one_line(tmp_path, run, args, message):
+    result = run("finetune", MODEL, "--data", DATA, "--out", tmp_path / "ft.pt", "--device", "cpu", *args, code=1)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
 
 
-def test_cli_out_directory_must_exist(tmp_path, cli):
-    result = cli("finetune", TRAINED, "--data", SHAPES, "--out", tmp_path / "no" / "ft.pt", code=1)
+def test_cli_out_directory_must_exist(tmp_path, run):
+    result = run("finetune", MODEL, "--data", DATA, "--out", tmp_path / "no" / "ft.pt", code=1)
     assert "does not exist" in result.stderr and len(result.stderr.strip().splitlines()) == 1
