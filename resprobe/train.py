@@ -581,7 +581,8 @@ def _train_epoch(model: nn.Module, forward: Callable[[Tensor], Tensor], dataset:
     for images, labels, _index in loader:
         if options.augment == "light":
             # On the device: the same result as on the host (index arithmetic only), no host work.
-            images = light_augment(runtime.batch(images), aug_generator)
+            # train_step then lays the augmented batch out for the device (channels_last on CUDA).
+            images = light_augment(images.to(runtime.device, non_blocking=True), aug_generator)
         s.lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it on)
         loss = train_step(forward, images, labels, runtime, optimizer, scheduler, scaler)
         run.loss_sum += loss.detach().to(run.loss_sum.dtype) * len(labels)
