@@ -6,7 +6,10 @@ On synthetic 224×224 data, torchvision ResNet-50 (random weights, 1000 classes)
 * floor: forward + backward to the input, parameters frozen (no weight gradients);
 * record: the same pass with resprobe's hooks and per-sample reductions (``Recorder.run_batch``,
   including its device→host transfer at the end of the batch; the HDF5 writer runs in a background
-  thread in ``resprobe record`` and is not part of this figure);
+  thread in ``resprobe record`` and is not part of this figure), as ``resprobe record`` runs it (the
+  fused Triton statistics kernel on CUDA) and with torch operations only (``record_torch``);
+* stats_kernel: one block's statistics at the widest activation, fused kernel against torch
+  operations, with the kernel's achieved read bandwidth;
 * ablate: every identity block removed in turn, resprobe's prefix-cache engine against the naive
   way (a full forward per removal), both from ``resprobe.ablate.AblationEngine``;
 * finetune: one training step as ``resprobe finetune`` takes it (``light`` augmentation on the
@@ -31,6 +34,7 @@ import platform
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,7 +46,8 @@ import torchvision
 
 from resprobe.ablate import AblationEngine, lesion_variant
 from resprobe.blocks import Anatomy, discover_blocks
-from resprobe.recorder import STAT_NAMES, Recorder
+from resprobe import fused_stats
+from resprobe.recorder import STAT_NAMES, IdentityStats, Recorder, identity_block_stats
 from resprobe.runtime import Runtime, make_runtime
 from resprobe.train import FinetuneOptions, compiled_forward, light_augment, make_optimizer, make_scheduler, train_step
 
@@ -114,9 +119,18 @@ def bench_analysis(args: argparse.Namespace, precision: str) -> dict[str, Any]:
             torch.autograd.grad(loss, x)
 
     results: dict[str, Any] = {"floor": measure(floor, runtime, args.iters, args.warmup, args.batch_size)}
-    with Recorder(anatomy, runtime) as recorder:
-        results["record"] = measure(lambda: recorder.run_batch(images, labels, indices), runtime, args.iters,
-                                    args.warmup, args.batch_size)
+    # record as `resprobe record` runs it (the fused kernel where it runs), then with torch operations only
+    for name, fused in (("record", None), ("record_torch", False)):
+        messages: list[str] = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with Recorder(anatomy, runtime, fused=fused) as recorder:
+                results[name] = measure(lambda: recorder.run_batch(images, labels, indices), runtime, args.iters,
+                                        args.warmup, args.batch_size)
+                results[name]["fused_kernel"] = recorder.identity_stats.fused
+        messages += [str(w.message) for w in caught]
+        if messages:
+            results[name]["warnings"] = messages
     identity = [i for i, b in enumerate(anatomy.blocks) if b.is_identity]
     variants = [lesion_variant(anatomy, [i]) for i in identity]
     for name, fast in (("ablate_engine", True), ("ablate_naive", False)):
@@ -127,6 +141,8 @@ def bench_analysis(args: argparse.Namespace, precision: str) -> dict[str, Any]:
     results["ratios"] = {
         "record_time_vs_floor": ratio(results, "record", "floor"), "record_time_target": 1.10,
         "record_memory_vs_floor": ratio(results, "record", "floor", "peak_gib"), "record_memory_target": 1.2,
+        "record_torch_time_vs_floor": ratio(results, "record_torch", "floor"),
+        "record_torch_memory_vs_floor": ratio(results, "record_torch", "floor", "peak_gib"),
         "ablate_engine_time_vs_naive": ratio(results, "ablate_engine", "ablate_naive"), "ablate_target": 0.6,
     }
     return results
@@ -160,6 +176,39 @@ def bench_finetune(args: argparse.Namespace, precision: str, compiled: bool) -> 
     return result
 
 
+def bench_stats_kernel(args: argparse.Namespace) -> dict[str, Any]:
+    """One identity block's statistics at ResNet-50's widest activation ([B, 256, 56, 56] at 224×224),
+    post-activation (a copy of F), fused kernel against torch operations, and the fused kernel's
+    achieved read bandwidth. Also the largest difference between the two."""
+    device = make_runtime(args.device).device
+    shape = (args.batch_size, 256, args.size // 4, args.size // 4)
+    out: dict[str, Any] = {"shape": list(shape)}
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.Generator(device=device).manual_seed(0)
+        h, o, grad, g_out, branch = (torch.randn(shape, generator=g, device=device).to(dtype)
+                                     .contiguous(memory_format=torch.channels_last) for _ in range(5))
+        row: dict[str, Any] = {}
+        fused = IdentityStats(fused=True)
+        for name, fn in (("fused", fused), ("torch", identity_block_stats)):
+            seconds = []
+            for i in range(args.warmup + args.iters):
+                synchronize(device)
+                t0 = time.perf_counter()
+                result = fn(h, o, grad, g_out, branch)
+                synchronize(device)
+                if i >= args.warmup:
+                    seconds.append(time.perf_counter() - t0)
+            row[f"{name}_ms"] = round(1000 * float(np.median(seconds)), 3)
+            row[f"{name}_result"] = result
+        fused_result, torch_result = row.pop("fused_result"), row.pop("torch_result")
+        row["max_rel_diff"] = max_relative_difference(fused_result.cpu().numpy(), torch_result.cpu().numpy())
+        row["fused_kernel_ran"] = fused.fused  # False: it fell back to torch operations (see the warning)
+        row["speedup"] = round(row["torch_ms"] / row["fused_ms"], 2)
+        row["fused_read_gb_per_s"] = round(5 * h.numel() * h.element_size() / (row["fused_ms"] / 1000) / 1e9, 1)
+        out[str(dtype).removeprefix("torch.")] = row
+    return out
+
+
 def max_relative_difference(a: np.ndarray, b: np.ndarray) -> float:
     both = np.isfinite(a) & np.isfinite(b)
     if not np.array_equal(np.isfinite(a), np.isfinite(b)):
@@ -183,6 +232,10 @@ def check_against_cpu(args: argparse.Namespace) -> dict[str, Any]:
         labels = torch.randint(0, 10, (n,), generator=g)
         with Recorder(anatomy, runtime) as recorder:
             stats[name] = recorder.run_batch(images, labels, torch.arange(n))
+            out[f"{name}_fused_kernel"] = recorder.identity_stats.fused
+        if name == args.device:
+            with Recorder(anatomy, runtime, fused=False) as recorder:
+                stats[f"{name}_torch"] = recorder.run_batch(images, labels, torch.arange(n))
         variants = [lesion_variant(anatomy, [i]) for i, b in enumerate(anatomy.blocks) if b.is_identity]
         batch = [(runtime.batch(images), labels.to(runtime.device))]
         outcome = next(AblationEngine(model, anatomy, runtime, batch).run(variants))
@@ -192,6 +245,11 @@ def check_against_cpu(args: argparse.Namespace) -> dict[str, Any]:
                                   for k in STAT_NAMES}
     out["cos_max_abs_diff"] = {k: float(np.nanmax(np.abs(stats[device].stats[k] - stats["cpu"].stats[k])))
                                for k in ("cos", "update_cos")}
+    torch_path = f"{device}_torch"  # the device's torch-operation statistics, for comparison
+    out["record_torch_max_rel_diff"] = {k: max_relative_difference(stats[torch_path].stats[k], stats["cpu"].stats[k])
+                                        for k in STAT_NAMES}
+    out["cos_torch_max_abs_diff"] = {k: float(np.nanmax(np.abs(stats[torch_path].stats[k] - stats["cpu"].stats[k])))
+                                     for k in ("cos", "update_cos")}
     out["loss_max_rel_diff"] = max_relative_difference(stats[device].loss, stats["cpu"].loss)
     out["ablate_logits_max_abs_diff"] = float(np.abs(figures[device] - figures["cpu"]).max())
     out["ablate_logits_scale"] = float(np.abs(figures["cpu"]).max())
@@ -241,6 +299,8 @@ def main() -> None:
             args.out.write_text(json.dumps(report, indent=2))
 
     precisions = args.precisions.split(",")
+    if fused_stats.triton_available() and (device.type == "cuda" or fused_stats.interpreting()):
+        section("stats_kernel", lambda: bench_stats_kernel(args))
     for precision in precisions:
         section(f"{precision}/analysis", lambda p=precision: bench_analysis(args, p))
         section(f"{precision}/finetune_step", lambda p=precision: bench_finetune(args, p, compiled=False))

@@ -9,8 +9,9 @@ numbers as soon as the block's last ingredient arrives:
 * branch-end forward hook (post-activation blocks): ``F`` is copied at once, because the block's
   ``x += shortcut`` and in-place ReLU overwrite it a moment later (transitions: only ``‖F‖``);
 * block forward hook: ``out``; a tensor hook on ``out`` keeps ``g_out = ∂ℓ/∂out``;
-* when ``g`` arrives, :func:`identity_block_stats` computes every statistic of the block at once
-  (float32, U = out − h formed once) and the block's references are dropped.
+* when ``g`` arrives, every statistic of the block is computed at once (float32, U = out − h) and
+  the block's references are dropped: on CUDA by a fused Triton kernel that reads each tensor once
+  (:mod:`resprobe.fused_stats`), elsewhere by :func:`identity_block_stats`'s torch operations.
 
 In pre-activation blocks ``F = U = out − h`` (identity blocks), so nothing needs copying. Tensors
 that are only referenced are checked with their version counters, so an in-place change after the
@@ -21,6 +22,8 @@ batch.
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from resprobe import fused_stats
 from resprobe.blocks import Anatomy, Block
 from resprobe.errors import BadValue
 from resprobe.runtime import Runtime
@@ -78,8 +82,9 @@ def identity_block_stats(h: Tensor, out: Tensor, g: Tensor, g_out: Tensor | None
 
     ``branch`` is the copy of F (post-activation blocks) or None where F = U = out − h. Each tensor is
     read as few times as the formulas allow and converted to float32 at most once (bf16/fp16 runs).
-    It is not compiled: on an H200, torch.compile(dynamic=True) of it made ``record`` slower (1.38× the
-    floor against 1.13× in fp32) and disagreed with the CPU on U·g (docs/gpu.md).
+    On CUDA the fused kernel (:class:`IdentityStats`) replaces it. It is not compiled: on an H200,
+    torch.compile(dynamic=True) of it made ``record`` slower (1.38× the floor against 1.13× in fp32)
+    and disagreed with the CPU on U·g (docs/gpu.md).
     """
     if out.dtype == torch.float32:
         update = out - h
@@ -96,6 +101,58 @@ def identity_block_stats(h: Tensor, out: Tensor, g: Tensor, g_out: Tensor | None
     out_dot = _dot(update, g_out.float()) if g_out is not None else torch.full_like(input_norm, math.nan)
     return torch.stack([input_norm, branch_norm, update_norm, grad_norm, dot, update_dot, out_dot,
                         _cos(dot, branch_norm, grad_norm), _cos(update_dot, update_norm, grad_norm)])
+
+
+def stats_from_sums(sums: Tensor, has_out_grad: bool) -> Tensor:
+    """:func:`identity_block_stats`'s [len(STAT_NAMES), B] result from the fused kernel's seven sums
+    (a handful of [B]-sized operations: the batch's tensors are not read again)."""
+    norms = sums[:4].sqrt()  # input, branch, update, grad
+    dots = sums[4:].clone()  # dot, update_dot, out_dot
+    if not has_out_grad:
+        dots[2] = math.nan
+    denominators = norms[1:3] * norms[3]  # ‖F‖·‖g‖ and ‖U‖·‖g‖; a zero norm leaves the cosine NaN (_cos)
+    cosines = torch.where(denominators > 0, dots[:2] / denominators, torch.full_like(denominators, math.nan))
+    return torch.cat([norms, dots, cosines])
+
+
+def fused_by_default(runtime: Runtime) -> bool:
+    """The fused kernel where it can run: CUDA with Triton, unless RESPROBE_FUSED_STATS=0."""
+    return (runtime.device.type == "cuda" and os.environ.get("RESPROBE_FUSED_STATS", "1") != "0"
+            and fused_stats.triton_available())
+
+
+class IdentityStats:
+    """:func:`identity_block_stats` through the fused Triton kernel (:mod:`resprobe.fused_stats`) or
+    torch operations; both give the same statistics up to float32 summation order.
+
+    Triton compiles the kernel at the first call for each kind of input (dtype, which optional tensors
+    are there), so exactly those calls may fail (no compiler, an unsupported GPU): one warning says
+    why and torch operations take over. A failure for a kind of input that already ran is a real
+    error and propagates.
+    """
+
+    def __init__(self, fused: bool, warn: Callable[[str], None] | None = None):
+        self.fused = fused
+        self.warn = warn or (lambda message: warnings.warn(message, stacklevel=2))
+        self._ran: set[tuple[Any, ...]] = set()
+
+    def __call__(self, h: Tensor, out: Tensor, g: Tensor, g_out: Tensor | None, branch: Tensor | None) -> Tensor:
+        if self.fused and fused_stats.supported(h):
+            kind = (h.dtype, out.dtype, g.dtype, None if g_out is None else g_out.dtype,
+                    None if branch is None else branch.dtype)
+            try:
+                sums = fused_stats.identity_sums(h, out, g, g_out, branch)
+            except Exception as exc:
+                if kind in self._ran:
+                    raise
+                reason = (str(exc).strip().splitlines() or [""])[0][:200]
+                self.warn(f"record: the fused statistics kernel failed ({type(exc).__name__}: {reason}); "
+                          "computing the statistics with torch operations instead")
+                self.fused = False
+            else:
+                self._ran.add(kind)
+                return stats_from_sums(sums, g_out is not None)
+        return identity_block_stats(h, out, g, g_out, branch)
 
 
 class _Stale(RuntimeError):
@@ -143,7 +200,8 @@ class Recorder:
 
     ``save_tensors`` keeps input/branch/update/grad of the first K samples the recorder sees
     (``samples_seen`` lets a resumed run continue the count). ``readout`` lists blocks after which
-    the model's own head is applied (paper §4.3).
+    the model's own head is applied (paper §4.3). ``fused`` computes identity blocks' statistics with
+    the fused Triton kernel; None (the default) does where it can run (:func:`fused_by_default`).
     """
 
     def __init__(
@@ -155,6 +213,7 @@ class Recorder:
         tensor_dtype: torch.dtype = torch.float32,
         readout: Iterable[str] = (),
         samples_seen: int = 0,
+        fused: bool | None = None,
     ):
         if target not in TARGETS:
             raise BadValue(f"--target {target!r}: choose label or pred")
@@ -170,6 +229,7 @@ class Recorder:
         if self.readout and anatomy.head is None:
             raise BadValue("--readout needs the model's head, which resprobe does not know for this model")
         self.samples_seen = samples_seen
+        self.identity_stats = IdentityStats(fused_by_default(runtime) if fused is None else fused)
         self._handles: list[Any] = []
         self._active: int | None = None
         self._recording = False
@@ -294,7 +354,7 @@ class Recorder:
                 _check_version(slot.out, slot.out_version, "the output", block.name)
                 if slot.g_out is not None:
                     _check_version(slot.g_out, slot.g_out_version, "the output's gradient", block.name)
-                stats = identity_block_stats(slot.h.detach(), slot.out.detach(), g, slot.g_out, slot.branch)
+                stats = self.identity_stats(slot.h.detach(), slot.out.detach(), g, slot.g_out, slot.branch)
                 assert self._stats is not None
                 self._stats[:, :, j] = stats
             else:

@@ -1,0 +1,108 @@
+"""One-pass per-sample sums of an identity block, as a Triton kernel (the GPU fast path of ``record``).
+
+:func:`resprobe.recorder.identity_block_stats` needs seven per-sample sums of the block's tensors:
+‖h‖², ‖F‖², ‖U‖², ‖g‖², F·g, U·g and U·(∂ℓ/∂out), where U = out − h. Written with torch operations,
+each of them is a separate pass over an activation, plus the passes that form U and convert bf16/fp16
+tensors to float32: about 15 reads and writes of an activation-sized tensor per block. This kernel
+reads each input once, in its own dtype, forms U and every product in float32 registers, and writes
+one float32 partial sum per chunk of a sample; torch adds the few partials of each sample. Each
+sample's chunks are summed in a fixed order, so results are deterministic.
+
+It runs where Triton runs: CUDA GPUs. CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 set
+before Triton is imported), which is slow and meant for tests: it checks the kernel's arithmetic on
+machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+SUMS = ("input_sq", "branch_sq", "update_sq", "grad_sq", "dot", "update_dot", "out_dot")
+
+# 1024 elements per step (4 warps, 8 per thread: 16-byte loads in float32) and 4 steps per program:
+# enough work per program to hide memory latency, and enough programs (over 100 per sample at
+# ResNet-50's widest activation) to fill a GPU.
+BLOCK = 1024
+STEPS = 4
+CHUNK = BLOCK * STEPS
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # not installed, or a broken install: the torch path does the work
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _memory_order(t: Tensor) -> torch.memory_format | None:
+    """The layout whose element order the kernel can walk as one flat run per sample, if any."""
+    if t.is_contiguous():
+        return torch.contiguous_format
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return None
+
+
+def _like(t: Tensor, reference: Tensor, layout: torch.memory_format) -> Tensor:
+    """``t`` with ``reference``'s element order (a copy only when the strides differ)."""
+    return t if t.stride() == reference.stride() else t.contiguous(memory_format=layout)
+
+
+MAX_BATCH = 65535  # CUDA's limit on a grid's second dimension, one sample per row of programs
+
+
+def supported(h: Tensor) -> bool:
+    """Whether the kernel can read ``h``: a dense NCHW or channels_last float tensor, whose samples
+    the kernel's 32-bit sizes and grid can address."""
+    return (h.dim() >= 2 and h.numel() > 0 and _memory_order(h) is not None
+            and h.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and len(h) <= MAX_BATCH and h.numel() // len(h) < 2**31)
+
+
+def identity_sums(h: Tensor, out: Tensor, g: Tensor, g_out: Tensor | None, branch: Tensor | None) -> Tensor:
+    """[7, B] float32 per-sample sums, in the order of :data:`SUMS`, in one read of each tensor.
+
+    Where ``branch`` is None, F = U and its rows repeat U's; where ``g_out`` is None, the last row is 0
+    (the caller knows it is undefined). ``h`` must be :func:`supported`; other tensors are brought to
+    its layout if theirs differs.
+    """
+    if h.device.type == "cpu" and not interpreting():
+        raise ValueError("fused statistics run on CUDA tensors (CPU tensors only in Triton's interpreter, "
+                         "TRITON_INTERPRET=1)")
+    if not supported(h):
+        raise ValueError(f"fused statistics need a dense NCHW or channels_last float tensor, not {h.dtype} "
+                         f"of shape {tuple(h.shape)} and strides {h.stride()}")
+    for t in (out, g, g_out, branch):  # the kernel reads each as h's shape: anything else reads out of bounds
+        if t is not None and (t.shape != h.shape or t.device != h.device or not t.is_floating_point()):
+            raise ValueError(f"fused statistics need tensors shaped like h {tuple(h.shape)} on {h.device}, "
+                             f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+    layout = _memory_order(h)
+    assert layout is not None
+    out, g = _like(out, h, layout), _like(g, h, layout)
+    g_out = _like(g_out, h, layout) if g_out is not None else None
+    branch = _like(branch, h, layout) if branch is not None else None
+    batch = len(h)
+    n = h.numel() // batch
+    chunks = -(-n // CHUNK)
+    partial = torch.empty((batch, chunks, 7), dtype=torch.float32, device=h.device)
+    from resprobe._triton_kernels import identity_sums_kernel as kernel
+
+    # Unused pointers get ``h``: the constexpr flags compile their loads away.
+    kernel[(chunks, batch)](h, out, g, g_out if g_out is not None else h, branch if branch is not None else h,
+                            partial, n, chunks, HAS_BRANCH=branch is not None, HAS_G_OUT=g_out is not None,
+                            BLOCK=BLOCK, STEPS=STEPS, num_warps=4)
+    sums = partial.sum(1).T.contiguous()
+    if branch is None:  # F = U
+        sums[[1, 4]] = sums[[2, 5]]
+    return sums

@@ -1,0 +1,123 @@
+"""The fused statistics kernel's arithmetic, run in Triton's CPU interpreter.
+
+Not collected by the suite's default run (the name does not start with ``test_``):
+``test_fused_stats.py`` runs this file with pytest in a process of its own, with TRITON_INTERPRET=1 set
+before Triton is first imported, which is when Triton decides how to run kernels. Every figure is
+checked against an independent computation: float64 sums of the same tensors, or autograd on the
+model split by hand (``test_recorder.reference_stats``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import tinymodels
+from resprobe import fused_stats
+from resprobe.blocks import discover_blocks
+from resprobe.recorder import STAT_NAMES, Recorder
+from resprobe.runtime import make_runtime
+from test_fused_stats import float64_sums
+from test_recorder import FAMILIES, reference_stats, split
+
+pytestmark = pytest.mark.skipif(not fused_stats.interpreting(), reason="needs TRITON_INTERPRET=1 (test_fused_stats)")
+
+CL = torch.channels_last
+
+
+def five(shape, dtype, seed, layout=torch.contiguous_format):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator).to(dtype).contiguous(memory_format=layout) for _ in range(5)]
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 8, 8), (2, 5, 7, 9), (4, fused_stats.CHUNK + 3), (1, 32, 16, 16),
+                                   (2, 3, 2 * fused_stats.CHUNK)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("has_branch", [True, False])
+@pytest.mark.parametrize("has_g_out", [True, False])
+def test_sums_equal_float64_sums(shape, dtype, has_branch, has_g_out):
+    h, out, g, g_out, branch = five(shape, dtype, seed=len(shape) + shape[-1])
+    g_out = g_out if has_g_out else None
+    branch = branch if has_branch else None
+    got = fused_stats.identity_sums(h, out, g, g_out, branch)
+    assert got.dtype == torch.float32 and got.shape == (7, shape[0])
+    want = float64_sums(h, out, g, g_out, branch)
+    # float32 accumulation of up to 2·CHUNK terms of size ~1: a few float32 ulps of the sum of |terms|
+    scale = float64_sums(h.abs(), out.abs() + h.abs(), g.abs(), None if g_out is None else g_out.abs(),
+                         None if branch is None else branch.abs())
+    assert ((got.double() - want).abs() <= 1e-5 * scale + 1e-6).all(), (got.double() - want).abs().max()
+
+
+@pytest.mark.parametrize("layouts", ["all channels_last", "g contiguous", "branch and g_out contiguous"])
+def test_sums_follow_h_layout(layouts):
+    h, out, g, g_out, branch = five((2, 6, 5, 7), torch.float32, seed=3, layout=CL)
+    if layouts == "g contiguous":
+        g = g.contiguous()
+    elif layouts != "all channels_last":
+        g_out, branch = g_out.contiguous(), branch.contiguous()
+    got = fused_stats.identity_sums(h, out, g, g_out, branch).double()
+    torch.testing.assert_close(got, float64_sums(h, out, g, g_out, branch), rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_layouts_are_refused():
+    h = torch.randn(2, 3, 4, 5).transpose(2, 3)
+    assert not fused_stats.supported(h)
+    assert not fused_stats.supported(torch.randn(2, 3, 4, 5, dtype=torch.float64))
+    assert not fused_stats.supported(torch.randn(0, 3, 4, 5))
+    with pytest.raises(ValueError, match="dense NCHW or channels_last"):
+        fused_stats.identity_sums(h, h, h, None, None)
+    h = torch.randn(2, 3, 4, 5)
+    with pytest.raises(ValueError, match="shaped like h"):  # never read past a smaller tensor's end
+        fused_stats.identity_sums(h, h, h[:, :2], None, None)
+
+
+def record(model, x, y, precision="fp32", fused=True):
+    anatomy = discover_blocks(model, (3, 32, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to torch operations would warn: fail instead
+        with Recorder(anatomy, make_runtime("cpu", precision), fused=fused) as recorder:
+            got = recorder.run_batch(x, y, torch.arange(len(y)))
+            assert recorder.identity_stats.fused == fused
+    return got.stats
+
+
+@pytest.mark.parametrize("make", FAMILIES, ids=lambda f: f.__name__)
+def test_recorder_with_fused_kernel_matches_hand_split_autograd(make):
+    model = make().requires_grad_(False)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 3, 32, 32, generator=generator)
+    y = torch.randint(0, 5, (8,), generator=generator)
+    got = record(model, x, y)
+    want = reference_stats(model, x, y)
+    assert len(split(model)[1]) == got["cos"].shape[1]
+    for name in STAT_NAMES:
+        np.testing.assert_allclose(got[name], want[name], rtol=2e-4, atol=1e-5, err_msg=name, equal_nan=True)
+
+
+def test_recorder_with_fused_kernel_on_channels_last():
+    model = tinymodels.torchvision_bottleneck().requires_grad_(False)
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 3, 32, 32, generator=generator)
+    y = torch.randint(0, 5, (4,), generator=generator)
+    want = reference_stats(model, x, y)
+    model.to(memory_format=CL)
+    got = record(model, x.contiguous(memory_format=CL), y)
+    for name in STAT_NAMES:
+        np.testing.assert_allclose(got[name], want[name], rtol=2e-4, atol=1e-5, err_msg=name, equal_nan=True)
+
+
+@pytest.mark.parametrize("make", [tinymodels.torchvision_tiny, tinymodels.timm_resnetv2], ids=lambda f: f.__name__)
+def test_bf16_fused_equals_bf16_torch_operations(make):
+    """Same bf16 activations, statistics in float32 both ways: equal up to float32 summation order."""
+    model = make().requires_grad_(False)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    y = torch.zeros(4, dtype=torch.long)
+    fused = record(model, x, y, "bf16", fused=True)
+    plain = record(model, x, y, "bf16", fused=False)
+    for name in STAT_NAMES:
+        scale = np.nanmax(np.abs(plain[name]))
+        np.testing.assert_allclose(fused[name], plain[name], rtol=1e-4, atol=1e-5 * scale, err_msg=name,
+                                   equal_nan=True)
