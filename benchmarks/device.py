@@ -8,8 +8,9 @@ On synthetic 224×224 data, torchvision ResNet-50 (random weights, 1000 classes)
   including its device→host transfer at the end of the batch; the HDF5 writer runs in a background
   thread in ``resprobe record`` and is not part of this figure), as ``resprobe record`` runs it (the
   fused Triton statistics kernel on CUDA) and with torch operations only (``record_torch``);
-* stats_kernel: one block's statistics at the widest activation, fused kernel against torch
-  operations, with the kernel's achieved read bandwidth;
+* stats_kernel: one block's statistics at the widest activation, the fused kernel (reading a copy
+  of F, or recomputing F from the last BatchNorm's input) against torch operations, with the
+  kernel's achieved read bandwidth;
 * ablate: every identity block removed in turn, resprobe's prefix-cache engine against the naive
   way (a full forward per removal), both from ``resprobe.ablate.AblationEngine``;
 * finetune: one training step as ``resprobe finetune`` takes it (``light`` augmentation on the
@@ -47,6 +48,7 @@ import torchvision
 from resprobe.ablate import AblationEngine, lesion_variant
 from resprobe.blocks import Anatomy, discover_blocks
 from resprobe import fused_stats
+from resprobe.fused_stats import AffineBranch
 from resprobe.recorder import STAT_NAMES, IdentityStats, Recorder, identity_block_stats
 from resprobe.runtime import Runtime, make_runtime
 from resprobe.train import FinetuneOptions, compiled_forward, light_augment, make_optimizer, make_scheduler, train_step
@@ -177,34 +179,44 @@ def bench_finetune(args: argparse.Namespace, precision: str, compiled: bool) -> 
 
 
 def bench_stats_kernel(args: argparse.Namespace) -> dict[str, Any]:
-    """One identity block's statistics at ResNet-50's widest activation ([B, 256, 56, 56] at 224×224),
-    post-activation (a copy of F), fused kernel against torch operations, and the fused kernel's
-    achieved read bandwidth. Also the largest difference between the two."""
+    """One post-activation identity block's statistics at ResNet-50's widest activation ([B, 256, 56, 56]
+    at 224×224): the fused kernel reading a copy of F, the fused kernel recomputing F from the last
+    BatchNorm's input (``record``'s way for such blocks), and torch operations on the copy. Medians,
+    achieved read bandwidth of the kernel, and the largest differences from the torch operations."""
     device = make_runtime(args.device).device
     shape = (args.batch_size, 256, args.size // 4, args.size // 4)
     out: dict[str, Any] = {"shape": list(shape)}
+    bn = torch.nn.BatchNorm2d(shape[1]).eval().to(device)
+    with torch.no_grad():
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.normal_()
     for dtype in (torch.float32, torch.bfloat16):
         g = torch.Generator(device=device).manual_seed(0)
-        h, o, grad, g_out, branch = (torch.randn(shape, generator=g, device=device).to(dtype)
-                                     .contiguous(memory_format=torch.channels_last) for _ in range(5))
-        row: dict[str, Any] = {}
+        h, o, grad, g_out, x = (torch.randn(shape, generator=g, device=device).to(dtype)
+                                .contiguous(memory_format=torch.channels_last) for _ in range(5))
+        affine = AffineBranch.of(bn, x)
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            branch = bn(x)
         fused = IdentityStats(fused=True)
-        for name, fn in (("fused", fused), ("torch", identity_block_stats)):
+        ways = {"fused": (fused, branch), "fused_affine": (fused, affine), "torch": (identity_block_stats, branch)}
+        row: dict[str, Any] = {}
+        results = {}
+        for name, (fn, f) in ways.items():
             seconds = []
             for i in range(args.warmup + args.iters):
                 synchronize(device)
                 t0 = time.perf_counter()
-                result = fn(h, o, grad, g_out, branch)
+                results[name] = fn(h, o, grad, g_out, f)
                 synchronize(device)
                 if i >= args.warmup:
                     seconds.append(time.perf_counter() - t0)
             row[f"{name}_ms"] = round(1000 * float(np.median(seconds)), 3)
-            row[f"{name}_result"] = result
-        fused_result, torch_result = row.pop("fused_result"), row.pop("torch_result")
-        row["max_rel_diff"] = max_relative_difference(fused_result.cpu().numpy(), torch_result.cpu().numpy())
+        reference = results["torch"].cpu().numpy()
+        for name in ("fused", "fused_affine"):
+            row[f"{name}_max_rel_diff"] = max_relative_difference(results[name].cpu().numpy(), reference)
+            row[f"{name}_speedup"] = round(row["torch_ms"] / row[f"{name}_ms"], 2)
+            row[f"{name}_read_gb_per_s"] = round(5 * h.numel() * h.element_size() / (row[f"{name}_ms"] / 1000) / 1e9, 1)
         row["fused_kernel_ran"] = fused.fused  # False: it fell back to torch operations (see the warning)
-        row["speedup"] = round(row["torch_ms"] / row["fused_ms"], 2)
-        row["fused_read_gb_per_s"] = round(5 * h.numel() * h.element_size() / (row["fused_ms"] / 1000) / 1e9, 1)
         out[str(dtype).removeprefix("torch.")] = row
     return out
 

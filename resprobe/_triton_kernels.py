@@ -10,13 +10,38 @@ import triton.language as tl
 
 
 @triton.jit
-def identity_sums_kernel(h_ptr, out_ptr, g_ptr, g_out_ptr, branch_ptr, partial_ptr, n, chunks,
-                         HAS_BRANCH: tl.constexpr, HAS_G_OUT: tl.constexpr,
-                         BLOCK: tl.constexpr, STEPS: tl.constexpr):
+def _round_like(x, dtype: tl.constexpr):
+    """float32 ``x`` rounded to ``dtype`` (round to nearest even), as float32. bf16 by bit arithmetic:
+    it is exact in Triton's CPU interpreter too, whose float32→bf16 cast does not round to even."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    elif dtype == tl.float16:
+        x = x.to(tl.float16).to(tl.float32)
+    return x
+
+
+@triton.jit
+def identity_sums_kernel(h_ptr, out_ptr, g_ptr, g_out_ptr, branch_ptr, scale_ptr, shift_ptr, partial_ptr,
+                         n, chunks, channels, plane,
+                         HAS_BRANCH: tl.constexpr, AFFINE_BRANCH: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                         HAS_G_OUT: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+    """Seven per-sample partial sums of one identity block over one chunk of BLOCK·STEPS elements.
+
+    Program (chunk, sample) reads elements [chunk·BLOCK·STEPS, …) of sample ``sample`` of each tensor
+    (all laid out alike, ``n`` elements per sample) and writes partial_ptr[sample, chunk, 0:7]:
+    ‖h‖², ‖F‖², ‖U‖², ‖g‖², F·g, U·g, U·g_out with U = out − h, all in float32.
+
+    F is read from ``branch_ptr`` (HAS_BRANCH), or recomputed from the input x of an eval-mode
+    BatchNorm, F = x·scale[c] + shift[c] rounded to x's dtype as the BatchNorm rounds its output
+    (AFFINE_BRANCH; c is the channel of the element: ``channels`` channels of ``plane`` elements,
+    channels_last or not), or is U (neither).
+    """
     chunk = tl.program_id(0)
     sample = tl.program_id(1)
     base = sample.to(tl.int64) * n  # 64-bit: a batch can hold more than 2**31 elements
-    start = chunk.to(tl.int64) * (BLOCK * STEPS)
+    start = chunk * (BLOCK * STEPS)  # 32-bit within a sample (the caller checks n < 2**31 - BLOCK·STEPS)
     input_sq = tl.zeros([BLOCK], dtype=tl.float32)
     update_sq = tl.zeros([BLOCK], dtype=tl.float32)
     grad_sq = tl.zeros([BLOCK], dtype=tl.float32)
@@ -37,7 +62,16 @@ def identity_sums_kernel(h_ptr, out_ptr, g_ptr, g_out_ptr, branch_ptr, partial_p
         grad_sq += g * g
         update_dot += update * g
         if HAS_BRANCH:
-            branch = tl.load(branch_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            branch_raw = tl.load(branch_ptr + at, mask=mask, other=0.0)
+            branch = branch_raw.to(tl.float32)
+            if AFFINE_BRANCH:
+                if CHANNELS_LAST:
+                    channel = offsets % channels
+                else:
+                    channel = (offsets // plane) % channels
+                scale = tl.load(scale_ptr + channel, mask=mask, other=0.0)
+                shift = tl.load(shift_ptr + channel, mask=mask, other=0.0)
+                branch = _round_like(branch * scale + shift, branch_raw.dtype)
             branch_sq += branch * branch
             dot += branch * g
         if HAS_G_OUT:

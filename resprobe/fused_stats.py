@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 SUMS = ("input_sq", "branch_sq", "update_sq", "grad_sq", "dot", "update_dot", "out_dot")
 
@@ -29,6 +30,40 @@ SUMS = ("input_sq", "branch_sq", "update_sq", "grad_sq", "dot", "update_dot", "o
 BLOCK = 1024
 STEPS = 4
 CHUNK = BLOCK * STEPS
+
+
+@dataclass(frozen=True)
+class AffineBranch:
+    """F as an eval-mode BatchNorm computes it from its input x: x·scale[c] + shift[c] per channel,
+    rounded to x's dtype. ``record`` keeps x, which autograd saves for the BatchNorm's backward pass
+    anyway, instead of a copy of F (post-activation blocks overwrite F in place): the fused kernel
+    recomputes F on the fly, so the copy's memory and its write in the forward pass are saved."""
+
+    x: Tensor
+    scale: Tensor  # [C] float32
+    shift: Tensor  # [C] float32
+
+    @staticmethod
+    def of(module: nn.Module, x: Tensor) -> AffineBranch | None:
+        """The affine map of ``module`` applied to ``x``, if ``module`` is an eval-mode 2-d BatchNorm
+        with running statistics, None otherwise."""
+        if (not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.training or x.dim() != 4
+                or module.running_mean is None or module.running_var is None or not x.is_floating_point()):
+            return None
+        with torch.no_grad():
+            # As torch's own inference kernels: α = w / sqrt(var + eps), β = b − mean·α.
+            scale = 1 / torch.sqrt(module.running_var.float() + module.eps)
+            if module.weight is not None:
+                scale = scale * module.weight.float()
+            shift = -module.running_mean.float() * scale
+            if module.bias is not None:
+                shift = shift + module.bias.float()
+        return AffineBranch(x, scale.contiguous(), shift.contiguous())
+
+    def materialize(self) -> Tensor:
+        """F itself (for torch operations)."""
+        shape = (1, -1) + (1,) * (self.x.dim() - 2)
+        return (self.x.float() * self.scale.view(shape) + self.shift.view(shape)).to(self.x.dtype)
 
 
 @functools.cache
@@ -67,15 +102,17 @@ def supported(h: Tensor) -> bool:
     the kernel's 32-bit sizes and grid can address."""
     return (h.dim() >= 2 and h.numel() > 0 and _memory_order(h) is not None
             and h.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and len(h) <= MAX_BATCH and h.numel() // len(h) < 2**31)
+            and len(h) <= MAX_BATCH and h.numel() // len(h) < 2**31 - CHUNK)
 
 
-def identity_sums(h: Tensor, out: Tensor, g: Tensor, g_out: Tensor | None, branch: Tensor | None) -> Tensor:
+def identity_sums(h: Tensor, out: Tensor, g: Tensor, g_out: Tensor | None,
+                  branch: Tensor | AffineBranch | None) -> Tensor:
     """[7, B] float32 per-sample sums, in the order of :data:`SUMS`, in one read of each tensor.
 
-    Where ``branch`` is None, F = U and its rows repeat U's; where ``g_out`` is None, the last row is 0
-    (the caller knows it is undefined). ``h`` must be :func:`supported`; other tensors are brought to
-    its layout if theirs differs.
+    ``branch`` is F, or the BatchNorm input F is recomputed from (:class:`AffineBranch`), or None where
+    F = U: then F's rows repeat U's. Where ``g_out`` is None, the last row is 0 (the caller knows it is
+    undefined). ``h`` must be :func:`supported`; other tensors are brought to its layout if theirs
+    differs.
     """
     if h.device.type == "cpu" and not interpreting():
         raise ValueError("fused statistics run on CUDA tensors (CPU tensors only in Triton's interpreter, "
@@ -83,6 +120,11 @@ def identity_sums(h: Tensor, out: Tensor, g: Tensor, g_out: Tensor | None, branc
     if not supported(h):
         raise ValueError(f"fused statistics need a dense NCHW or channels_last float tensor, not {h.dtype} "
                          f"of shape {tuple(h.shape)} and strides {h.stride()}")
+    affine = branch if isinstance(branch, AffineBranch) else None
+    if affine is not None:
+        branch = affine.x
+        if affine.scale.shape != (h.shape[1],) or affine.shift.shape != (h.shape[1],):
+            raise ValueError(f"an affine branch needs {h.shape[1]} channels of scale and shift")
     for t in (out, g, g_out, branch):  # the kernel reads each as h's shape: anything else reads out of bounds
         if t is not None and (t.shape != h.shape or t.device != h.device or not t.is_floating_point()):
             raise ValueError(f"fused statistics need tensors shaped like h {tuple(h.shape)} on {h.device}, "
@@ -98,9 +140,13 @@ def identity_sums(h: Tensor, out: Tensor, g: Tensor, g_out: Tensor | None, branc
     partial = torch.empty((batch, chunks, 7), dtype=torch.float32, device=h.device)
     from resprobe._triton_kernels import identity_sums_kernel as kernel
 
-    # Unused pointers get ``h``: the constexpr flags compile their loads away.
+    channels, plane = (h.shape[1], h[0, 0].numel()) if h.dim() > 2 else (1, 1)
+    scale, shift = (affine.scale.to(h.device), affine.shift.to(h.device)) if affine is not None else (partial, partial)
+    # Unused pointers get ``h`` or ``partial``: the constexpr flags compile their loads away.
     kernel[(chunks, batch)](h, out, g, g_out if g_out is not None else h, branch if branch is not None else h,
-                            partial, n, chunks, HAS_BRANCH=branch is not None, HAS_G_OUT=g_out is not None,
+                            scale, shift, partial, n, chunks, channels, plane,
+                            HAS_BRANCH=branch is not None, AFFINE_BRANCH=affine is not None,
+                            CHANNELS_LAST=layout == torch.channels_last, HAS_G_OUT=g_out is not None,
                             BLOCK=BLOCK, STEPS=STEPS, num_warps=4)
     sums = partial.sum(1).T.contiguous()
     if branch is None:  # F = U

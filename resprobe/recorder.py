@@ -7,7 +7,9 @@ numbers as soon as the block's last ingredient arrives:
 * block forward pre-hook: ``h`` (a reference; blocks never modify their input); a tensor hook on
   ``h`` delivers ``g = ∂ℓ/∂h`` during the backward pass;
 * branch-end forward hook (post-activation blocks): ``F`` is copied at once, because the block's
-  ``x += shortcut`` and in-place ReLU overwrite it a moment later (transitions: only ``‖F‖``);
+  ``x += shortcut`` and in-place ReLU overwrite it a moment later (transitions: only ``‖F‖``). With
+  the fused kernel, where the branch ends in an eval-mode BatchNorm, its input is kept instead (a
+  reference to what autograd keeps anyway) and the kernel recomputes F from it: no copy;
 * block forward hook: ``out``; a tensor hook on ``out`` keeps ``g_out = ∂ℓ/∂out``;
 * when ``g`` arrives, every statistic of the block is computed at once (float32, U = out − h) and
   the block's references are dropped: on CUDA by a fused Triton kernel that reads each tensor once
@@ -34,6 +36,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from resprobe import fused_stats
+from resprobe.fused_stats import AffineBranch
 from resprobe.blocks import Anatomy, Block
 from resprobe.errors import BadValue
 from resprobe.runtime import Runtime
@@ -136,10 +139,12 @@ class IdentityStats:
         self.warn = warn or (lambda message: warnings.warn(message, stacklevel=2))
         self._ran: set[tuple[Any, ...]] = set()
 
-    def __call__(self, h: Tensor, out: Tensor, g: Tensor, g_out: Tensor | None, branch: Tensor | None) -> Tensor:
+    def __call__(self, h: Tensor, out: Tensor, g: Tensor, g_out: Tensor | None,
+                 branch: Tensor | AffineBranch | None) -> Tensor:
         if self.fused and fused_stats.supported(h):
+            affine = isinstance(branch, AffineBranch)
             kind = (h.dtype, out.dtype, g.dtype, None if g_out is None else g_out.dtype,
-                    None if branch is None else branch.dtype)
+                    None if branch is None else (affine, branch.x.dtype if affine else branch.dtype))
             try:
                 sums = fused_stats.identity_sums(h, out, g, g_out, branch)
             except Exception as exc:
@@ -152,6 +157,8 @@ class IdentityStats:
             else:
                 self._ran.add(kind)
                 return stats_from_sums(sums, g_out is not None)
+        if isinstance(branch, AffineBranch):
+            branch = branch.materialize()
         return identity_block_stats(h, out, g, g_out, branch)
 
 
@@ -168,13 +175,14 @@ def _check_version(t: Tensor, version: int, what: str, block: str) -> None:
 @dataclass
 class _Slot:
     """What one block holds between its forward and its backward within a batch (references only,
-    checked with their version counters, except ``branch``, a copy)."""
+    checked with their version counters, except ``branch`` when it is a copy)."""
 
     h: Tensor | None = None
     h_version: int = 0
     out: Tensor | None = None
     out_version: int = 0
-    branch: Tensor | None = None  # copy of F (post-activation identity blocks)
+    branch: Tensor | AffineBranch | None = None  # copy of F, or what F is recomputed from (post-activation)
+    branch_version: int = 0  # of an AffineBranch's input
     g_out: Tensor | None = None  # ∂ℓ/∂out, kept from its arrival until g's
     g_out_version: int = 0
 
@@ -293,15 +301,22 @@ class Recorder:
         return hook
 
     def _branch_hook(self, module: nn.Module) -> Callable:
-        def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
+        def hook(_module: nn.Module, args: tuple, output: Any) -> None:
             j = self._active
             if not self._recording or j is None or self._branch_ends[j] is not module or not isinstance(output, Tensor):
                 return
             block = self.blocks[j]
             self._keep_tensor(j, "branch", output)
             if block.is_identity and not block.preact:
-                # Post-activation: ``x += shortcut`` and the in-place ReLU will overwrite F.
-                self._slots[j].branch = output.detach().clone()
+                # Post-activation: ``x += shortcut`` and the in-place ReLU will overwrite F. The fused
+                # kernel can recompute F from an eval-mode BatchNorm's input; otherwise F is copied.
+                slot = self._slots[j]
+                affine = (AffineBranch.of(module, args[0].detach())
+                          if self.identity_stats.fused and args and isinstance(args[0], Tensor) else None)
+                if affine is not None and affine.x.shape == output.shape:
+                    slot.branch, slot.branch_version = affine, affine.x._version
+                else:
+                    slot.branch = output.detach().clone()
             elif not block.is_identity:  # transitions: ‖F‖ is all that is recorded of F
                 self._put("branch_norm", j, _norm(output))
 
@@ -354,6 +369,8 @@ class Recorder:
                 _check_version(slot.out, slot.out_version, "the output", block.name)
                 if slot.g_out is not None:
                     _check_version(slot.g_out, slot.g_out_version, "the output's gradient", block.name)
+                if isinstance(slot.branch, AffineBranch):
+                    _check_version(slot.branch.x, slot.branch_version, "the branch's last BatchNorm input", block.name)
                 stats = self.identity_stats(slot.h.detach(), slot.out.detach(), g, slot.g_out, slot.branch)
                 assert self._stats is not None
                 self._stats[:, :, j] = stats

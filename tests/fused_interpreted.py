@@ -62,6 +62,36 @@ def test_sums_follow_h_layout(layouts):
     torch.testing.assert_close(got, float64_sums(h, out, g, g_out, branch), rtol=1e-5, atol=1e-5)
 
 
+def batchnorm(channels: int, seed: int) -> torch.nn.BatchNorm2d:
+    """An eval-mode BatchNorm with running statistics and affine parameters far from the defaults."""
+    generator = torch.Generator().manual_seed(seed)
+    bn = torch.nn.BatchNorm2d(channels).eval()
+    bn.running_mean.copy_(torch.randn(channels, generator=generator))
+    bn.running_var.copy_(torch.rand(channels, generator=generator) + 0.5)
+    bn.weight.data.copy_(torch.randn(channels, generator=generator))
+    bn.bias.data.copy_(torch.randn(channels, generator=generator))
+    return bn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, CL])
+@pytest.mark.parametrize("shape", [(3, 6, 5, 7), (2, 4, 33, 33)])
+def test_branch_recomputed_from_batchnorm_input(dtype, layout, shape):
+    """F = BatchNorm(x) recomputed in the kernel from x equals the module's own output, rounded to its
+    dtype like the module rounds it; sums against float64 sums of the module's output."""
+    x, h, out, g, g_out = five(shape, dtype, seed=shape[-1], layout=layout)
+    bn = batchnorm(shape[1], seed=1)
+    with torch.no_grad():
+        f = bn(x) if dtype != torch.float16 else bn.half()(x)  # the module itself, no resprobe code
+        bn.float()
+    affine = fused_stats.AffineBranch.of(bn, x)
+    assert affine is not None
+    got = fused_stats.identity_sums(h, out, g, g_out, affine).double()
+    torch.testing.assert_close(got, float64_sums(h, out, g, g_out, f), rtol=2e-5, atol=1e-4)
+    if dtype == torch.bfloat16:  # F rounded to bf16 exactly as the module rounds it: the same sums, bit for bit
+        torch.testing.assert_close(got, fused_stats.identity_sums(h, out, g, g_out, f).double(), rtol=0, atol=0)
+
+
 def test_unsupported_layouts_are_refused():
     h = torch.randn(2, 3, 4, 5).transpose(2, 3)
     assert not fused_stats.supported(h)
@@ -74,8 +104,27 @@ def test_unsupported_layouts_are_refused():
         fused_stats.identity_sums(h, h, h[:, :2], None, None)
 
 
-def record(model, x, y, precision="fp32", fused=True):
+def record(model, x, y, precision="fp32", fused=True, affine_blocks=None):
+    """The recorder's statistics; ``affine_blocks`` (a list) receives how many blocks kept a BatchNorm
+    input instead of a copy of F."""
     anatomy = discover_blocks(model, (3, 32, 32))
+    if affine_blocks is not None:
+        original = fused_stats.AffineBranch.of
+
+        def counted(module, x):
+            affine = original(module, x)
+            affine_blocks.append(affine is not None)
+            return affine
+
+        fused_stats.AffineBranch.of = staticmethod(counted)
+    try:
+        return _record(anatomy, x, y, precision, fused)
+    finally:
+        if affine_blocks is not None:
+            fused_stats.AffineBranch.of = staticmethod(original)
+
+
+def _record(anatomy, x, y, precision, fused):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fallback to torch operations would warn: fail instead
         with Recorder(anatomy, make_runtime("cpu", precision), fused=fused) as recorder:
@@ -90,9 +139,12 @@ def test_recorder_with_fused_kernel_matches_hand_split_autograd(make):
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(8, 3, 32, 32, generator=generator)
     y = torch.randint(0, 5, (8,), generator=generator)
-    got = record(model, x, y)
+    affine: list[bool] = []
+    got = record(model, x, y, affine_blocks=affine)
     want = reference_stats(model, x, y)
     assert len(split(model)[1]) == got["cos"].shape[1]
+    # post-activation blocks ending in a BatchNorm recompute F from its input; SE blocks copy F
+    assert any(affine) == (make.__name__ in ("timm_basic", "torchvision_tiny", "torchvision_bottleneck"))
     for name in STAT_NAMES:
         np.testing.assert_allclose(got[name], want[name], rtol=2e-4, atol=1e-5, err_msg=name, equal_nan=True)
 
@@ -104,7 +156,9 @@ def test_recorder_with_fused_kernel_on_channels_last():
     y = torch.randint(0, 5, (4,), generator=generator)
     want = reference_stats(model, x, y)
     model.to(memory_format=CL)
-    got = record(model, x.contiguous(memory_format=CL), y)
+    affine: list[bool] = []
+    got = record(model, x.contiguous(memory_format=CL), y, affine_blocks=affine)
+    assert any(affine)
     for name in STAT_NAMES:
         np.testing.assert_allclose(got[name], want[name], rtol=2e-4, atol=1e-5, err_msg=name, equal_nan=True)
 

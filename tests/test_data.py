@@ -66,7 +66,7 @@ def test_images_of_the_input_size_are_only_normalized(tmp_path):
     root = write_folder(tmp_path / "imgs", [(32, 32)])
     pre = override_preprocessing(PRE, input_size="32")
     images, labels, _ = first_batch(open_data(str(root), pre))
-    raw = np.asarray(Image.open(root / "a" / "0.png").convert("RGB"))
+    raw = np.array(Image.open(root / "a" / "0.png").convert("RGB"))
     want = (torch.from_numpy(raw).permute(2, 0, 1).float() / 255 - torch.tensor(PRE.mean).view(3, 1, 1)) \
         / torch.tensor(PRE.std).view(3, 1, 1)
     torch.testing.assert_close(images[0], want, rtol=0, atol=1e-6)

@@ -56,8 +56,9 @@ def test_kernel_arithmetic_in_triton_interpreter():
 
 
 @pytest.mark.parametrize("capability", [80, 90])
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_kernel_compiles_for_gpus_with_wide_loads(capability, dtype, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("affine", [False, True], ids=["copied F", "F from BatchNorm input"])
+def test_kernel_compiles_for_gpus_with_wide_loads(capability, dtype, affine, tmp_path, monkeypatch):
     """Compiled for A100 (sm_80) and H100 (sm_90) class GPUs: every tensor is read with 16-byte loads
     when the batch's pointers and per-sample size are 16-aligned, as Triton's launcher finds them for
     ResNet activations."""
@@ -72,10 +73,13 @@ def test_kernel_compiles_for_gpus_with_wide_loads(capability, dtype, tmp_path, m
     from resprobe._triton_kernels import identity_sums_kernel
 
     pointers = ["h_ptr", "out_ptr", "g_ptr", "g_out_ptr", "branch_ptr"]
-    signature = {**{p: f"*{dtype}" for p in pointers}, "partial_ptr": "*fp32", "n": "i32", "chunks": "i32",
-                 "HAS_BRANCH": "constexpr", "HAS_G_OUT": "constexpr", "BLOCK": "constexpr", "STEPS": "constexpr"}
-    constants = {"HAS_BRANCH": True, "HAS_G_OUT": True, "BLOCK": fused_stats.BLOCK, "STEPS": fused_stats.STEPS}
-    aligned = {(i,): [["tt.divisibility", 16]] for i in range(7)}  # the five inputs, the partials and n
+    signature = {**{p: f"*{dtype}" for p in pointers}, "scale_ptr": "*fp32", "shift_ptr": "*fp32",
+                 "partial_ptr": "*fp32", "n": "i32", "chunks": "i32", "channels": "i32", "plane": "i32",
+                 **{flag: "constexpr" for flag in ("HAS_BRANCH", "AFFINE_BRANCH", "CHANNELS_LAST", "HAS_G_OUT",
+                                                   "BLOCK", "STEPS")}}
+    constants = {"HAS_BRANCH": True, "AFFINE_BRANCH": affine, "CHANNELS_LAST": True, "HAS_G_OUT": True,
+                 "BLOCK": fused_stats.BLOCK, "STEPS": fused_stats.STEPS}
+    aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 7, 8)}  # the tensors, the partials, n
     try:
         source = ASTSource(fn=identity_sums_kernel, signature=signature, constexprs=constants, attrs=aligned)
     except TypeError as exc:
@@ -83,8 +87,11 @@ def test_kernel_compiles_for_gpus_with_wide_loads(capability, dtype, tmp_path, m
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": 4})
     assert compiled.asm["cubin"]  # machine code for the GPU, not just PTX
     loads = [line for line in compiled.asm["ptx"].splitlines() if "ld.global" in line]
-    # 1024 elements per step over 128 threads: 8 per thread, in 16-byte loads (v4.b32) from each tensor
-    assert len(loads) >= 5 and all(".v4.b32" in line for line in loads), loads
+    # 1024 elements per step over 128 threads: 8 per thread, in 16-byte loads (v4.b32) from each tensor;
+    # the per-channel scale and shift are gathered element by element
+    wide = [line for line in loads if ".v4.b32" in line]
+    assert len(wide) >= 5, loads
+    assert len(loads) - len(wide) == (16 if affine else 0), loads
 
 
 def test_record_uses_the_kernel_on_cuda_only(monkeypatch):
@@ -149,6 +156,40 @@ def test_a_kernel_failure_after_it_ran_is_an_error(monkeypatch):
     stats.warn = messages.append
     stats(*block_tensors(3, torch.bfloat16))
     assert len(messages) == 1 and not stats.fused
+
+
+def test_batchnorm_branch_is_recognised_and_materialised_exactly():
+    generator = torch.Generator().manual_seed(5)
+    bn = torch.nn.BatchNorm2d(4).eval()
+    for t in (bn.running_mean, bn.running_var, bn.weight.data, bn.bias.data):
+        t.copy_(torch.rand(4, generator=generator) + 0.5)
+    x = torch.randn(2, 4, 3, 3, generator=generator)
+    for dtype in (torch.float32, torch.bfloat16):
+        affine = fused_stats.AffineBranch.of(bn, x.to(dtype))
+        assert affine is not None
+        with torch.no_grad():
+            # float32: up to an FMA's rounding; bf16: bit for bit after rounding
+            tolerance = 2e-6 if dtype == torch.float32 else 0.0
+            torch.testing.assert_close(affine.materialize(), bn(x.to(dtype)), rtol=tolerance, atol=tolerance)
+    no_affine = torch.nn.BatchNorm2d(4, affine=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused_stats.AffineBranch.of(no_affine, x).materialize(), no_affine(x))
+    assert fused_stats.AffineBranch.of(bn.train(), x) is None  # batch statistics: not a fixed affine map
+    assert fused_stats.AffineBranch.of(torch.nn.BatchNorm2d(4, track_running_stats=False).eval(), x) is None
+    assert fused_stats.AffineBranch.of(torch.nn.Identity(), x) is None
+    assert fused_stats.AffineBranch.of(torch.nn.BatchNorm1d(4).eval(), x[:, :, 0]) is None
+
+
+def test_torch_operations_take_over_a_batchnorm_branch():
+    """After a fallback, F kept as a BatchNorm input is materialised for the torch operations."""
+    h, out, g, g_out, x = block_tensors(6)
+    bn = torch.nn.BatchNorm2d(4).eval()
+    bn.running_var.fill_(2.0)
+    stats = IdentityStats(fused=True, warn=lambda message: None)  # CPU tensors: the kernel refuses
+    got = stats(h, out, g, g_out, fused_stats.AffineBranch.of(bn, x))
+    with torch.no_grad():
+        want = identity_block_stats(h, out, g, g_out, bn(x))
+    torch.testing.assert_close(got, want, equal_nan=True)
 
 
 def test_unsupported_layouts_use_torch_operations(monkeypatch):
