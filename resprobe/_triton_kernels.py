@@ -12,11 +12,12 @@ import triton.language as tl
 @triton.jit
 def _round_like(x, dtype: tl.constexpr):
     """float32 ``x`` rounded to ``dtype`` (round to nearest even), as float32. bf16 by bit arithmetic:
-    it is exact in Triton's CPU interpreter too, whose float32→bf16 cast does not round to even."""
+    it is exact in Triton's CPU interpreter too, whose float32→bf16 cast does not round to even. NaN
+    stays NaN: the GPU's NaN (0x7FFFFFFF) would otherwise carry into the sign bit and become −0.0."""
     if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
+        rounded = ((bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        x = tl.where(x != x, x, rounded)
     elif dtype == tl.float16:
         x = x.to(tl.float16).to(tl.float32)
     return x

@@ -15,8 +15,10 @@ machines without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,32 @@ SUMS = ("input_sq", "branch_sq", "update_sq", "grad_sq", "dot", "update_dot", "o
 BLOCK = 1024
 STEPS = 4
 CHUNK = BLOCK * STEPS
+
+
+_BATCHNORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+# module -> (what the map was computed from, scale, shift): a forward pass would otherwise launch six
+# small kernels per block to recompute the same map.
+_AFFINE_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _batchnorm_affine(module: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
+    """(α, β) of an eval-mode BatchNorm, float32, cached until its buffers or parameters change."""
+    tensors = [t for t in (module.running_mean, module.running_var, module.weight, module.bias) if t is not None]
+    key = (module.eps, tuple((t.data_ptr(), t._version, t.dtype) for t in tensors))
+    cached = _AFFINE_MAPS.get(module)
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    assert module.running_mean is not None and module.running_var is not None
+    with torch.no_grad():
+        # As torch's own inference kernels: α = w / sqrt(var + eps), β = b − mean·α.
+        scale = 1 / torch.sqrt(module.running_var.float() + module.eps)
+        if module.weight is not None:
+            scale = scale * module.weight.float()
+        shift = -module.running_mean.float() * scale
+        if module.bias is not None:
+            shift = shift + module.bias.float()
+    _AFFINE_MAPS[module] = (key, scale.contiguous(), shift.contiguous())
+    return _AFFINE_MAPS[module][1], _AFFINE_MAPS[module][2]
 
 
 @dataclass(frozen=True)
@@ -46,19 +74,13 @@ class AffineBranch:
     @staticmethod
     def of(module: nn.Module, x: Tensor) -> AffineBranch | None:
         """The affine map of ``module`` applied to ``x``, if ``module`` is an eval-mode 2-d BatchNorm
-        with running statistics, None otherwise."""
-        if (not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.training or x.dim() != 4
+        with running statistics, None otherwise. Only torch's own BatchNorm classes: a subclass may do
+        more in its forward (timm's BatchNormAct2d adds an activation)."""
+        if (type(module) not in _BATCHNORMS or module.training or x.dim() != 4
                 or module.running_mean is None or module.running_var is None or not x.is_floating_point()):
             return None
-        with torch.no_grad():
-            # As torch's own inference kernels: α = w / sqrt(var + eps), β = b − mean·α.
-            scale = 1 / torch.sqrt(module.running_var.float() + module.eps)
-            if module.weight is not None:
-                scale = scale * module.weight.float()
-            shift = -module.running_mean.float() * scale
-            if module.bias is not None:
-                shift = shift + module.bias.float()
-        return AffineBranch(x, scale.contiguous(), shift.contiguous())
+        scale, shift = _batchnorm_affine(module)
+        return AffineBranch(x, scale, shift)
 
     def materialize(self) -> Tensor:
         """F itself (for torch operations)."""
@@ -98,9 +120,9 @@ MAX_BATCH = 65535  # CUDA's limit on a grid's second dimension, one sample per r
 
 
 def supported(h: Tensor) -> bool:
-    """Whether the kernel can read ``h``: a dense NCHW or channels_last float tensor, whose samples
-    the kernel's 32-bit sizes and grid can address."""
-    return (h.dim() >= 2 and h.numel() > 0 and _memory_order(h) is not None
+    """Whether the kernel can read ``h``: a dense NCHW or channels_last float tensor on a CUDA device
+    (or any, in Triton's interpreter), whose samples the kernel's 32-bit sizes and grid can address."""
+    return ((h.is_cuda or interpreting()) and h.dim() >= 2 and h.numel() > 0 and _memory_order(h) is not None
             and h.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and len(h) <= MAX_BATCH and h.numel() // len(h) < 2**31 - CHUNK)
 
@@ -114,12 +136,10 @@ def identity_sums(h: Tensor, out: Tensor, g: Tensor, g_out: Tensor | None,
     undefined). ``h`` must be :func:`supported`; other tensors are brought to its layout if theirs
     differs.
     """
-    if h.device.type == "cpu" and not interpreting():
-        raise ValueError("fused statistics run on CUDA tensors (CPU tensors only in Triton's interpreter, "
-                         "TRITON_INTERPRET=1)")
     if not supported(h):
-        raise ValueError(f"fused statistics need a dense NCHW or channels_last float tensor, not {h.dtype} "
-                         f"of shape {tuple(h.shape)} and strides {h.stride()}")
+        raise ValueError(f"fused statistics need a dense NCHW or channels_last float tensor on a CUDA device "
+                         f"(CPU tensors only in Triton's interpreter, TRITON_INTERPRET=1), not {h.dtype} of "
+                         f"shape {tuple(h.shape)} and strides {h.stride()} on {h.device}")
     affine = branch if isinstance(branch, AffineBranch) else None
     if affine is not None:
         branch = affine.x
@@ -142,12 +162,14 @@ def identity_sums(h: Tensor, out: Tensor, g: Tensor, g_out: Tensor | None,
 
     channels, plane = (h.shape[1], h[0, 0].numel()) if h.dim() > 2 else (1, 1)
     scale, shift = (affine.scale.to(h.device), affine.shift.to(h.device)) if affine is not None else (partial, partial)
-    # Unused pointers get ``h`` or ``partial``: the constexpr flags compile their loads away.
-    kernel[(chunks, batch)](h, out, g, g_out if g_out is not None else h, branch if branch is not None else h,
-                            scale, shift, partial, n, chunks, channels, plane,
-                            HAS_BRANCH=branch is not None, AFFINE_BRANCH=affine is not None,
-                            CHANNELS_LAST=layout == torch.channels_last, HAS_G_OUT=g_out is not None,
-                            BLOCK=BLOCK, STEPS=STEPS, num_warps=4)
+    # Unused pointers get ``h`` or ``partial``: the constexpr flags compile their loads away. Triton
+    # launches on the current device: make it h's (cuda:N), whichever thread runs this.
+    with torch.cuda.device(h.device) if h.is_cuda else contextlib.nullcontext():
+        kernel[(chunks, batch)](h, out, g, g_out if g_out is not None else h, branch if branch is not None else h,
+                                scale, shift, partial, n, chunks, channels, plane,
+                                HAS_BRANCH=branch is not None, AFFINE_BRANCH=affine is not None,
+                                CHANNELS_LAST=layout == torch.channels_last, HAS_G_OUT=g_out is not None,
+                                BLOCK=BLOCK, STEPS=STEPS, num_warps=4)
     sums = partial.sum(1).T.contiguous()
     if branch is None:  # F = U
         sums[[1, 4]] = sums[[2, 5]]

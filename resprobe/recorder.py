@@ -124,14 +124,28 @@ def fused_by_default(runtime: Runtime) -> bool:
             and fused_stats.triton_available())
 
 
+def _kernel_variant(*tensors: Tensor | AffineBranch | None) -> tuple[Any, ...]:
+    """What Triton compiles a separate kernel for: dtypes, which tensors are there, the layout, and
+    16-byte alignment of each pointer and of the per-sample size."""
+    def one(t: Tensor | AffineBranch | None) -> Any:
+        if isinstance(t, AffineBranch):
+            return ("affine", one(t.x))
+        return None if t is None else (t.dtype, t.data_ptr() % 16 == 0)
+
+    h = tensors[0]
+    assert isinstance(h, Tensor)
+    return (tuple(one(t) for t in tensors), h.is_contiguous(), (h.numel() // max(len(h), 1)) % 16 == 0)
+
+
 class IdentityStats:
     """:func:`identity_block_stats` through the fused Triton kernel (:mod:`resprobe.fused_stats`) or
     torch operations; both give the same statistics up to float32 summation order.
 
-    Triton compiles the kernel at the first call for each kind of input (dtype, which optional tensors
-    are there), so exactly those calls may fail (no compiler, an unsupported GPU): one warning says
-    why and torch operations take over. A failure for a kind of input that already ran is a real
-    error and propagates.
+    Triton compiles the kernel at the first call for each variant of input (:func:`_kernel_variant`), so
+    exactly those calls may fail (no compiler, an unsupported GPU): one warning says why and torch
+    operations take over. A failure for a variant that already ran is a real error and propagates, as
+    does a ValueError (inputs the kernel refuses). A fault inside a running kernel is reported by CUDA
+    later, asynchronously, at the batch's transfer to the host: an error, never a silent number.
     """
 
     def __init__(self, fused: bool, warn: Callable[[str], None] | None = None):
@@ -142,11 +156,11 @@ class IdentityStats:
     def __call__(self, h: Tensor, out: Tensor, g: Tensor, g_out: Tensor | None,
                  branch: Tensor | AffineBranch | None) -> Tensor:
         if self.fused and fused_stats.supported(h):
-            affine = isinstance(branch, AffineBranch)
-            kind = (h.dtype, out.dtype, g.dtype, None if g_out is None else g_out.dtype,
-                    None if branch is None else (affine, branch.x.dtype if affine else branch.dtype))
+            kind = _kernel_variant(h, out, g, g_out, branch)
             try:
                 sums = fused_stats.identity_sums(h, out, g, g_out, branch)
+            except ValueError:  # inputs the kernel refuses: a bug in resprobe, not a compiler's failure
+                raise
             except Exception as exc:
                 if kind in self._ran:
                     raise
@@ -313,7 +327,7 @@ class Recorder:
                 slot = self._slots[j]
                 affine = (AffineBranch.of(module, args[0].detach())
                           if self.identity_stats.fused and args and isinstance(args[0], Tensor) else None)
-                if affine is not None and affine.x.shape == output.shape:
+                if affine is not None and affine.x.shape == output.shape and affine.x.dtype == output.dtype:
                     slot.branch, slot.branch_version = affine, affine.x._version
                 else:
                     slot.branch = output.detach().clone()
@@ -386,12 +400,19 @@ class Recorder:
 
     def run_batch(self, images: Tensor, labels: Tensor, indices: Tensor) -> BatchStats:
         """Forward, per-sample cross-entropy, backward to the input; statistics of every block."""
+        return self.launch_batch(images, labels, indices).result()
+
+    def launch_batch(self, images: Tensor, labels: Tensor, indices: Tensor) -> PendingBatch:
+        """:meth:`run_batch` without waiting for the device: the results come with
+        :meth:`PendingBatch.result`. Launching the next batch first keeps a GPU busy while the host
+        waits for this one (:func:`iterate`); waiting after every batch would leave the GPU idle
+        while Python launches the next forward pass."""
         model = self.anatomy.model
         model.eval()
         batch = len(labels)
         device = self.runtime.device
         images = self.runtime.batch(images).requires_grad_(True)
-        labels = labels.to(device)
+        labels = labels.to(device, non_blocking=True)
         self._stats = torch.full((len(STAT_NAMES), batch, len(self.blocks)), math.nan, device=device)
         self._slots = [_Slot() for _ in self.blocks]
         self._tensors, self._readout_logits = {}, {}
@@ -415,17 +436,49 @@ class Recorder:
             self._recording = False
             self._active = None
             self._slots = []
-        stats = self._stats.cpu().numpy()  # the one transfer of the batch
-        self._stats = None
+        stats, self._stats = self._stats, None
         self.samples_seen += batch
+        device_tensors = {"stats": stats, "index": indices, "label": labels, "pred": pred.detach(),
+                          "loss": label_losses.detach(),
+                          **{f"readout/{b}": v for b, v in self._readout_logits.items()}}
+        return PendingBatch(_to_host(device_tensors), self._tensors)
+
+
+def _to_host(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], Any]:
+    """Copies on the host, and a CUDA event that marks their arrival (None where they are there
+    already): one batch's [B]-sized results, copied into pinned memory without waiting."""
+    if not any(t.is_cuda for t in tensors.values()):
+        return {k: t.cpu() for k, t in tensors.items()}, None
+    host = {}
+    for key, t in tensors.items():
+        host[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True) if t.is_cuda else t
+        if t.is_cuda:
+            host[key].copy_(t, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+@dataclass
+class PendingBatch:
+    """A batch whose passes have been launched; :meth:`result` waits for its numbers to reach the host."""
+
+    _host: tuple[dict[str, Tensor], Any]
+    _tensors: dict[str, dict[str, Tensor]]
+
+    def result(self) -> BatchStats:
+        host, event = self._host
+        if event is not None:
+            event.synchronize()
+        stats = host["stats"].numpy()
         return BatchStats(
-            index=indices.cpu().numpy().astype(np.int64),
-            label=labels.cpu().numpy().astype(np.int64),
-            pred=pred.detach().cpu().numpy().astype(np.int64),
-            loss=label_losses.detach().cpu().numpy().astype(np.float32),
+            index=host["index"].numpy().astype(np.int64),
+            label=host["label"].numpy().astype(np.int64),
+            pred=host["pred"].numpy().astype(np.int64),
+            loss=host["loss"].numpy().astype(np.float32),
             stats={name: stats[i] for i, name in enumerate(STAT_NAMES)},
             tensors={b: {k: v.numpy() for k, v in kinds.items()} for b, kinds in self._tensors.items()},
-            readout={b: v.cpu().numpy() for b, v in self._readout_logits.items()},
+            readout={key.removeprefix("readout/"): v.numpy() for key, v in host.items() if key.startswith("readout/")},
         )
 
 
@@ -484,11 +537,23 @@ class NonfiniteTally:
 
 
 def iterate(recorder: Recorder, loader: Iterable, progress: Callable[[int], None] | None = None) -> Iterator[BatchStats]:
+    """Every batch's results, in order. Each batch is launched before the previous one's results are
+    awaited (:meth:`Recorder.launch_batch`), so a GPU never waits for the host between batches."""
+    pending: PendingBatch | None = None
     for images, labels, indices in loader:
-        result = recorder.run_batch(images, labels, indices)
-        if progress:
-            progress(len(result))
-        yield result
+        launched = recorder.launch_batch(images, labels, indices)
+        if pending is not None:
+            yield _finished(pending, progress)
+        pending = launched
+    if pending is not None:
+        yield _finished(pending, progress)
+
+
+def _finished(pending: PendingBatch, progress: Callable[[int], None] | None) -> BatchStats:
+    result = pending.result()
+    if progress:
+        progress(len(result))
+    return result
 
 
 @dataclass

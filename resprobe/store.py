@@ -726,6 +726,17 @@ def run_recording(
         return Interrupted(f"interrupted: {writer.n_done} of {writer.meta['n_planned']} samples are recorded in "
                            f"{writer.dir}; finish with `resprobe record --out {writer.path} --resume`", result)
 
+    pending: Any = None  # the batch launched last, not yet written
+
+    def write_pending() -> None:
+        nonlocal pending
+        launched, pending = pending, None
+        batch = launched.result()
+        tally.add(batch)
+        writer.write_batch(batch)
+        if progress:
+            progress(len(batch))
+
     try:
         with sigint_after_batch() as stop_requested:
             try:
@@ -736,14 +747,21 @@ def run_recording(
                                                  "with the data's batches; start anew with --overwrite")
                         skip -= len(labels)
                         continue
-                    batch = recorder.run_batch(images, labels, indices)
-                    tally.add(batch)
-                    writer.write_batch(batch)
-                    if progress:
-                        progress(len(batch))
+                    # The next batch is launched before the previous one is awaited and written: the
+                    # device computes one while the host waits for and writes the other.
+                    launched = recorder.launch_batch(images, labels, indices)
+                    if pending is not None:
+                        write_pending()
+                    pending = launched
                     if stop_requested():
+                        write_pending()
                         raise interrupted()
+                if pending is not None:
+                    write_pending()
             except Exception as exc:
+                if pending is not None:  # what was computed is kept, if it can be
+                    with contextlib.suppress(Exception):
+                        write_pending()
                 # Ctrl-C from a terminal also reaches the loader's worker processes, which then die:
                 # that is the interruption, not an error of its own.
                 if stop_requested() and not isinstance(exc, ResprobeError):

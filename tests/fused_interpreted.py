@@ -14,9 +14,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import tinymodels
 from resprobe import fused_stats
+from resprobe._triton_kernels import _round_like
 from resprobe.blocks import discover_blocks
 from resprobe.recorder import STAT_NAMES, Recorder
 from resprobe.runtime import make_runtime
@@ -90,6 +93,24 @@ def test_branch_recomputed_from_batchnorm_input(dtype, layout, shape):
     torch.testing.assert_close(got, float64_sums(h, out, g, g_out, f), rtol=2e-5, atol=1e-4)
     if dtype == torch.bfloat16:  # F rounded to bf16 exactly as the module rounds it: the same sums, bit for bit
         torch.testing.assert_close(got, fused_stats.identity_sums(h, out, g, g_out, f).double(), rtol=0, atol=0)
+
+
+@triton.jit
+def _round_to_bf16_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    mask = offsets < n
+    tl.store(y_ptr + offsets, _round_like(tl.load(x_ptr + offsets, mask=mask), tl.bfloat16), mask=mask)
+
+
+def test_bf16_rounding_to_nearest_even_keeps_nan_and_infinity():
+    # NaN as NVIDIA GPUs produce it (0x7FFFFFFF), other NaNs, ±inf, the largest float32, ties
+    bits = torch.tensor([0x7FFFFFFF, 0x7FC00000, -1, 0x7F800000, -0x800000, 0x7F7FFFFF], dtype=torch.int32)
+    x = torch.cat([bits.view(torch.float32), torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.14159, -2e-39])])
+    y = torch.empty_like(x)
+    _round_to_bf16_kernel[(1,)](x, y, len(x), BLOCK=16)
+    nan = x.isnan()
+    assert y[nan].isnan().all() and nan.sum() == 3
+    torch.testing.assert_close(y[~nan], x[~nan].bfloat16().float(), rtol=0, atol=0)  # torch rounds to even
 
 
 def test_unsupported_layouts_are_refused():

@@ -51,13 +51,13 @@ def die():
 
 
 if slow:
-    run_batch = recorder.Recorder.run_batch
+    launch_batch = recorder.Recorder.launch_batch
 
     def slow_batch(self, *args, **kwargs):
         time.sleep(slow)
-        return run_batch(self, *args, **kwargs)
+        return launch_batch(self, *args, **kwargs)
 
-    recorder.Recorder.run_batch = slow_batch
+    recorder.Recorder.launch_batch = slow_batch
 
 real_replace = os.replace
 

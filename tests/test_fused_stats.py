@@ -108,6 +108,7 @@ def test_record_uses_the_kernel_on_cuda_only(monkeypatch):
 def test_statistics_from_the_kernel_sums_equal_torch_operations(has_branch, has_g_out, monkeypatch):
     """Norms, cosines and the missing ∂ℓ/∂out (NaN) composed from the seven sums, here from a float64
     stand-in for the kernel, equal the torch-operation statistics."""
+    monkeypatch.setattr(fused_stats, "supported", lambda h: True)
     monkeypatch.setattr(fused_stats, "identity_sums", stand_in_kernel)
     h, out, g, g_out, branch = block_tensors(1)
     g_out = g_out if has_g_out else None
@@ -120,9 +121,14 @@ def test_statistics_from_the_kernel_sums_equal_torch_operations(has_branch, has_
     assert got[6].isnan().all() == (not has_g_out)
 
 
-def test_a_kernel_that_cannot_run_warns_once_and_torch_takes_over():
-    """On CPU tensors outside the interpreter the kernel refuses: the statistics still come, once
-    warned, from torch operations."""
+def test_a_kernel_that_cannot_compile_warns_once_and_torch_takes_over(monkeypatch):
+    """The statistics still come, once warned, from torch operations."""
+
+    def cannot_compile(*args):
+        raise RuntimeError("ptxas fatal: Value 'sm_120' is not defined for option 'gpu-name'")
+
+    monkeypatch.setattr(fused_stats, "supported", lambda h: True)
+    monkeypatch.setattr(fused_stats, "identity_sums", cannot_compile)
     messages: list[str] = []
     stats = IdentityStats(fused=True, warn=messages.append)
     tensors = block_tensors(2)
@@ -145,13 +151,14 @@ def test_a_kernel_failure_after_it_ran_is_an_error(monkeypatch):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return stand_in_kernel(*args)
 
+    monkeypatch.setattr(fused_stats, "supported", lambda h: True)
     monkeypatch.setattr(fused_stats, "identity_sums", works_once)
     stats = IdentityStats(fused=True, warn=pytest.fail)
     tensors = block_tensors(3)
     stats(*tensors)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         stats(*tensors)
-    # a new kind of input (here bf16) may still fail the first time: it compiles a new variant
+    # a new variant of input (here bf16) may still fail the first time: Triton compiles it anew
     messages: list[str] = []
     stats.warn = messages.append
     stats(*block_tensors(3, torch.bfloat16))
@@ -179,13 +186,19 @@ def test_batchnorm_branch_is_recognised_and_materialised_exactly():
     assert fused_stats.AffineBranch.of(torch.nn.Identity(), x) is None
     assert fused_stats.AffineBranch.of(torch.nn.BatchNorm1d(4).eval(), x[:, :, 0]) is None
 
+    class NormAct(torch.nn.BatchNorm2d):  # as timm's BatchNormAct2d: more than the affine map
+        def forward(self, x):
+            return torch.relu(super().forward(x))
+
+    assert fused_stats.AffineBranch.of(NormAct(4).eval(), x) is None
+
 
 def test_torch_operations_take_over_a_batchnorm_branch():
-    """After a fallback, F kept as a BatchNorm input is materialised for the torch operations."""
+    """Where the kernel does not run, F kept as a BatchNorm input is materialised for the torch operations."""
     h, out, g, g_out, x = block_tensors(6)
     bn = torch.nn.BatchNorm2d(4).eval()
     bn.running_var.fill_(2.0)
-    stats = IdentityStats(fused=True, warn=lambda message: None)  # CPU tensors: the kernel refuses
+    stats = IdentityStats(fused=True, warn=pytest.fail)  # CPU tensors: not for the kernel, no warning
     got = stats(h, out, g, g_out, fused_stats.AffineBranch.of(bn, x))
     with torch.no_grad():
         want = identity_block_stats(h, out, g, g_out, bn(x))
@@ -194,6 +207,7 @@ def test_torch_operations_take_over_a_batchnorm_branch():
 
 def test_unsupported_layouts_use_torch_operations(monkeypatch):
     monkeypatch.setattr(fused_stats, "identity_sums", pytest.fail)  # must not be called
+    monkeypatch.setattr(fused_stats, "interpreting", lambda: True)  # as if the kernel could run on the CPU
     h, out, g, g_out, branch = (t.transpose(2, 3) for t in block_tensors(4))
     got = IdentityStats(fused=True, warn=pytest.fail)(h, out, g, g_out, branch)
     np.testing.assert_allclose(got.numpy(), identity_block_stats(h, out, g, g_out, branch).numpy())
@@ -206,3 +220,18 @@ def test_recorder_module_keeps_the_kernel_optional():
             "assert not f.triton_available(); print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_batchnorm_map_is_cached_until_the_module_changes():
+    bn = torch.nn.BatchNorm2d(3).eval()
+    x = torch.randn(2, 3, 4, 4)
+    first = fused_stats.AffineBranch.of(bn, x)
+    again = fused_stats.AffineBranch.of(bn, x)
+    assert again.scale is first.scale  # no recomputation for an unchanged module
+    with torch.no_grad():
+        bn.running_var.mul_(4)  # in place: a new version of the buffer
+        bn.bias.add_(1)
+    changed = fused_stats.AffineBranch.of(bn, x)
+    with torch.no_grad():
+        torch.testing.assert_close(changed.materialize(), bn(x))
+    torch.testing.assert_close(changed.scale, first.scale / 2)
