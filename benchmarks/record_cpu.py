@@ -41,12 +41,17 @@ def main() -> None:
             runs["floor"].append(measure(floor))
             runs["record"].append(measure(record))
     med = {k: statistics.median(m.seconds for m in v) for k, v in runs.items()}
+    # CPU time (user + system) is far less sensitive than wall time to other load on the machine
+    cpu = {k: statistics.median(m.cpu_seconds for m in v) for k, v in runs.items()}
     rss = {k: max(m.max_rss_mb for m in v) for k, v in runs.items()}
     print(json.dumps({
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
         "torch": torch.__version__, "n": args.n, "batch_size": args.batch_size, "repeats": args.repeats,
         "floor_seconds": round(med["floor"], 2), "record_seconds": round(med["record"], 2),
         "time_ratio": round(med["record"] / med["floor"], 3), "target_time_ratio": 1.15,
+        "floor_cpu_seconds": round(cpu["floor"], 2), "record_cpu_seconds": round(cpu["record"], 2),
+        "cpu_time_ratio": round(cpu["record"] / cpu["floor"], 3),
+        "single_runs_seconds": {k: [round(m.seconds, 2) for m in v] for k, v in runs.items()},
         "floor_max_rss_mb": round(rss["floor"], 1), "record_max_rss_mb": round(rss["record"], 1),
         "memory_ratio": round(rss["record"] / rss["floor"], 3), "target_memory_ratio": 1.2,
     }, indent=2))

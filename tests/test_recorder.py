@@ -283,3 +283,29 @@ def test_per_sample_dot_products_whatever_the_layouts():
                                    (x.double() * y.double()).sum((1, 2, 3)), rtol=tolerance, atol=tolerance)
         assert _dot(x, y).dtype == torch.float32
     torch.testing.assert_close(_norm(a.contiguous(memory_format=cl)).double(), a.double().flatten(1).norm(dim=1))
+
+
+def test_iterate_launches_the_next_batch_before_awaiting_the_last():
+    """A GPU stays busy: batch k+1 is launched before batch k's results are awaited; results keep
+    their order, and the last batch is not lost."""
+    from resprobe.recorder import iterate
+
+    events: list[str] = []
+
+    class Pending:
+        def __init__(self, k: int):
+            self.k = k
+
+        def result(self):
+            events.append(f"await {self.k}")
+            return [self.k]
+
+    class FakeRecorder:
+        def launch_batch(self, images, labels, indices):
+            events.append(f"launch {images}")
+            return Pending(images)
+
+    seen = []
+    results = list(iterate(FakeRecorder(), [(k, None, None) for k in range(3)], progress=seen.append))
+    assert results == [[0], [1], [2]] and seen == [1, 1, 1]
+    assert events == ["launch 0", "launch 1", "await 0", "launch 2", "await 1", "await 2"]
