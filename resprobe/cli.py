@@ -360,6 +360,7 @@ def record_command(
     """Record every block's per-sample statistics (delta, gradient, norms, cosines) into an HDF5 file.
 
     Durable: a run killed at any moment loses at most the batch in flight; finish it with --resume.
+    On CUDA a fused Triton kernel computes the statistics (RESPROBE_FUSED_STATS=0 turns it off).
     """
     from resprobe.report import emit, record_table
 

@@ -402,6 +402,13 @@ class Recorder:
         """Forward, per-sample cross-entropy, backward to the input; statistics of every block."""
         return self.launch_batch(images, labels, indices).result()
 
+    @property
+    def launches_ahead(self) -> bool:
+        """Whether callers should launch the next batch before awaiting this one's results: on CUDA,
+        where a launch returns before the device is done. On the CPU a launch computes everything, so
+        awaiting at once costs nothing and keeps a recording's batches durable one by one."""
+        return self.runtime.device.type == "cuda"
+
     def launch_batch(self, images: Tensor, labels: Tensor, indices: Tensor) -> PendingBatch:
         """:meth:`run_batch` without waiting for the device: the results come with
         :meth:`PendingBatch.result`. Launching the next batch first keeps a GPU busy while the host
@@ -537,14 +544,18 @@ class NonfiniteTally:
 
 
 def iterate(recorder: Recorder, loader: Iterable, progress: Callable[[int], None] | None = None) -> Iterator[BatchStats]:
-    """Every batch's results, in order. Each batch is launched before the previous one's results are
-    awaited (:meth:`Recorder.launch_batch`), so a GPU never waits for the host between batches."""
+    """Every batch's results, in order. On a GPU each batch is launched before the previous one's
+    results are awaited (:meth:`Recorder.launch_batch`), so the GPU never waits for the host between
+    batches; on the CPU, where a launch computes the whole batch, each result comes at once."""
     pending: PendingBatch | None = None
     for images, labels, indices in loader:
         launched = recorder.launch_batch(images, labels, indices)
         if pending is not None:
             yield _finished(pending, progress)
         pending = launched
+        if not recorder.launches_ahead:
+            pending = None
+            yield _finished(launched, progress)
     if pending is not None:
         yield _finished(pending, progress)
 

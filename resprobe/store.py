@@ -747,14 +747,17 @@ def run_recording(
                                                  "with the data's batches; start anew with --overwrite")
                         skip -= len(labels)
                         continue
-                    # The next batch is launched before the previous one is awaited and written: the
-                    # device computes one while the host waits for and writes the other.
+                    # On a GPU the next batch is launched before the previous one is awaited and
+                    # written: the device computes one while the host waits for and writes the other.
                     launched = recorder.launch_batch(images, labels, indices)
                     if pending is not None:
                         write_pending()
                     pending = launched
-                    if stop_requested():
+                    if not recorder.launches_ahead:
                         write_pending()
+                    if stop_requested():
+                        if pending is not None:
+                            write_pending()
                         raise interrupted()
                 if pending is not None:
                     write_pending()

@@ -287,7 +287,7 @@ def test_per_sample_dot_products_whatever_the_layouts():
 
 def test_iterate_launches_the_next_batch_before_awaiting_the_last():
     """A GPU stays busy: batch k+1 is launched before batch k's results are awaited; results keep
-    their order, and the last batch is not lost."""
+    their order, and the last batch is not lost. The CPU awaits each batch at once."""
     from resprobe.recorder import iterate
 
     events: list[str] = []
@@ -301,6 +301,8 @@ def test_iterate_launches_the_next_batch_before_awaiting_the_last():
             return [self.k]
 
     class FakeRecorder:
+        launches_ahead = True  # as on CUDA
+
         def launch_batch(self, images, labels, indices):
             events.append(f"launch {images}")
             return Pending(images)
@@ -309,3 +311,8 @@ def test_iterate_launches_the_next_batch_before_awaiting_the_last():
     results = list(iterate(FakeRecorder(), [(k, None, None) for k in range(3)], progress=seen.append))
     assert results == [[0], [1], [2]] and seen == [1, 1, 1]
     assert events == ["launch 0", "launch 1", "await 0", "launch 2", "await 1", "await 2"]
+    # on the CPU a launch computes the whole batch: its results are taken (and written) at once
+    events.clear()
+    FakeRecorder.launches_ahead = False
+    assert list(iterate(FakeRecorder(), [(k, None, None) for k in range(2)])) == [[0], [1]]
+    assert events == ["launch 0", "await 0", "launch 1", "await 1"]

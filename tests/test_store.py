@@ -109,3 +109,27 @@ def test_foreign_files_are_refused(tmp_path):
         f.attrs["schema_version"] = 99
     with pytest.raises(RecordingError, match="newer"):
         open_recording(out)
+
+
+@pytest.mark.parametrize("crash", [False, True])
+def test_launching_ahead_as_on_a_gpu_records_the_same(tmp_path, monkeypatch, crash):
+    """The order a GPU run takes (batch k+1 launched before batch k is awaited and written), on the
+    CPU: the same recording; a crash keeps every batch whose results were taken, and resumes."""
+    from resprobe.recorder import Recorder
+
+    whole = tmp_path / "whole.h5"
+    record(options(), whole, device="cpu")
+    monkeypatch.setattr(Recorder, "launches_ahead", property(lambda self: True))
+    out = tmp_path / "ahead.h5"
+    if crash:
+        with pytest.raises(Crash):
+            record(options(), out, device="cpu", progress=crash_after(16))
+        assert 16 <= open_recording(out).n_samples < 40
+        record(RecordOptions(), out, resume=True, device="cpu")
+    else:
+        record(options(), out, device="cpu")
+    a, b = open_recording(whole), open_recording(out)
+    assert b.complete and b.n_samples == 40
+    for name in STAT_NAMES:
+        np.testing.assert_allclose(a.stats[name], b.stats[name], rtol=0, atol=1e-6, equal_nan=True)
+    np.testing.assert_array_equal(a.index, b.index)
