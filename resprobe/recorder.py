@@ -453,16 +453,22 @@ class Recorder:
 
 def _to_host(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], Any]:
     """Copies on the host, and a CUDA event that marks their arrival (None where they are there
-    already): one batch's [B]-sized results, copied into pinned memory without waiting."""
-    if not any(t.is_cuda for t in tensors.values()):
-        return {k: t.cpu() for k, t in tensors.items()}, None
+    already): one batch's [B]-sized results, copied into pinned memory without waiting. Host tensors
+    are copied too, so that a caller may reuse its own tensors at once."""
+    devices = {t.device for t in tensors.values() if t.is_cuda}
+    if not devices:
+        return {k: t.clone() for k, t in tensors.items()}, None
+    (device,) = devices  # one batch lives on one device
     host = {}
-    for key, t in tensors.items():
-        host[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True) if t.is_cuda else t
-        if t.is_cuda:
-            host[key].copy_(t, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
+    with torch.cuda.device(device):  # the event must mark that device's stream, not cuda:0's
+        for key, t in tensors.items():
+            if t.is_cuda:
+                host[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host[key].copy_(t, non_blocking=True)
+            else:
+                host[key] = t.clone()
+        event = torch.cuda.Event()
+        event.record()
     return host, event
 
 
@@ -477,15 +483,17 @@ class PendingBatch:
         host, event = self._host
         if event is not None:
             event.synchronize()
-        stats = host["stats"].numpy()
+        # Out of pinned memory, which PyTorch keeps page-locked for reuse: [B]-sized, a cheap copy.
+        arrays = {key: t.numpy().copy() if event is not None else t.numpy() for key, t in host.items()}
+        stats = arrays["stats"]
         return BatchStats(
-            index=host["index"].numpy().astype(np.int64),
-            label=host["label"].numpy().astype(np.int64),
-            pred=host["pred"].numpy().astype(np.int64),
-            loss=host["loss"].numpy().astype(np.float32),
+            index=arrays["index"].astype(np.int64),
+            label=arrays["label"].astype(np.int64),
+            pred=arrays["pred"].astype(np.int64),
+            loss=arrays["loss"].astype(np.float32),
             stats={name: stats[i] for i, name in enumerate(STAT_NAMES)},
             tensors={b: {k: v.numpy() for k, v in kinds.items()} for b, kinds in self._tensors.items()},
-            readout={key.removeprefix("readout/"): v.numpy() for key, v in host.items() if key.startswith("readout/")},
+            readout={key.removeprefix("readout/"): v for key, v in arrays.items() if key.startswith("readout/")},
         )
 
 

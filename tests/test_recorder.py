@@ -316,3 +316,18 @@ def test_iterate_launches_the_next_batch_before_awaiting_the_last():
     FakeRecorder.launches_ahead = False
     assert list(iterate(FakeRecorder(), [(k, None, None) for k in range(2)])) == [[0], [1]]
     assert events == ["launch 0", "await 0", "launch 1", "await 1"]
+
+
+def test_a_launched_batch_keeps_its_own_copy_of_the_indices():
+    """The caller may reuse its tensors as soon as launch_batch returns."""
+    model = tinymodels.torchvision_tiny().requires_grad_(False)
+    anatomy = discover_blocks(model, (3, 32, 32))
+    indices = torch.arange(10, 14)
+    labels = torch.zeros(4, dtype=torch.long)
+    with Recorder(anatomy, make_runtime("cpu")) as recorder:
+        pending = recorder.launch_batch(torch.randn(4, 3, 32, 32), labels, indices)
+        indices.zero_()
+        labels.fill_(3)
+        got = pending.result()
+    np.testing.assert_array_equal(got.index, [10, 11, 12, 13])
+    np.testing.assert_array_equal(got.label, [0, 0, 0, 0])
