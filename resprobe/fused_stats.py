@@ -6,7 +6,9 @@ each of them is a separate pass over an activation, plus the passes that form U 
 tensors to float32: about 15 reads and writes of an activation-sized tensor per block. This kernel
 reads each input once, in its own dtype, forms U and every product in float32 registers, and writes
 one float32 partial sum per chunk of a sample; torch adds the few partials of each sample. Each
-sample's chunks are summed in a fixed order, so results are deterministic.
+sample's chunks are summed in a fixed order, so results are deterministic. Where a post-activation
+block's branch ends in an eval-mode BatchNorm, F is recomputed from that BatchNorm's input
+(:class:`AffineBranch`) instead of being copied in the forward pass.
 
 It runs where Triton runs: CUDA GPUs. CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 set
 before Triton is imported), which is slow and meant for tests: it checks the kernel's arithmetic on
