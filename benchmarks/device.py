@@ -129,7 +129,7 @@ def bench_analysis(args: argparse.Namespace, precision: str) -> dict[str, Any]:
     def floor() -> None:
         x = images.detach().requires_grad_(True)
         with runtime.numerics():
-            with runtime.compute():
+            with runtime.autocast():
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), labels, reduction="sum")
             torch.autograd.grad(loss, x)

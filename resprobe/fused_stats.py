@@ -129,6 +129,20 @@ def supported(h: Tensor) -> bool:
             and len(h) <= MAX_BATCH and h.numel() // len(h) < 2**31 - CHUNK)
 
 
+def kernel_variant(*tensors: Tensor | AffineBranch | None) -> tuple[object, ...]:
+    """What Triton compiles a separate kernel for, given :func:`identity_sums`'s arguments: dtypes,
+    which tensors are there, the layout, and 16-byte alignment of each pointer and of the per-sample
+    size."""
+    def one(t: Tensor | AffineBranch | None) -> object:
+        if isinstance(t, AffineBranch):
+            return ("affine", one(t.x))
+        return None if t is None else (t.dtype, t.data_ptr() % 16 == 0)
+
+    h = tensors[0]
+    assert isinstance(h, Tensor)
+    return (tuple(one(t) for t in tensors), h.is_contiguous(), (h.numel() // max(len(h), 1)) % 16 == 0)
+
+
 def identity_sums(h: Tensor, out: Tensor, g: Tensor, g_out: Tensor | None,
                   branch: Tensor | AffineBranch | None) -> Tensor:
     """[7, B] float32 per-sample sums, in the order of :data:`SUMS`, in one read of each tensor.

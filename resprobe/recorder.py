@@ -39,7 +39,7 @@ from resprobe import fused_stats
 from resprobe.fused_stats import AffineBranch
 from resprobe.blocks import Anatomy, Block
 from resprobe.errors import BadValue
-from resprobe.runtime import Runtime
+from resprobe.runtime import FirstCallFallback, Runtime
 
 STAT_NAMES = ("input_norm", "branch_norm", "update_norm", "grad_norm", "dot", "update_dot", "out_dot", "cos",
               "update_cos")
@@ -113,8 +113,7 @@ def stats_from_sums(sums: Tensor, has_out_grad: bool) -> Tensor:
     dots = sums[4:].clone()  # dot, update_dot, out_dot
     if not has_out_grad:
         dots[2] = math.nan
-    denominators = norms[1:3] * norms[3]  # ‖F‖·‖g‖ and ‖U‖·‖g‖; a zero norm leaves the cosine NaN (_cos)
-    cosines = torch.where(denominators > 0, dots[:2] / denominators, torch.full_like(denominators, math.nan))
+    cosines = _cos(dots[:2], norms[1:3], norms[3])  # cos(F, g) and cos(U, g)
     return torch.cat([norms, dots, cosines])
 
 
@@ -124,52 +123,34 @@ def fused_by_default(runtime: Runtime) -> bool:
             and fused_stats.triton_available())
 
 
-def _kernel_variant(*tensors: Tensor | AffineBranch | None) -> tuple[Any, ...]:
-    """What Triton compiles a separate kernel for: dtypes, which tensors are there, the layout, and
-    16-byte alignment of each pointer and of the per-sample size."""
-    def one(t: Tensor | AffineBranch | None) -> Any:
-        if isinstance(t, AffineBranch):
-            return ("affine", one(t.x))
-        return None if t is None else (t.dtype, t.data_ptr() % 16 == 0)
-
-    h = tensors[0]
-    assert isinstance(h, Tensor)
-    return (tuple(one(t) for t in tensors), h.is_contiguous(), (h.numel() // max(len(h), 1)) % 16 == 0)
-
-
 class IdentityStats:
     """:func:`identity_block_stats` through the fused Triton kernel (:mod:`resprobe.fused_stats`) or
     torch operations; both give the same statistics up to float32 summation order.
 
-    Triton compiles the kernel at the first call for each variant of input (:func:`_kernel_variant`), so
-    exactly those calls may fail (no compiler, an unsupported GPU): one warning says why and torch
-    operations take over. A failure for a variant that already ran is a real error and propagates, as
-    does a ValueError (inputs the kernel refuses). A fault inside a running kernel is reported by CUDA
-    later, asynchronously, at the batch's transfer to the host: an error, never a silent number.
+    Triton compiles the kernel at the first call for each variant of input
+    (:func:`fused_stats.kernel_variant`), so exactly those calls may fail (no compiler, an unsupported
+    GPU): one warning says why and torch operations take over (:class:`FirstCallFallback`). A ValueError
+    (inputs the kernel refuses: a bug in resprobe) always propagates. A fault inside a running kernel
+    is reported by CUDA later, asynchronously, at the batch's transfer to the host: an error, never a
+    silent number.
     """
 
     def __init__(self, fused: bool, warn: Callable[[str], None] | None = None):
-        self.fused = fused
-        self.warn = warn or (lambda message: warnings.warn(message, stacklevel=2))
-        self._ran: set[tuple[Any, ...]] = set()
+        self.fallback = FirstCallFallback("record: the fused statistics kernel",
+                                          "computing the statistics with torch operations instead", warn,
+                                          errors=(ValueError,))
+        self.fallback.active = fused
+
+    @property
+    def fused(self) -> bool:
+        return self.fallback.active
 
     def __call__(self, h: Tensor, out: Tensor, g: Tensor, g_out: Tensor | None,
                  branch: Tensor | AffineBranch | None) -> Tensor:
         if self.fused and fused_stats.supported(h):
-            kind = _kernel_variant(h, out, g, g_out, branch)
-            try:
-                sums = fused_stats.identity_sums(h, out, g, g_out, branch)
-            except ValueError:  # inputs the kernel refuses: a bug in resprobe, not a compiler's failure
-                raise
-            except Exception as exc:
-                if kind in self._ran:
-                    raise
-                reason = (str(exc).strip().splitlines() or [""])[0][:200]
-                self.warn(f"record: the fused statistics kernel failed ({type(exc).__name__}: {reason}); "
-                          "computing the statistics with torch operations instead")
-                self.fused = False
-            else:
-                self._ran.add(kind)
+            ran, sums = self.fallback.run(fused_stats.kernel_variant(h, out, g, g_out, branch),
+                                          fused_stats.identity_sums, h, out, g, g_out, branch)
+            if ran:
                 return stats_from_sums(sums, g_out is not None)
         if isinstance(branch, AffineBranch):
             branch = branch.materialize()
@@ -427,7 +408,7 @@ class Recorder:
         self._recording = True
         try:
             with self.runtime.numerics():  # the backward pass too: fp32 means no TF32 there either
-                with torch.enable_grad(), self.runtime.compute():
+                with torch.enable_grad(), self.runtime.autocast():
                     logits = model(images)
                 logits = logits.float()
                 pred = logits.argmax(1)
@@ -448,7 +429,7 @@ class Recorder:
         device_tensors = {"stats": stats, "index": indices, "label": labels, "pred": pred.detach(),
                           "loss": label_losses.detach(),
                           **{f"readout/{b}": v for b, v in self._readout_logits.items()}}
-        return PendingBatch(_to_host(device_tensors), self._tensors)
+        return PendingBatch(*_to_host(device_tensors), self._tensors)
 
 
 def _to_host(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], Any]:
@@ -476,15 +457,15 @@ def _to_host(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], Any]:
 class PendingBatch:
     """A batch whose passes have been launched; :meth:`result` waits for its numbers to reach the host."""
 
-    _host: tuple[dict[str, Tensor], Any]
-    _tensors: dict[str, dict[str, Tensor]]
+    host: dict[str, Tensor]  # [B]-sized results on the host (pinned and still arriving, on CUDA)
+    event: Any  # the CUDA event that marks their arrival; None where they are there already
+    tensors: dict[str, dict[str, Tensor]]  # the kept full tensors (save_tensors), already on the host
 
     def result(self) -> BatchStats:
-        host, event = self._host
-        if event is not None:
-            event.synchronize()
+        if self.event is not None:
+            self.event.synchronize()
         # Out of pinned memory, which PyTorch keeps page-locked for reuse: [B]-sized, a cheap copy.
-        arrays = {key: t.numpy().copy() if event is not None else t.numpy() for key, t in host.items()}
+        arrays = {key: t.numpy().copy() if self.event is not None else t.numpy() for key, t in self.host.items()}
         stats = arrays["stats"]
         return BatchStats(
             index=arrays["index"].astype(np.int64),
@@ -492,7 +473,7 @@ class PendingBatch:
             pred=arrays["pred"].astype(np.int64),
             loss=arrays["loss"].astype(np.float32),
             stats={name: stats[i] for i, name in enumerate(STAT_NAMES)},
-            tensors={b: {k: v.numpy() for k, v in kinds.items()} for b, kinds in self._tensors.items()},
+            tensors={b: {k: v.numpy() for k, v in kinds.items()} for b, kinds in self.tensors.items()},
             readout={key.removeprefix("readout/"): v for key, v in arrays.items() if key.startswith("readout/")},
         )
 

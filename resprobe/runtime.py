@@ -110,47 +110,68 @@ def _signature(args: tuple[Any, ...]) -> tuple[Any, ...]:
                  for a in args)
 
 
-class CompiledOrEager:
-    """``fn`` through ``torch.compile``, or eagerly, with one warning, if compiling it fails.
+class FirstCallFallback:
+    """Run a fast path that compiles lazily, falling back for good, with one warning, if compiling fails.
 
-    torch.compile compiles lazily, at the first call with inputs of a new kind (shapes, dtypes,
-    devices, layouts, which arguments are None), so exactly those calls are allowed to fail (no C
-    compiler, an unsupported operation, an old GPU): ``warn`` says why and ``fn`` runs eagerly from
-    then on. An error in a call with inputs already seen is a real error and propagates.
+    Compilers (torch.compile, Triton) build code at the first call with inputs of a new kind, so
+    exactly those calls are allowed to fail (no C compiler, an unsupported operation, an old GPU):
+    ``warn`` says why (``"{what} failed (...); {fallback}"``) and :attr:`active` turns False, so the
+    caller takes its slow path from then on. An error in a call with a kind of input that already ran
+    is a real error and propagates, and so is always an error of a type in ``errors`` (failures that
+    no fallback should hide).
     """
+
+    def __init__(self, what: str, fallback: str, warn: Callable[[str], None] | None = None,
+                 errors: tuple[type[BaseException], ...] = ()):
+        self.what = what
+        self.fallback = fallback
+        self.errors = errors
+        self.warn = warn or (lambda message: warnings.warn(message, stacklevel=4))
+        self.active = True
+        self._ran: set[Any] = set()
+
+    def give_up(self, exc: BaseException) -> None:
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        self.warn(f"{self.what} failed ({type(exc).__name__}: {reason}); {self.fallback}")
+        self.active = False
+
+    def run(self, kind: Any, fast: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
+        """``(True, fast(*args))``, or ``(False, None)`` once a first call with ``kind`` has failed."""
+        if kind in self._ran:
+            return True, fast(*args)
+        try:
+            result = fast(*args)
+        except self.errors:
+            raise
+        except Exception as exc:
+            self.give_up(exc)
+            return False, None
+        self._ran.add(kind)
+        return True, result
+
+
+class CompiledOrEager:
+    """``fn`` through ``torch.compile``, or eagerly, with one warning, if compiling it fails
+    (:class:`FirstCallFallback`; a new kind of input is new shapes, dtypes, devices, layouts, or which
+    arguments are None)."""
 
     def __init__(self, fn: Callable[..., Any], what: str, fallback: str, warn: Callable[[str], None] | None = None,
                  **compile_options: Any):
         self.fn = fn
-        self.what = what
-        self.fallback = fallback
-        self.warn = warn or (lambda message: warnings.warn(message, stacklevel=3))
-        self._seen: set[tuple[Any, ...]] = set()
+        self._guard = FirstCallFallback(f"{what}: torch.compile", fallback, warn)
         self._compiled: Callable[..., Any] | None = None
         try:
             self._compiled = torch.compile(fn, **compile_options)
         except Exception as exc:  # e.g. torch.compile unsupported on this Python
-            self._give_up(exc)
+            self._guard.give_up(exc)
 
     @property
     def compiled(self) -> bool:
-        return self._compiled is not None
-
-    def _give_up(self, exc: BaseException) -> None:
-        reason = (str(exc).strip().splitlines() or [""])[0][:200]
-        self.warn(f"{self.what}: torch.compile failed ({type(exc).__name__}: {reason}); {self.fallback}")
-        self._compiled = None
+        return self._guard.active
 
     def __call__(self, *args: Any) -> Any:
-        if self._compiled is None:
-            return self.fn(*args)
-        signature = _signature(args)
-        if signature in self._seen:
-            return self._compiled(*args)
-        try:
-            result = self._compiled(*args)
-        except Exception as exc:
-            self._give_up(exc)
-            return self.fn(*args)
-        self._seen.add(signature)
-        return result
+        if self._guard.active:
+            ran, result = self._guard.run(_signature(args), self._compiled, *args)
+            if ran:
+                return result
+        return self.fn(*args)

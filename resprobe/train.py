@@ -610,7 +610,7 @@ def train_step(model: Callable[[Tensor], Tensor], images: Tensor, labels: Tensor
     """One optimizer step of ``finetune`` on an (augmented) batch; the loss stays on the device."""
     images, labels = runtime.batch(images), labels.to(runtime.device, non_blocking=True)
     with runtime.numerics():  # the backward too: fp32 means no TF32 anywhere
-        with runtime.compute():
+        with runtime.autocast():
             logits = model(images)
         loss = F.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)

@@ -160,7 +160,7 @@ def test_a_kernel_failure_after_it_ran_is_an_error(monkeypatch):
         stats(*tensors)
     # a new variant of input (here bf16) may still fail the first time: Triton compiles it anew
     messages: list[str] = []
-    stats.warn = messages.append
+    stats.fallback.warn = messages.append
     stats(*block_tensors(3, torch.bfloat16))
     assert len(messages) == 1 and not stats.fused
 
@@ -235,3 +235,15 @@ def test_batchnorm_map_is_cached_until_the_module_changes():
     with torch.no_grad():
         torch.testing.assert_close(changed.materialize(), bn(x))
     torch.testing.assert_close(changed.scale, first.scale / 2)
+
+
+def test_inputs_the_kernel_refuses_are_an_error_not_a_fallback(monkeypatch):
+    def refuses(*args):
+        raise ValueError("fused statistics need tensors shaped like h")
+
+    monkeypatch.setattr(fused_stats, "supported", lambda h: True)
+    monkeypatch.setattr(fused_stats, "identity_sums", refuses)
+    stats = IdentityStats(fused=True, warn=pytest.fail)
+    with pytest.raises(ValueError, match="shaped like h"):
+        stats(*block_tensors(7))
+    assert stats.fused
