@@ -6,6 +6,8 @@ import csv
 import io
 import json
 
+import pytest
+
 from conftest import DATA, MODEL
 from resprobe import __version__
 
@@ -39,12 +41,23 @@ def test_align_direct_equals_recording(run, tmp_path):
     for key in ("model", "checkpoint", "data", "n_samples", "n_invalid", "complete", "blocks", "stages"):
         assert key in from_file
     fields = {"name", "stage", "index", "kind", "cos_mean", "cos_ci95", "frac_negative", "l2_ratio_mean",
-              "update_cos_mean", "update_l2_ratio_mean", "branch_norm_mean", "grad_norm_mean", "first_order_mean"}
+              "update_cos_mean", "update_l2_ratio_mean", "branch_norm_mean", "grad_norm_mean", "first_order_mean",
+              "removal_estimate_mean"}
     assert fields <= set(from_file["blocks"][0])
     rows = list(csv.DictReader(io.StringIO(run("align", str(out), "-f", "csv").stdout)))
     assert len(rows) == 10 and "cos_ci95_lo" in rows[0] and "cos_ci95_hi" in rows[0]
+    for row, block in zip(rows, from_file["blocks"]):
+        assert row["name"] == block["name"]
+        if block["kind"] == "identity":
+            assert float(row["removal_estimate_mean"]) == pytest.approx(-block["first_order_mean"], rel=1e-12)
+        else:
+            assert row["removal_estimate_mean"] == "" and block["removal_estimate_mean"] is None
     table = run("align", str(out)).stdout
     assert "layer4.1" in table and "per stage" in table
+    assert "removal est." in table and "1st-order" not in table
+    last = from_file["blocks"][-1]  # the table shows removal_estimate_mean with its sign, not first_order_mean
+    line = next(t for t in table.splitlines() if t.strip().startswith(last["name"]))
+    assert f"{last['removal_estimate_mean']:+.4f}" in line
 
 
 def test_align_out_writes_recording(run, tmp_path):
