@@ -1,8 +1,8 @@
 """Rendering results: a rich table for people, JSON or CSV for scripts (DESIGN.md §2).
 
 Every command's result is a JSON-able dict. ``emit`` writes it to stdout in the chosen format: JSON
-as is (NaN and infinities become ``null``), CSV as one row per block with list fields split into
-``_lo``/``_hi`` columns, and a table through the command's own table builder.
+as is (NaN and infinities become ``null``), CSV as one row per block (:func:`flatten_row` says how
+lists and objects become cells), and a table through the command's own table builder.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 FORMATS = ("table", "json", "csv")
+LIST_SEPARATOR = ";"  # CSV cells of list fields other than shapes (block names never contain it)
 
 
 def jsonable(obj: Any) -> Any:
@@ -42,13 +43,19 @@ def to_json(payload: Mapping[str, Any]) -> str:
 
 
 def flatten_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    """CSV cells: ``[lo, hi]`` pairs become ``key_lo``/``key_hi``; shapes become ``AxBxC``."""
+    """CSV cells: ``[lo, hi]`` pairs become ``key_lo``/``key_hi``; shapes (``*_shape``) become ``AxBxC``;
+    any other list of plain values is joined with ``;`` (``layer1.0;layer1.1``), and a list holding
+    lists or objects is written as JSON; an object becomes one ``key_sub`` column per field."""
     flat: dict[str, Any] = {}
     for key, value in jsonable(row).items():
         if isinstance(value, list) and key.endswith(("_ci95", "_ci")) and len(value) == 2:
             flat[f"{key}_lo"], flat[f"{key}_hi"] = value
-        elif isinstance(value, list):
+        elif isinstance(value, list) and key.endswith("shape"):
             flat[key] = "x".join(str(v) for v in value)
+        elif isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value):
+            flat[key] = json.dumps(value, separators=(",", ":"))
+        elif isinstance(value, list):
+            flat[key] = LIST_SEPARATOR.join("" if v is None else str(v) for v in value)
         elif isinstance(value, dict):
             for sub, subvalue in value.items():
                 flat[f"{key}_{sub}"] = subvalue

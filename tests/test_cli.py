@@ -25,6 +25,18 @@ def test_blocks_json_and_csv(run):
     assert len(rows) == 10 and rows[0]["in_shape"] == "16x8x8"
 
 
+def test_csv_joins_only_shapes_with_x():
+    from resprobe.report import to_csv
+
+    text = to_csv([{"name": "layer2.0", "in_shape": [16, 8, 8], "out_shape": [24, 4, 4], "cos_ci95": [-0.5, 0.25],
+                    "removed": ["layer1.0", "layer1.1"], "values": [1, None, 2.5], "empty": [],
+                    "nested": [[1, 2], {"a": 3}], "pre": {"mean": 0.5, "crop": None}}])
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert rows == [{"name": "layer2.0", "in_shape": "16x8x8", "out_shape": "24x4x4", "cos_ci95_lo": "-0.5",
+                     "cos_ci95_hi": "0.25", "removed": "layer1.0;layer1.1", "values": "1;;2.5", "empty": "",
+                     "nested": '[[1,2],{"a":3}]', "pre_mean": "0.5", "pre_crop": ""}]
+
+
 def test_eval_json(run):
     payload = json.loads(run("eval", MODEL, "--data", DATA, "-f", "json", "--limit", "64").stdout)
     assert payload["n"] == 64 and 0 <= payload["acc"] <= 1 and payload["top5"] is None  # 4 classes
