@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import DATA, MODEL
+from conftest import DATA, MODEL, invoke
 from resprobe import __version__
 
 
@@ -90,3 +90,82 @@ def test_errors_are_one_line(run):
 def test_usage_errors_exit_2(run):
     run("blocks", code=2)
     run("blocks", MODEL, "--no-such-option", code=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# The real process: Ctrl-C while starting, a reader that went away
+
+
+def _process_env(extra_path: str | None = None) -> dict:
+    import os
+
+    from conftest import HERE, ROOT
+
+    paths = [p for p in (extra_path, str(ROOT), str(HERE)) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
+
+
+SLOW_IMPORT = '''
+import importlib.abc, sys, time
+
+class SlowImport(importlib.abc.MetaPathFinder):
+    """Says when MODULE starts importing, then takes its time (a cold disk), so Ctrl-C lands in it."""
+    def find_spec(self, name, path=None, target=None):
+        if name == "{module}":
+            sys.meta_path.remove(self)
+            sys.stderr.write("[importing {module}]\\n")
+            sys.stderr.flush()
+            time.sleep(60)
+        return None
+
+sys.meta_path.insert(0, SlowImport())
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["typer", "torch"])  # the command line's own imports; a command's
+def test_ctrl_c_while_importing_is_one_line_and_exit_130(tmp_path, module):
+    import signal
+    import subprocess
+    import sys
+
+    (tmp_path / "sitecustomize.py").write_text(SLOW_IMPORT.format(module=module))
+    proc = subprocess.Popen([sys.executable, "-m", "resprobe", "blocks", MODEL], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_process_env(str(tmp_path)))
+    try:
+        assert proc.stderr.readline() == f"[importing {module}]\n"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and out == "" and err == "interrupted\n", err
+
+
+@pytest.mark.slow
+def test_closed_stdout_ends_quietly():
+    """``resprobe blocks ... | head -c0``: the reader is gone before the report is written. No message,
+    exit status 141 (what a shell reports for a tool ended by SIGPIPE)."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "resprobe", "blocks", MODEL, "-f", "json"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, env=_process_env(), timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(monkeypatch):
+    from resprobe import cli
+
+    def broken(*_args, **_kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("resprobe.probe.open_probe", broken)
+    result = invoke("blocks", MODEL, code=1)
+    assert result.stderr.startswith("error: BrokenPipeError") and len(result.stderr.strip().splitlines()) == 1
+    assert not cli.stdout_closed()  # CliRunner's stdout has no file descriptor
