@@ -7,7 +7,6 @@ _os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 __version__ = "0.1.0"
 
-# Recipe builders register on import so that models.load_model can rebuild restructured models from
-# resprobe checkpoints. Imported after __version__, which resprobe.models reads while loading.
-from resprobe import share as _share  # noqa: E402,F401  registers the "share" checkpoint recipe
-from resprobe import ablate as _ablate  # noqa: E402,F401  registers the "prune" checkpoint recipe
+# Nothing heavy is imported here: `import resprobe` (and so the command line's first moments) must not
+# load torch. The modules that rebuild restructured checkpoints (share, ablate) register their recipes
+# when models.apply_recipe first needs them.

@@ -2,7 +2,10 @@
 
 Per block: how well the residual branch output F follows the negative loss gradient (``cos``
 negative = descending the loss), how large it is against its input (``l2_ratio``), the same for the
-actual update U = out − h, and the first-order estimate of the loss cost of undoing the update.
+actual update U = out − h, and the first-order estimate of the loss change from undoing the update:
+``removal_estimate_mean`` = mean −⟨U, ∂ℓ/∂out⟩ (the sign of ``ablate``'s ``delta_loss``: positive
+means removing the update would raise the loss). ``first_order_mean`` = mean ⟨U, ∂ℓ/∂out⟩ is the same
+quantity with the opposite sign, kept for reports written before ``removal_estimate_mean`` existed.
 Per stage: the same means pooled over every valid (sample, identity block) pair of the stage.
 Nothing here touches a model: ``align RUN.h5`` recomputes nothing.
 """
@@ -81,10 +84,12 @@ def summarize_block(recorded: Recorded, j: int) -> dict[str, Any]:
         invalid = np.zeros(recorded.n_samples, dtype=bool)
         row.update(cos_mean=None, cos_ci95=[None, None], frac_negative=None, l2_ratio_mean=None,
                    update_cos_mean=None, update_l2_ratio_mean=None)
+    first_order = _mean(c["out_dot"]) if identity else None  # mean ⟨U, ∂ℓ/∂out⟩
     row.update(
         branch_norm_mean=_mean(c["branch_norm"]),
         grad_norm_mean=_mean(c["grad_norm"]),
-        first_order_mean=_mean(c["out_dot"]) if identity else None,
+        first_order_mean=first_order,
+        removal_estimate_mean=-first_order if first_order is not None else None,
         n_valid=int((~invalid).sum()) if identity else 0,
         n_invalid=int(invalid.sum()),
     )

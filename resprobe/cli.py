@@ -9,19 +9,35 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import select
 import sys
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
-import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+EXIT_INTERRUPTED = 130
+EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool whose reader went away
 
-from resprobe import __version__
-from resprobe.errors import BadValue, Interrupted, ResprobeError
+
+def _exit_interrupted() -> NoReturn:
+    sys.stderr.write("interrupted\n")
+    sys.stderr.flush()
+    raise SystemExit(EXIT_INTERRUPTED)
+
+
+try:  # Ctrl-C while the libraries load (the first seconds) is one line too, not an import traceback
+    import typer
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    from resprobe import __version__
+    from resprobe.errors import BadValue, Interrupted, ResprobeError
+except KeyboardInterrupt:
+    _exit_interrupted()
 
 app = typer.Typer(
     name="resprobe",
@@ -185,12 +201,16 @@ def command_errors(debug: bool) -> Iterator[None]:
         raise
     except KeyboardInterrupt:
         show_pending()
-        stderr.print("interrupted", markup=False)
-        raise typer.Exit(130) from None
+        _announce_interrupt("interrupted")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except Interrupted as exc:  # Ctrl-C honoured after making the work durable
         show_pending()
-        stderr.print(_one_line(str(exc)) or "interrupted", markup=False)
-        raise typer.Exit(130) from None
+        _announce_interrupt(_one_line(str(exc)) or "interrupted")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except BrokenPipeError as exc:
+        if not stdout_closed():
+            raise_one_line(debug, exc)
+        quiet_after_closed_stdout()
     except ResprobeError as exc:
         if debug:
             show_pending()
@@ -200,15 +220,57 @@ def command_errors(debug: bool) -> Iterator[None]:
     except Exception as exc:  # noqa: BLE001 - never a traceback without --debug
         if debug:
             show_pending()
-            traceback.print_exc(file=sys.stderr)
-        message = _one_line(str(exc)) or type(exc).__name__
-        if message.startswith("Caught ") or isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc):
-            message = _one_line(str(exc))
-        hint = "" if debug else " (run with --debug for the traceback)"
-        stderr.print(f"error: {type(exc).__name__}: {message}{hint}", markup=False)
-        raise typer.Exit(1) from None
+        raise_one_line(debug, exc)
     finally:
         warnings.showwarning = saved
+
+
+def raise_one_line(debug: bool, exc: BaseException) -> NoReturn:
+    """An unexpected error: one line (the traceback too with ``--debug``), exit status 1."""
+    if debug:
+        traceback.print_exc(file=sys.stderr)
+    message = _one_line(str(exc)) or type(exc).__name__
+    hint = "" if debug else " (run with --debug for the traceback)"
+    stderr.print(f"error: {type(exc).__name__}: {message}{hint}", markup=False)
+    raise typer.Exit(1) from None
+
+
+class _Announced:
+    """Whether "interrupted" (or the run's own interruption line) is already on stderr."""
+
+    interrupt = False
+
+
+def _announce_interrupt(text: str) -> None:
+    stderr.print(text, markup=False)
+    _Announced.interrupt = True
+
+
+def stdout_closed() -> bool:
+    """Whether stdout is a pipe (or socket) whose reader has gone away (``resprobe ... | head -1``).
+
+    A BrokenPipeError from anything else (a loader worker's pipe) is a real error. poll() reports a
+    write end whose reader closed as POLLERR; where poll is missing, a closed stdout is assumed."""
+    if not hasattr(select, "poll"):
+        return True
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no file descriptor (a notebook, CliRunner)
+        return False
+
+
+def quiet_after_closed_stdout() -> NoReturn:
+    """Stop without a word, as Unix tools do when their reader stops reading (``| head``).
+
+    stdout is pointed at /dev/null first so that flushing it at exit cannot raise again (Python's
+    documented recipe for SIGPIPE); the status is 141, what a shell shows for a tool ended by SIGPIPE."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    raise typer.Exit(EXIT_STDOUT_CLOSED)
 
 
 def make_progress(quiet: bool) -> Progress:
@@ -750,4 +812,14 @@ def plot_command(
         emit(result.to_dict(), fmt, plot_table, lambda p: [{**p, "panels": ";".join(p["panels"])}])
 
 def main() -> None:
-    app()
+    """The ``resprobe`` command (also ``python -m resprobe``). Ctrl-C at any moment ends with exit
+    status 130 and one line on stderr: typer turns an interrupt outside a command's error handling
+    (e.g. while a command imports torch) into a silent exit 130, which gets its line here."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        _exit_interrupted()
+    except SystemExit as exc:
+        if exc.code == EXIT_INTERRUPTED and not _Announced.interrupt:
+            _exit_interrupted()
+        raise

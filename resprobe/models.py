@@ -589,8 +589,14 @@ def register_recipe(kind: str) -> Callable[[RecipeBuilder], RecipeBuilder]:
     return decorator
 
 
+# The modules whose import registers a recipe builder (imported on first need, not with the package).
+_RECIPE_MODULES = ("resprobe.share", "resprobe.ablate")
+
+
 def apply_recipe(model: nn.Module, recipe: Mapping[str, Any]) -> nn.Module:
     kind = recipe.get("kind")
+    for module in _RECIPE_MODULES:
+        importlib.import_module(module)
     builder = _RECIPE_BUILDERS.get(str(kind))
     if builder is None:
         raise ModelError(f"this resprobe cannot rebuild a model with recipe {kind!r} (newer resprobe file?)")

@@ -6,7 +6,8 @@ the JSON from stdin). Figures:
 
 * **align**: per block, the mean cosine of F and of U with ∂ℓ/∂h (95% interval for F), a zero line,
   stages shaded and labelled, transition blocks (no cosine: the shapes differ) hatched; below it the
-  ℓ2 ratios ‖F‖/‖h‖ and ‖U‖/‖h‖.
+  ℓ2 ratios ‖F‖/‖h‖ and ‖U‖/‖h‖, and the first-order removal estimate −⟨U, ∂ℓ/∂out⟩
+  (``removal_estimate_mean``, the sign of ablate's Δ loss).
 * **readout** (recorded with ``--readout``): loss, accuracy and entropy of the model's head applied
   after each last-stage block, and the borderline examples each block corrects or breaks.
 * **ablate**: the cost of removing each block (Δ loss, Δ accuracy), the cumulative removal curve and
@@ -70,7 +71,7 @@ PROXY_LABELS = {
     "angular": "angular distance / π",
     "l2_ratio": r"$\|F\|/\|h\|$",
     "cos": r"cos(F, $\partial\ell/\partial h$)",
-    "taylor": r"Taylor $-\langle U, \partial\ell/\partial\,\mathrm{out}\rangle$",
+    "taylor": r"removal estimate $-\langle U, \partial\ell/\partial\,\mathrm{out}\rangle$",
 }
 
 
@@ -420,15 +421,22 @@ def _is_finite(v: Any) -> bool:
 def align_figure(payload: Mapping[str, Any], shared: Mapping[int, int] | None = None) -> tuple[Any, list[str]]:
     blocks = list(payload["blocks"])
     readout = list(payload.get("readout") or [])
-    heights = [2.0] + ([0.9] if readout else [])
+    estimate = removal_estimates(blocks)
+    has_estimate = bool(np.isfinite(estimate).any())  # False for an align JSON without first-order figures
+    heights = [2.7 if has_estimate else 2.0] + ([0.9] if readout else [])
     fig = _new_figure(figure_width(len(blocks)), sum(heights) * panel_height(len(blocks)))
     rows = fig.subfigures(len(heights), 1, height_ratios=heights, hspace=0.04) if readout else [fig]
     top = rows[0]
-    cos_ax, ratio_ax = top.subplots(2, 1, sharex=True, height_ratios=[1.35, 1.0])
-    draw_cosines(cos_ax, blocks, shared)
-    draw_ratios(ratio_ax, blocks)
-    top.suptitle(align_title(payload, shared), fontsize=10, x=0.01, ha="left")
+    ratios = [1.35, 1.0] + ([1.0] if has_estimate else [])
+    axes = top.subplots(len(ratios), 1, sharex=True, height_ratios=ratios)
+    draw_cosines(axes[0], blocks, shared)
+    draw_ratios(axes[1], blocks)
     panels = ["cosine", "l2_ratio"]
+    if has_estimate:
+        axes[1].tick_params(axis="x", labelbottom=False, length=0)
+        draw_removal_estimate(axes[2], blocks, estimate)
+        panels.append("removal_estimate")
+    top.suptitle(align_title(payload, shared), fontsize=10, x=0.01, ha="left")
     if readout:
         draw_readout_row(rows[1], readout)
         panels += ["readout", "borderline"]
@@ -498,6 +506,32 @@ def draw_ratios(ax: Any, blocks: Sequence[Mapping[str, Any]]) -> None:
     ax.set_ylim(bottom=0)
     ax.set_ylabel("ℓ2 ratio\n(relative size)")
     ax.legend(loc="best", ncols=2)
+    block_ticks(ax, blocks)
+    ax.set_xlim(-0.6, len(blocks) - 0.4)
+
+
+def removal_estimates(blocks: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """``removal_estimate_mean`` per block; −``first_order_mean`` in JSON written before it existed."""
+    out = values(blocks, "removal_estimate_mean")
+    legacy = -values(blocks, "first_order_mean")
+    has = np.array(["removal_estimate_mean" in b for b in blocks], dtype=bool)
+    return np.where(has, out, legacy)
+
+
+def draw_removal_estimate(ax: Any, blocks: Sequence[Mapping[str, Any]], estimate: np.ndarray) -> None:
+    """−⟨U, ∂ℓ/∂out⟩ per block: the first-order loss change if the block's update were undone
+    (the sign of ablate's Δ loss: above zero, removing the block would raise the loss)."""
+    x = np.arange(len(blocks))
+    shade_stages(ax, blocks)
+    mark_transitions(ax, blocks)
+    ax.axhline(0.0, color="black", lw=0.8, zorder=1)
+    ok = np.isfinite(estimate)
+    ax.plot(x, estimate, color=GREEN, lw=0.9, alpha=0.6, zorder=2)
+    ax.plot(x[ok], estimate[ok], "D", color=GREEN, ms=4, zorder=3,
+            label=r"removal estimate $-\langle U, \partial\ell/\partial\,\mathrm{out}\rangle$")
+    ax.set_ylabel("removal estimate\n(nats; > 0: removal hurts)")
+    _ylim_with_zero(ax, estimate[ok])
+    ax.legend(loc="best")
     block_ticks(ax, blocks)
     ax.set_xlim(-0.6, len(blocks) - 0.4)
 

@@ -1,8 +1,8 @@
 """Rendering results: a rich table for people, JSON or CSV for scripts (DESIGN.md §2).
 
 Every command's result is a JSON-able dict. ``emit`` writes it to stdout in the chosen format: JSON
-as is (NaN and infinities become ``null``), CSV as one row per block with list fields split into
-``_lo``/``_hi`` columns, and a table through the command's own table builder.
+as is (NaN and infinities become ``null``), CSV as one row per block (:func:`flatten_row` says how
+lists and objects become cells), and a table through the command's own table builder.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 FORMATS = ("table", "json", "csv")
+LIST_SEPARATOR = ";"  # CSV cells of list fields other than shapes (block names never contain it)
 
 
 def jsonable(obj: Any) -> Any:
@@ -42,13 +43,19 @@ def to_json(payload: Mapping[str, Any]) -> str:
 
 
 def flatten_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    """CSV cells: ``[lo, hi]`` pairs become ``key_lo``/``key_hi``; shapes become ``AxBxC``."""
+    """CSV cells: ``[lo, hi]`` pairs become ``key_lo``/``key_hi``; shapes (``*_shape``) become ``AxBxC``;
+    any other list of plain values is joined with ``;`` (``layer1.0;layer1.1``), and a list holding
+    lists or objects is written as JSON; an object becomes one ``key_sub`` column per field."""
     flat: dict[str, Any] = {}
     for key, value in jsonable(row).items():
         if isinstance(value, list) and key.endswith(("_ci95", "_ci")) and len(value) == 2:
             flat[f"{key}_lo"], flat[f"{key}_hi"] = value
-        elif isinstance(value, list):
+        elif isinstance(value, list) and key.endswith("shape"):
             flat[key] = "x".join(str(v) for v in value)
+        elif isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value):
+            flat[key] = json.dumps(value, separators=(",", ":"))
+        elif isinstance(value, list):
+            flat[key] = LIST_SEPARATOR.join("" if v is None else str(v) for v in value)
         elif isinstance(value, dict):
             for sub, subvalue in value.items():
                 flat[f"{key}_{sub}"] = subvalue
@@ -113,6 +120,13 @@ def signed(value: Any, digits: int = 3) -> Text:
     return Text(f"{value:+.{digits}f}", style=style)
 
 
+def plain_signed(value: Any, digits: int = 4) -> str:
+    """A number with its sign and no colour (for quantities where neither sign means "refines")."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return f"{value:+.{digits}f}"
+
+
 def shape(value: Sequence[int]) -> str:
     return "×".join(str(v) for v in value)
 
@@ -161,15 +175,24 @@ def record_table(payload: Mapping[str, Any]) -> RenderableType:
     return table
 
 
+def removal_estimate(block: Mapping[str, Any]) -> float | None:
+    """``removal_estimate_mean``, or −``first_order_mean`` for a report written before it existed."""
+    if "removal_estimate_mean" in block:
+        return block["removal_estimate_mean"]
+    first_order = block.get("first_order_mean")
+    return -first_order if first_order is not None else None
+
+
 def align_table(payload: Mapping[str, Any]) -> list[RenderableType]:
     """Per-block alignment, coloured by sign (green: F descends the loss), stages separated."""
     complete = "" if payload.get("complete", True) else "  [INCOMPLETE]"
     title = (f"{payload.get('model')} — {payload['n_samples']:,} samples, loss {fmt_num(payload.get('loss'))}, "
              f"acc {fmt_num(payload.get('acc'))}{complete}\ncos = cos(F, ∂ℓ/∂h): negative = the block moves down "
-             "the loss gradient (refines)")
+             "the loss gradient (refines); removal est. = −⟨U, ∂ℓ/∂out⟩: first-order loss change if the "
+             "update were removed (positive = removing it hurts)")
     table = new_table(title, "block", "kind", "cos", "95% CI", "frac<0", "‖F‖/‖h‖", "cos U", "‖U‖/‖h‖",
-                      "1st-order", "‖F‖", "‖g‖",
-                      right=("cos", "95% CI", "frac<0", "‖F‖/‖h‖", "cos U", "‖U‖/‖h‖", "1st-order", "‖F‖", "‖g‖"))
+                      "removal est.", "‖F‖", "‖g‖",
+                      right=("cos", "95% CI", "frac<0", "‖F‖/‖h‖", "cos U", "‖U‖/‖h‖", "removal est.", "‖F‖", "‖g‖"))
 
     def cells(b: Mapping[str, Any]) -> list:
         lo, hi = b.get("cos_ci95") or [None, None]
@@ -177,7 +200,7 @@ def align_table(payload: Mapping[str, Any]) -> list[RenderableType]:
         return [b["name"], Text(b["kind"], style="yellow" if b["kind"] == "transition" else ""),
                 signed(b.get("cos_mean")), ci, fmt_num(b.get("frac_negative"), 2), fmt_num(b.get("l2_ratio_mean"), 3),
                 signed(b.get("update_cos_mean")), fmt_num(b.get("update_l2_ratio_mean"), 3),
-                signed(b.get("first_order_mean"), 4), fmt_num(b.get("branch_norm_mean"), 3),
+                plain_signed(removal_estimate(b), 4), fmt_num(b.get("branch_norm_mean"), 3),
                 fmt_num(b.get("grad_norm_mean"), 5)]
 
     add_block_rows(table, payload["blocks"], cells)

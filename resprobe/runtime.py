@@ -44,6 +44,23 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def tf32_controls(backends: Any = None) -> list[tuple[Any, str, Any, Any]]:
+    """The switches that decide whether float32 convolutions and matrix products may use TF32, as
+    ``(owner, attribute, value allowing TF32, value forbidding it)``.
+
+    torch >= 2.9 has per-operator ``fp32_precision`` settings ("tf32"/"ieee"; "none" defers to the
+    backend's) and refuses to read the legacy ``allow_tf32`` flags once they disagree with them, so the
+    new controls are used wherever they exist (cuDNN RNNs included) and the legacy flags otherwise.
+    """
+    backends = torch.backends if backends is None else backends
+    cudnn, matmul = backends.cudnn, backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision") and hasattr(cudnn, "conv"):
+        rnn = getattr(cudnn, "rnn", None)
+        owners = [matmul, cudnn.conv] + ([rnn] if hasattr(rnn, "fp32_precision") else [])
+        return [(owner, "fp32_precision", "tf32", "ieee") for owner in owners]
+    return [(matmul, "allow_tf32", True, False), (cudnn, "allow_tf32", True, False)]
+
+
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
@@ -56,15 +73,18 @@ class Runtime:
     @contextlib.contextmanager
     def numerics(self) -> Iterator[None]:
         """TF32 only when asked. Unlike autocast this also covers backward passes, whose convolutions
-        and matrix products read the flags when they run (cuDNN's default would otherwise be TF32)."""
+        and matrix products read the flags when they run (cuDNN's default would otherwise be TF32).
+        The flags are process-wide; whatever they were is restored on exit."""
         tf32 = self.precision == "tf32"
-        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
+        controls = tf32_controls()
+        saved = [getattr(owner, name) for owner, name, _, _ in controls]
         try:
+            for owner, name, on, off in controls:
+                setattr(owner, name, on if tf32 else off)
             yield
         finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+            for (owner, name, _, _), value in zip(controls, saved):
+                setattr(owner, name, value)
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:

@@ -649,9 +649,12 @@ def recalibrate(
     """Re-estimate norm running statistics on ``n_images`` images of ``loader``; returns how many ran.
 
     The chosen norms' statistics are reset, then estimated in train mode with everything else in eval
-    mode and no gradients. Each batch is weighted by its size (momentum ``b / (seen + b)``), so the
-    result is the image-weighted mean of the per-batch statistics — the cumulative average that
-    ``momentum=None`` gives for equal batches. Modes and momenta are restored afterwards.
+    mode and no gradients. Every *call* of a norm is weighted by its batch size: just before each call
+    its momentum is set to ``b / (b + images it has already seen)``, so the result is the cumulative
+    average over every call, weighted by size — what ``momentum=None`` gives for equal batches. A norm
+    shared by K iterations (``--norm shared``) runs K times per batch, and each of those K calls counts
+    (setting the momentum once per batch would let each call overwrite the one before). Modes and
+    momenta are restored afterwards.
     """
     if n_images < 1:
         raise BadValue(f"--recalibrate must be at least 1, got {n_images}")
@@ -660,17 +663,23 @@ def recalibrate(
         return 0
     modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in norms}
+    weights = {m: 0 for m in norms}  # images each norm has averaged so far, over all its calls
+
+    def cumulative(norm: nn.Module, args: tuple[Any, ...]) -> None:
+        size = int(args[0].shape[0])
+        weights[norm] += size
+        norm.momentum = size / weights[norm]
+
     model.eval()
     for norm in norms:
         norm.reset_running_stats()
         norm.train()
+    hooks = [norm.register_forward_pre_hook(cumulative) for norm in norms]
     seen = 0
     try:
         for images, _labels, _index in loader:
             images = images[: n_images - seen]
             size = len(images)
-            for norm in norms:
-                norm.momentum = size / (seen + size)
             with runtime.compute():
                 model(runtime.batch(images))
             seen += size
@@ -679,6 +688,8 @@ def recalibrate(
             if seen >= n_images:
                 break
     finally:
+        for hook in hooks:
+            hook.remove()
         for norm, momentum in momenta.items():
             norm.momentum = momentum
         for module, mode in modes.items():

@@ -245,9 +245,17 @@ class RunWriter:
 
     # -- batches -------------------------------------------------------------------------------
 
+    # Batches handed to the writer thread and not yet durable, at most: with one, a kill loses at most
+    # the batch being written and the one being computed (the contract's "batch in flight"), and
+    # memory holds no backlog when the disk is slower than the model.
+    max_pending = 1
+
     def write_batch(self, batch: BatchStats) -> None:
-        """Queue ``batch`` for the background writer; the first error of an earlier write surfaces here."""
+        """Queue ``batch`` for the background writer, first waiting while ``max_pending`` batches are
+        still being written; the first error of an earlier write surfaces here."""
         self._raise_failed()
+        while len(self._pending) >= self.max_pending:
+            self._pending.pop(0).result()  # blocks the recorder until the writer catches up
         number = self.n_batches
         self.n_batches += 1
         self.n_done += len(batch)

@@ -61,3 +61,55 @@ def test_stage_pooling_by_hand():
     stage1 = summarize(rec)["stages"][1]
     assert stage1["n_blocks"] == 2 and stage1["n_identity"] == 1
     assert stage1["update_cos_mean"] == pytest.approx(rec.stats["update_cos"][:, 3].astype(np.float64).mean())
+
+
+@pytest.mark.slow
+def test_removal_estimate_matches_a_finite_difference_on_the_fixture(one_thread):
+    """``removal_estimate_mean`` against (ℓ(out − εU) − ℓ)/ε per sample, averaged: the model re-run in
+    float64 with the block's output moved by a forward hook (everything after it recomputed), with
+    U = out − h read from the unmodified forward. Same sign and value as ``delta_loss`` reads, and
+    ``ablate``'s ``taylor`` proxy is the same number."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from conftest import DATA, MODEL
+    from resprobe.ablate import alignment_summary, proxy_table
+    from resprobe.probe import open_probe
+    probe = open_probe(MODEL, device="cpu")
+    loader = probe.loader(probe.data(DATA, limit=32), batch_size=32)
+    rows = alignment_summary(probe, loader)  # what align reports, recorded with labels as targets
+    chosen = ["layer1.1", "layer2.1", "layer3.1", "layer4.1"]
+
+    model = copy.deepcopy(probe.model).double().eval()
+    modules = dict(model.named_modules())
+    eps = 1e-5
+    for name in chosen:
+        row = rows[name]
+        assert row["removal_estimate_mean"] == -row["first_order_mean"]
+        block, per_sample = modules[name], []
+        for x, y, _ in loader:
+            x = x.double()
+            seen = {}
+            handle = block.register_forward_hook(lambda m, args, out: seen.update(h=args[0], out=out))
+            with torch.no_grad():
+                base = F.cross_entropy(model(x), y, reduction="none")
+            handle.remove()
+            update = seen["out"] - seen["h"]
+            handle = block.register_forward_hook(lambda m, args, out: out - eps * update)
+            with torch.no_grad():
+                moved = F.cross_entropy(model(x), y, reduction="none")
+            handle.remove()
+            per_sample.append((moved - base) / eps)
+        finite_difference = torch.cat(per_sample).mean().item()
+        assert abs(finite_difference) > 1e-4  # a real signal, so the sign check means something
+        assert math.copysign(1, row["removal_estimate_mean"]) == math.copysign(1, finite_difference)
+        assert row["removal_estimate_mean"] == pytest.approx(finite_difference, rel=1e-3), name
+
+
+    blocks = [probe.anatomy[name] for name in chosen]
+    proxies = proxy_table(range(len(chosen)), blocks, {}, rows, [0.1, 0.2, 0.3, 0.4], "computed")
+    for name, proxy in zip(chosen, proxies.blocks):
+        assert proxy.name == name
+        assert proxy.taylor == pytest.approx(rows[name]["removal_estimate_mean"], rel=1e-6)

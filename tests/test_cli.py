@@ -6,7 +6,9 @@ import csv
 import io
 import json
 
-from conftest import DATA, MODEL
+import pytest
+
+from conftest import DATA, MODEL, invoke
 from resprobe import __version__
 
 
@@ -21,6 +23,18 @@ def test_blocks_json_and_csv(run):
                                     "in_shape": [16, 8, 8], "out_shape": [24, 4, 4], "params": 9168}
     rows = list(csv.DictReader(io.StringIO(run("blocks", MODEL, "-f", "csv").stdout)))
     assert len(rows) == 10 and rows[0]["in_shape"] == "16x8x8"
+
+
+def test_csv_joins_only_shapes_with_x():
+    from resprobe.report import to_csv
+
+    text = to_csv([{"name": "layer2.0", "in_shape": [16, 8, 8], "out_shape": [24, 4, 4], "cos_ci95": [-0.5, 0.25],
+                    "removed": ["layer1.0", "layer1.1"], "values": [1, None, 2.5], "empty": [],
+                    "nested": [[1, 2], {"a": 3}], "pre": {"mean": 0.5, "crop": None}}])
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert rows == [{"name": "layer2.0", "in_shape": "16x8x8", "out_shape": "24x4x4", "cos_ci95_lo": "-0.5",
+                     "cos_ci95_hi": "0.25", "removed": "layer1.0;layer1.1", "values": "1;;2.5", "empty": "",
+                     "nested": '[[1,2],{"a":3}]', "pre_mean": "0.5", "pre_crop": ""}]
 
 
 def test_eval_json(run):
@@ -39,12 +53,23 @@ def test_align_direct_equals_recording(run, tmp_path):
     for key in ("model", "checkpoint", "data", "n_samples", "n_invalid", "complete", "blocks", "stages"):
         assert key in from_file
     fields = {"name", "stage", "index", "kind", "cos_mean", "cos_ci95", "frac_negative", "l2_ratio_mean",
-              "update_cos_mean", "update_l2_ratio_mean", "branch_norm_mean", "grad_norm_mean", "first_order_mean"}
+              "update_cos_mean", "update_l2_ratio_mean", "branch_norm_mean", "grad_norm_mean", "first_order_mean",
+              "removal_estimate_mean"}
     assert fields <= set(from_file["blocks"][0])
     rows = list(csv.DictReader(io.StringIO(run("align", str(out), "-f", "csv").stdout)))
     assert len(rows) == 10 and "cos_ci95_lo" in rows[0] and "cos_ci95_hi" in rows[0]
+    for row, block in zip(rows, from_file["blocks"]):
+        assert row["name"] == block["name"]
+        if block["kind"] == "identity":
+            assert float(row["removal_estimate_mean"]) == pytest.approx(-block["first_order_mean"], rel=1e-12)
+        else:
+            assert row["removal_estimate_mean"] == "" and block["removal_estimate_mean"] is None
     table = run("align", str(out)).stdout
     assert "layer4.1" in table and "per stage" in table
+    assert "removal est." in table and "1st-order" not in table
+    last = from_file["blocks"][-1]  # the table shows removal_estimate_mean with its sign, not first_order_mean
+    line = next(t for t in table.splitlines() if t.strip().startswith(last["name"]))
+    assert f"{last['removal_estimate_mean']:+.4f}" in line
 
 
 def test_align_out_writes_recording(run, tmp_path):
@@ -65,3 +90,82 @@ def test_errors_are_one_line(run):
 def test_usage_errors_exit_2(run):
     run("blocks", code=2)
     run("blocks", MODEL, "--no-such-option", code=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# The real process: Ctrl-C while starting, a reader that went away
+
+
+def _process_env(extra_path: str | None = None) -> dict:
+    import os
+
+    from conftest import HERE, ROOT
+
+    paths = [p for p in (extra_path, str(ROOT), str(HERE)) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
+
+
+SLOW_IMPORT = '''
+import importlib.abc, sys, time
+
+class SlowImport(importlib.abc.MetaPathFinder):
+    """Says when MODULE starts importing, then takes its time (a cold disk), so Ctrl-C lands in it."""
+    def find_spec(self, name, path=None, target=None):
+        if name == "{module}":
+            sys.meta_path.remove(self)
+            sys.stderr.write("[importing {module}]\\n")
+            sys.stderr.flush()
+            time.sleep(60)
+        return None
+
+sys.meta_path.insert(0, SlowImport())
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["typer", "torch"])  # the command line's own imports; a command's
+def test_ctrl_c_while_importing_is_one_line_and_exit_130(tmp_path, module):
+    import signal
+    import subprocess
+    import sys
+
+    (tmp_path / "sitecustomize.py").write_text(SLOW_IMPORT.format(module=module))
+    proc = subprocess.Popen([sys.executable, "-m", "resprobe", "blocks", MODEL], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_process_env(str(tmp_path)))
+    try:
+        assert proc.stderr.readline() == f"[importing {module}]\n"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and out == "" and err == "interrupted\n", err
+
+
+@pytest.mark.slow
+def test_closed_stdout_ends_quietly():
+    """``resprobe blocks ... | head -c0``: the reader is gone before the report is written. No message,
+    exit status 141 (what a shell reports for a tool ended by SIGPIPE)."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "resprobe", "blocks", MODEL, "-f", "json"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, env=_process_env(), timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(monkeypatch):
+    from resprobe import cli
+
+    def broken(*_args, **_kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("resprobe.probe.open_probe", broken)
+    result = invoke("blocks", MODEL, code=1)
+    assert result.stderr.startswith("error: BrokenPipeError") and len(result.stderr.strip().splitlines()) == 1
+    assert not cli.stdout_closed()  # CliRunner's stdout has no file descriptor

@@ -93,7 +93,8 @@ def test_alignment_png_from_a_recording(recording, tmp_path):
     run, payload = recording
     out = tmp_path / "align.png"
     report = json.loads(invoke("plot", str(run), "--out", str(out), "-f", "json").stdout)
-    assert report == {"out": str(out), "kind": "align", "panels": ["cosine", "l2_ratio", "readout", "borderline"]}
+    assert report == {"out": str(out), "kind": "align",
+                      "panels": ["cosine", "l2_ratio", "removal_estimate", "readout", "borderline"]}
     assert_sensible_png(out)
     assert [p.name for p in tmp_path.iterdir()] == ["align.png"]  # no temporary file left behind
 
@@ -104,16 +105,36 @@ def test_alignment_svg_from_align_json_names_every_block(recording, tmp_path):
     out = tmp_path / "align.svg"
     report = json.loads(invoke("plot", str(write_json(tmp_path / "a.json", payload)), "-o", str(out),
                                "-f", "json").stdout)
-    assert report["kind"] == "align" and report["panels"] == ["cosine", "l2_ratio"]
+    assert report["kind"] == "align" and report["panels"] == ["cosine", "l2_ratio", "removal_estimate"]
     text = svg_text(out)
     for block in payload["blocks"]:
         assert block["name"] in text
-    for label in ("stage 0", "stage 3", "transition block", "relative size", "n = 64 samples"):
+    for label in ("stage 0", "stage 3", "transition block", "relative size", "n = 64 samples",
+                  "removal estimate", "removal hurts"):
         assert label in text
     # the same input gives the same bytes (no dates, fixed ids)
     again = tmp_path / "again.svg"
     invoke("plot", str(tmp_path / "a.json"), "-o", str(again), "-q")
     assert again.read_bytes() == out.read_bytes()
+
+
+def test_alignment_from_older_json_draws_the_removal_estimate_from_first_order_mean(recording, tmp_path):
+    """JSON written before ``removal_estimate_mean`` existed: the panel shows −first_order_mean; JSON
+    with neither (hand-made) gets the two cosine/ratio panels only."""
+    from resprobe.plot import removal_estimates
+
+    _, payload = recording
+    old = [{k: v for k, v in b.items() if k != "removal_estimate_mean"} for b in payload["blocks"]]
+    expected = [None if b["first_order_mean"] is None else -b["first_order_mean"] for b in payload["blocks"]]
+    got = removal_estimates(old)
+    assert [None if g != g else float(g) for g in got] == expected
+    bare = [{k: v for k, v in b.items() if k not in ("removal_estimate_mean", "first_order_mean")}
+            for b in payload["blocks"]]
+    out = tmp_path / "bare.svg"
+    report = json.loads(invoke("plot", str(write_json(tmp_path / "b.json", {**payload, "blocks": bare,
+                                                                          "readout": None})),
+                               "-o", str(out), "-f", "json").stdout)
+    assert report["panels"] == ["cosine", "l2_ratio"]
 
 
 def test_readout_figure_alone(recording, tmp_path):

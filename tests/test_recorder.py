@@ -217,20 +217,55 @@ def test_collect_concatenates_batches():
     np.testing.assert_allclose(recorded.stats["cos"], whole.stats["cos"], rtol=1e-4, atol=1e-6)
 
 
+def _precision_state():
+    """The TF32 switches as torch >= 2.9 exposes them (read without the legacy getters, which raise
+    once the new settings disagree with them)."""
+    b = torch.backends
+    return (b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision)
+
+
+@pytest.fixture
+def restore_precision_settings():
+    """Put torch's precision settings back whatever the test does (monkeypatch cannot: torch serves
+    them through ``__getattr__``, so monkeypatch finds no attribute to restore)."""
+    saved = _precision_state()
+    yield
+    b = torch.backends
+    b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision = saved
+
+
 @pytest.mark.parametrize("precision,tf32", [("fp32", False), ("tf32", True)])
-def test_backward_runs_with_the_chosen_tf32_setting(precision, tf32, monkeypatch):
+def test_backward_runs_with_the_chosen_tf32_setting(precision, tf32, restore_precision_settings):
     """cuDNN allows TF32 by default; fp32 must turn it off in the backward pass too, then restore it."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    b = torch.backends
+    b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision, b.cuda.matmul.fp32_precision = "tf32", "tf32", "none"
     model = tinymodels.timm_basic().requires_grad_(False)
     anatomy = discover_blocks(model, (3, 32, 32))
     seen = []
-    model.fc.register_full_backward_pre_hook(
-        lambda *_: seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)))
+    model.fc.register_full_backward_pre_hook(lambda *_: seen.append(_precision_state()))
     with Recorder(anatomy, make_runtime("cpu", precision)) as recorder:
         recorder.run_batch(torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long), torch.arange(2))
-    assert seen == [(tf32, tf32)]
-    assert torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    expected = "tf32" if tf32 else "ieee"
+    assert seen == [(expected, expected, expected)]
+    assert _precision_state() == ("none", "tf32", "tf32")
+
+
+@pytest.mark.parametrize("precision,tf32", [("fp32", False), ("tf32", True)])
+def test_numerics_uses_the_legacy_flags_where_torch_has_no_fp32_precision(precision, tf32, monkeypatch):
+    """Older torch (< 2.9) has only ``allow_tf32``: those flags are set inside and restored after."""
+    from types import SimpleNamespace
+
+    from resprobe import runtime
+
+    legacy = SimpleNamespace(cuda=SimpleNamespace(matmul=SimpleNamespace(allow_tf32=False)),
+                             cudnn=SimpleNamespace(allow_tf32=True))
+    assert runtime.tf32_controls(legacy) == [(legacy.cuda.matmul, "allow_tf32", True, False),
+                                             (legacy.cudnn, "allow_tf32", True, False)]
+    original = runtime.tf32_controls
+    monkeypatch.setattr(runtime, "tf32_controls", lambda backends=None: original(legacy))
+    with make_runtime("cpu", precision).numerics():
+        assert (legacy.cuda.matmul.allow_tf32, legacy.cudnn.allow_tf32) == (tf32, tf32)
+    assert (legacy.cuda.matmul.allow_tf32, legacy.cudnn.allow_tf32) == (False, True)
 
 
 def test_bf16_autocast_statistics_are_float32_and_close_to_fp32():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import csv
+import io
 import json
 
 import pytest
@@ -229,6 +231,51 @@ def test_recalibration_changes_only_norm_statistics(scope):
         torch.testing.assert_close(after.layer1[0].bn1.running_mean, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("norm,lora_rank", [("shared", None), ("shared", 2), ("unshared", None)])
+def test_recalibrated_statistics_average_every_call(norm, lora_rank):
+    """Running statistics = the size-weighted average over EVERY call of the norm, by hand: a norm shared
+    by K iterations runs K times per batch, and each call counts (unequal batches: 7, 7, 4)."""
+    after, _ = shared(tinymodels.timm_basic(), stages=[0], norm=norm, lora_rank=lora_rank)
+    images = torch.randn(18, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    loader = torch.utils.data.DataLoader(TensorImages(images, torch.zeros(18, dtype=torch.long)), batch_size=7)
+    holder = after.get_submodule(SHARED_ATTR)
+    norms = {id(m): m for it in after.layer1 for m in it.modules() if isinstance(m, nn.BatchNorm2d)}
+    if norm == "shared":
+        norms = {id(m): m for m in holder.modules() if isinstance(m, nn.BatchNorm2d)}
+        assert not any(isinstance(m, nn.BatchNorm2d) for it in after.layer1 for m in it.modules())
+
+    # By hand: each norm's inputs on every call, normalized with batch statistics (train mode), the
+    # statistics of that input, and its size.
+    reference = copy.deepcopy(after).eval()
+    calls: dict[int, list] = {}
+    name_of = {id(m): n for n, m in after.named_modules()}
+    ref_modules = dict(reference.named_modules())
+    hooks = []
+    for key in norms:
+        module = ref_modules[name_of[key]]
+        module.train()
+        module.momentum = 0.0  # batch statistics for the forward; running statistics left alone
+        hooks.append(module.register_forward_pre_hook(
+            lambda m, args, key=key: calls.setdefault(key, []).append(
+                (args[0].shape[0], args[0].double().mean((0, 2, 3)), args[0].double().var((0, 2, 3), unbiased=True)))))
+    with torch.no_grad():
+        for x, _y, _i in loader:
+            reference(x)
+    for hook in hooks:
+        hook.remove()
+
+    assert recalibrate(after, loader, CPU, 18, "shared") == 18
+    per_call = 2 if norm == "shared" else 1  # layer1 of timm_basic: two identity blocks share
+    for key, module in norms.items():
+        seen = calls[key]
+        assert len(seen) == 3 * per_call
+        total = sum(size for size, _, _ in seen)
+        mean = sum(size * m for size, m, _ in seen) / total
+        var = sum(size * v for size, _, v in seen) / total
+        torch.testing.assert_close(module.running_mean.double(), mean, rtol=0, atol=1e-6)
+        torch.testing.assert_close(module.running_var.double(), var, rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------------
 # Files and the command line
 
@@ -280,6 +327,9 @@ def test_cli_recalibrate_and_table(tmp_path, run):
     assert payload["eval_shared_recalibrated"]["loss"] != payload["eval_shared"]["loss"]
     table = run("share", MODEL, "--out", out, "--overwrite", "--iterations", 2, "--device", "cpu").stdout
     assert "layer1.0, layer1.1, layer1.2" in table
+    rows = list(csv.DictReader(io.StringIO(run("share", MODEL, "--out", out, "--overwrite", "--stages", "0",
+                                               "--device", "cpu", "-f", "csv").stdout)))
+    assert [r["blocks"] for r in rows] == ["layer1.0;layer1.1;layer1.2"]  # a list of names, not a shape
     listed = json.loads(run("blocks", out, "-f", "json").stdout)
     assert [b["name"] for b in listed["blocks"]][:4] == ["layer1.0", "layer1.1", "layer2.0", "layer2.1"]
 

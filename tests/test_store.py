@@ -133,3 +133,34 @@ def test_launching_ahead_as_on_a_gpu_records_the_same(tmp_path, monkeypatch, cra
     for name in STAT_NAMES:
         np.testing.assert_allclose(a.stats[name], b.stats[name], rtol=0, atol=1e-6, equal_nan=True)
     np.testing.assert_array_equal(a.index, b.index)
+
+
+@pytest.mark.slow
+def test_slow_disk_keeps_at_most_one_batch_pending(tmp_path, monkeypatch, one_thread):
+    """With a writer slower than the model, the recorder waits: no more than ``max_pending`` (1) batches
+    are ever queued or being written, and the recording is still whole."""
+    import time
+
+    from resprobe.store import RunWriter
+
+    write_file, write_batch = RunWriter._write_batch_file, RunWriter.write_batch
+    outstanding = []
+
+    def slow_file(self, number, batch):
+        time.sleep(0.3)  # a slow disk: much slower than computing a batch of the tiny model
+        write_file(self, number, batch)
+
+    def counting(self, batch):
+        write_batch(self, batch)
+        outstanding.append(sum(not future.done() for future in self._pending))
+
+    monkeypatch.setattr(RunWriter, "_write_batch_file", slow_file)
+    monkeypatch.setattr(RunWriter, "write_batch", counting)
+    out = tmp_path / "run.h5"
+    result = record(options(limit=16, batch_size=4), out, device="cpu")
+    assert result.complete and result.n_samples == 16 and len(outstanding) == 4
+    assert max(outstanding) <= RunWriter.max_pending == 1
+    monkeypatch.undo()
+    on_disk, in_memory = open_recording(out), record_in_memory(options(limit=16, batch_size=4), device="cpu")
+    np.testing.assert_array_equal(on_disk.index, in_memory.index)
+    np.testing.assert_array_equal(on_disk.stats["cos"], in_memory.stats["cos"])
