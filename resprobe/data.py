@@ -445,7 +445,8 @@ def check_not_split_parent(spec: str, path: Path) -> None:
     if not splits:
         return
     names = ", ".join(f"{p.name}/" for p in splits)
-    choose = next((p for p in splits if p.name.lower() in ("val", "valid", "validation", "test", "eval")), splits[0])
+    preference = ("val", "validation", "valid", "test", "eval", "dev", "testing")  # evaluation splits first
+    choose = min(splits, key=lambda p: preference.index(p.name.lower()) if p.name.lower() in preference else 99)
     raise DataError(f"--data {spec} holds the splits {names} (each a folder of class folders), not one folder per "
                     f"class: choose one, e.g. --data {path / choose.name}")
 
