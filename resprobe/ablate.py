@@ -537,9 +537,10 @@ class Proxies:
 
 
 def alignment_summary(probe: Probe, loader: Iterable, recording: str | Path | None = None,
-                      advance: Advance | None = None) -> dict[str, dict[str, Any]]:
+                      advance: Advance | None = None, data: str | None = None) -> dict[str, dict[str, Any]]:
     """Per block name, the ``align`` figures (``cos_mean``, ``l2_ratio_mean``, ``first_order_mean``):
-    read from ``recording``, or recorded in memory now (labels as targets)."""
+    read from ``recording``, or recorded in memory now (labels as targets). A recording must have
+    been made of this model, weights, preprocessing and data (``data``: the spec, when known)."""
     from resprobe.align import summarize
 
     if recording is not None:
@@ -549,6 +550,7 @@ def alignment_summary(probe: Probe, loader: Iterable, recording: str | Path | No
         if recorded.block_names != probe.anatomy.names:
             raise RecordingError(f"{recording} was recorded on other blocks ({', '.join(recorded.block_names[:3])}, "
                                  f"...) than this model has; record it from the same model")
+        check_recording_fits(recorded, recording, probe, getattr(loader, "dataset", None), data)
         if not recorded.complete:
             warnings.warn(f"{recording} is incomplete ({recorded.n_samples} samples); its proxies cover only those",
                           stacklevel=2)
@@ -557,6 +559,73 @@ def alignment_summary(probe: Probe, loader: Iterable, recording: str | Path | No
 
         recorded = collect(probe, loader, target="label", progress=advance)
     return {row["name"]: row for row in summarize(recorded)["blocks"]}
+
+
+def check_recording_fits(recorded: Any, recording: str | Path, probe: Probe, dataset: Any,
+                         data: str | None = None) -> None:
+    """Refuse a recording whose figures are not of this run: another ``--target``, other weights, other
+    preprocessing, other data or other samples (``--limit``/``--seed``). Its proxies would be silently wrong."""
+    import json
+
+    attrs = recorded.attrs
+    here = probe.describe()
+
+    def refuse(what: str) -> None:
+        raise RecordingError(f"--recording {recording} was recorded {what}; record it again with the same model, "
+                             "weights, preprocessing, --data, --limit and --seed as this ablation")
+
+    target = attrs.get("target") or (attrs.get("options") or {}).get("target") or "label"
+    if target != "label":
+        refuse(f"with --target {target}, but the proxies are against the labels (record with --target label)")
+    theirs, ours = attrs.get("checkpoint_sha256") or None, here["checkpoint_sha256"]
+    if theirs != ours:
+        refuse(f"with other weights ({_weights_name(attrs.get('checkpoint'), theirs)}, not "
+               f"{_weights_name(here['checkpoint'], ours)})")
+    if theirs is None and attrs.get("model") != here["model"]:
+        refuse(f"from model {attrs.get('model')}, not {here['model']}")
+    recorded_pre = attrs.get("preprocessing")
+    if recorded_pre is not None and json.loads(json.dumps(recorded_pre)) != json.loads(json.dumps(here["preprocessing"])):
+        keys = [k for k in here["preprocessing"] if recorded_pre.get(k) != here["preprocessing"][k]]
+        refuse(f"with other preprocessing ({', '.join(f'{k} {recorded_pre.get(k)}' for k in keys[:3]) or 'fields'})")
+    if data is not None and attrs.get("data") is not None and not same_data_spec(str(attrs["data"]), data):
+        refuse(f"on --data {attrs['data']}, not {data}")
+    if dataset is None:
+        return
+    indices = np.asarray(dataset.indices if isinstance(dataset, torch.utils.data.Subset) else range(len(dataset)))
+    n, planned = len(recorded.index), int(attrs.get("n_planned", len(recorded.index)))
+    options = attrs.get("options") or {}
+    if planned != len(indices) or n > len(indices) or not np.array_equal(recorded.index, indices[:n]):
+        refuse(f"on other samples ({planned} with --limit {options.get('limit')} --seed {options.get('seed', 0)}, "
+               f"here {len(indices)})")
+    labels = _known_labels(dataset)
+    if labels is not None and not np.array_equal(np.asarray(recorded.label)[:n], labels[:n]):
+        refuse("with other labels for the same samples (another --class-map, or other files under the same name)")
+
+
+def _weights_name(checkpoint: str | None, sha256: str | None) -> str:
+    return f"{checkpoint} (sha256 {sha256[:12]}…)" if sha256 else "no checkpoint"
+
+
+def same_data_spec(a: str, b: str) -> bool:
+    """Two ``--data`` specs name the same data: equal, or paths to the same file or folder."""
+    if a.strip() == b.strip():
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def _known_labels(dataset: Any) -> np.ndarray | None:
+    """The labels of a dataset in loader order, when they are known without reading images."""
+    indices = None
+    if isinstance(dataset, torch.utils.data.Subset):
+        dataset, indices = dataset.dataset, list(dataset.indices)
+    labels = getattr(dataset, "labels", None)  # arrays and synthetic data (TensorImages)
+    if labels is None:
+        labels = getattr(getattr(dataset, "base", None), "targets", None)  # ImageFolder, CIFAR
+    if labels is None:
+        return None
+    labels = np.asarray(labels.numpy() if isinstance(labels, Tensor) else labels, dtype=np.int64)
+    return labels[indices] if indices is not None else labels
 
 
 def proxy_table(positions: Sequence[int], blocks: Sequence[Block],
@@ -710,7 +779,7 @@ def save_pruned(probe: Probe, names: Sequence[str], path: str | Path,
     meta = {"pruned_from": str(probe.loaded.spec), "pruned_checkpoint": probe.loaded.checkpoint,
             "ablation": dict(figures or {})}
     return save_resprobe_checkpoint(path, probe.loaded, model=pruned, recipes=[*probe.loaded.recipes, recipe],
-                                    preprocessing=probe.preprocessing.to_dict(), meta=meta)
+                                    preprocessing=probe.preprocessing_used.to_dict(), meta=meta)
 
 
 def check_rebuildable(probe: Probe) -> None:
@@ -749,6 +818,7 @@ class AblateOptions:
     save_pruned: str | Path | None = None
     remove: int | None = None
     remove_blocks: list[str] | None = None
+    data: str | None = None  # the --data spec, which a --recording must have been made on
 
     @property
     def wants_proxies(self) -> bool:
@@ -888,7 +958,8 @@ def run_ablation(probe: Probe, loader: Iterable, options: AblateOptions,
         return progress(description, n) if progress else None
 
     # A recording is read first: one that does not fit this model fails before any work is done.
-    align = alignment_summary(probe, loader, options.recording) if options.recording is not None else None
+    align = (alignment_summary(probe, loader, options.recording, data=options.data)
+             if options.recording is not None else None)
 
     # Pass 1, from the intact model: every single removal, unrolling, an explicit prune set, angles.
     variants: list[Variant] = [lesion_variant(anatomy, [p]) for p in candidates]

@@ -136,6 +136,7 @@ def align_report(recorded: Recorded, readout: list[dict[str, Any]] | None = None
     report = {
         "model": attrs.get("model"),
         "checkpoint": attrs.get("checkpoint") or None,
+        "preprocessing": attrs.get("preprocessing") or None,
         "data": attrs.get("data"),
         **summary,
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import select
 import sys
@@ -149,6 +150,13 @@ def check_format(fmt: str) -> None:
         raise BadValue(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
 
 
+def provenance(probe: Any) -> dict[str, Any]:
+    """``checkpoint`` and ``preprocessing`` (as used) for every report that loads a model."""
+    described = probe.describe()
+    return {"checkpoint": described["checkpoint"], "checkpoint_sha256": described["checkpoint_sha256"],
+            "preprocessing": described["preprocessing"]}
+
+
 def require(value: Any, option: str, what: str) -> Any:
     if value is None:
         raise BadValue(f"{option} is required: {what}")
@@ -168,15 +176,34 @@ def _one_line(message: str) -> str:
     return " ".join(lines) if len(lines) <= 2 else lines[0]
 
 
+class _HeldNotes(logging.Handler):
+    """resprobe's notes (``logging`` INFO of the ``resprobe`` logger, e.g. the preprocessing used),
+    held with the warnings."""
+
+    def __init__(self, pending: list[str]):
+        super().__init__(logging.INFO)
+        self.pending = pending
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.pending.append(record.getMessage())
+
+
 @contextlib.contextmanager
-def command_errors(debug: bool) -> Iterator[None]:
+def command_errors(debug: bool, quiet: bool = False) -> Iterator[None]:
     """Turn every failure into one line on stderr with the right exit status.
 
-    Warnings are held until the command's outcome is known: shown when it succeeds or is
+    Warnings and notes are held until the command's outcome is known: shown when it succeeds or is
     interrupted, dropped when it fails (an error is exactly one line; ``--debug`` shows them too).
+    ``--quiet`` drops the notes (not the warnings).
     """
     saved = warnings.showwarning
     pending: list[str] = []
+    logger = logging.getLogger("resprobe")
+    notes = _HeldNotes(pending)
+    saved_level = logger.level
+    if not quiet:
+        logger.addHandler(notes)
+        logger.setLevel(logging.INFO)
 
     def hold_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
                      line: Any = None) -> None:
@@ -223,6 +250,8 @@ def command_errors(debug: bool) -> Iterator[None]:
         raise_one_line(debug, exc)
     finally:
         warnings.showwarning = saved
+        logger.removeHandler(notes)
+        logger.setLevel(saved_level)
 
 
 def raise_one_line(debug: bool, exc: BaseException) -> NoReturn:
@@ -316,11 +345,11 @@ def blocks_command(
     from resprobe.blocks import count_params
     from resprobe.report import blocks_table, emit
 
-    with command_errors(debug):
+    with command_errors(debug, quiet):
         check_format(fmt)
         probe = ModelArgs(model, checkpoint, pretrained, num_classes, model_kwargs, ema, trust_checkpoint, blocks,
                           input_size, device="cpu").open()
-        payload = {"model": str(probe.loaded.spec), "params": count_params(probe.model),
+        payload = {"model": str(probe.loaded.spec), **provenance(probe), "params": count_params(probe.model),
                    "input_size": list(probe.preprocessing.input_size),
                    "blocks": [b.to_dict() for b in probe.anatomy.blocks]}
         emit(payload, fmt, blocks_table, lambda p: p["blocks"])
@@ -341,7 +370,7 @@ def eval_command(
     from resprobe.evaluate import evaluate
     from resprobe.report import emit, eval_table
 
-    with command_errors(debug):
+    with command_errors(debug, quiet):
         check_format(fmt)
         require(data, "--data", "the images to evaluate on")
         probe = ModelArgs(model, checkpoint, pretrained, num_classes, model_kwargs, ema, trust_checkpoint, blocks,
@@ -351,8 +380,8 @@ def eval_command(
         with make_progress(quiet) as progress:
             task = progress.add_task("eval", total=len(source))
             result = evaluate(probe.model, loader, probe.runtime, lambda n: progress.advance(task, n))
-        payload = {"model": str(probe.loaded.spec), "data": data, **result.to_dict()}
-        emit(payload, fmt, eval_table)
+        payload = {"model": str(probe.loaded.spec), **provenance(probe), "data": data, **result.to_dict()}
+        emit(payload, fmt, eval_table, lambda p: [{k: v for k, v in p.items() if k != "preprocessing"}])
 
 
 Out = Annotated[Optional[str], typer.Option("--out", "-o", help="The recording to write (HDF5).", show_default=False)]
@@ -426,7 +455,7 @@ def record_command(
     """
     from resprobe.report import emit, record_table
 
-    with command_errors(debug):
+    with command_errors(debug, quiet):
         check_format(fmt)
         require(out, "--out", "the HDF5 file to write, e.g. --out run.h5")
         if not resume:
@@ -490,7 +519,7 @@ def align_command(
     from resprobe.report import align_table, emit
     from resprobe.store import open_recording
 
-    with command_errors(debug):
+    with command_errors(debug, quiet):
         check_format(fmt)
         if data is None and (_is_recording_path(model) or _is_not_a_model_file(model)):
             recorded = open_recording(model)
@@ -561,28 +590,27 @@ def ablate_command(
     """Which blocks can go: loss and accuracy with each block removed (exact), greedy or one-shot removal
     curves, cheap proxies, unrolling, pruned checkpoints (paper §4.2, §4.4)."""
     from resprobe.ablate import AblateOptions, parse_unroll, run_ablation
-    from resprobe.data import warn_notes
     from resprobe.report import ablate_rows, ablate_table, emit
 
-    with command_errors(debug):
+    with command_errors(debug, quiet):
         check_format(fmt)
         require(data, "--data", "the images to evaluate removals on")
         options = AblateOptions(by=by, include_transitions=include_transitions, cumulative=cumulative,
                                 one_shot=one_shot, proxies=proxies, recording=recording,
                                 unroll=parse_unroll(unroll) if unroll is not None else None,
                                 save_pruned=save_pruned, remove=remove,
-                                remove_blocks=split_list(remove_blocks) if remove_blocks is not None else None)
+                                remove_blocks=split_list(remove_blocks) if remove_blocks is not None else None,
+                                data=data)
         if remove_blocks is not None and not options.remove_blocks:
             raise BadValue("--remove-blocks: give block names, e.g. --remove-blocks layer3.4,layer3.5")
         options.check()  # before the model loads: a typo costs nothing
         probe = ModelArgs(model, checkpoint, pretrained, num_classes, model_kwargs, ema, trust_checkpoint, blocks,
                           input_size, mean, std, crop_pct, interpolation, device, precision).open()
         source = probe.data(data, limit, seed, class_map)
-        warn_notes(source)
         loader = probe.loader(source, batch_size, workers)
         with make_progress(quiet) as progress:
             report = run_ablation(probe, loader, options, _progress_factory(progress))
-        payload = {"model": str(probe.loaded.spec), "data": data, **report.to_dict()}
+        payload = {"model": str(probe.loaded.spec), **provenance(probe), "data": data, **report.to_dict()}
         emit(payload, fmt, ablate_table, ablate_rows)
 
 
@@ -644,7 +672,7 @@ def share_command(
                                 share_stages)
     from resprobe.share import recalibrate as recalibrate_norms
 
-    with command_errors(debug):
+    with command_errors(debug, quiet):
         check_format(fmt)
         options = ShareOptions(parse_stages(stages), iterations, init, norm, gamma_init, lora_rank).validate()
         out_path = check_out_path(require(out, "--out", "the shared model to write, e.g. --out shared.pt"), overwrite)
@@ -681,12 +709,12 @@ def share_command(
                 if eval_loader is not None:
                     evals["eval_shared_recalibrated"] = _evaluate_with_progress(
                         probe, eval_loader, len(eval_source), progress, "eval recalibrated")
-        payload = {"model": str(probe.loaded.spec), "out": str(out_path), "data": data,
+        payload = {"model": str(probe.loaded.spec), **provenance(probe), "out": str(out_path), "data": data,
                    "params_before": result.params_before, "params_after": result.params_after,
                    "stages": [s.to_dict() for s in result.stages], **evals,
                    "recalibrated": recalibrated if recalibrate is not None else None}
         save_resprobe_checkpoint(out_path, probe.loaded, probe.model, recipes=[*probe.loaded.recipes, result.recipe],
-                                 preprocessing=probe.preprocessing.to_dict(),
+                                 preprocessing=probe.preprocessing_used.to_dict(),
                                  meta={"share": {k: v for k, v in payload.items() if k != "out"}})
         emit(payload, fmt, share_table, lambda p: p["stages"])
 
@@ -742,7 +770,7 @@ def finetune_command(
     from resprobe.share import check_rebuildable
     from resprobe.train import FinetuneOptions, finetune
 
-    with command_errors(debug):
+    with command_errors(debug, quiet):
         check_format(fmt)
         require(data, "--data", "the training images")
         require(out, "--out", "the checkpoint to write, e.g. --out finetuned.pt")
@@ -782,7 +810,7 @@ def finetune_command(
                 raise
         if not result.complete:
             note(quiet, f"stopped at step {result.steps}; continue with --resume")
-        emit(result.to_dict(), fmt, finetune_table, lambda p: p["history"])
+        emit({**result.to_dict(), **provenance(probe)}, fmt, finetune_table, lambda p: p["history"])
 
 
 PlotKind = Annotated[str, typer.Option("--kind", help="auto (everything the input holds), align, readout or ablate.")]
@@ -804,7 +832,7 @@ def plot_command(
     from resprobe.plot import plot
     from resprobe.report import emit, plot_table
 
-    with command_errors(debug):
+    with command_errors(debug, quiet):
         check_format(fmt)
         require(out, "--out", "the figure to write, e.g. --out align.png (or .svg)")
         result = plot(source, out, kind, overwrite)

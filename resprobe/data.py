@@ -114,6 +114,11 @@ def parse_triplet(text: str, option: str) -> tuple[float, ...]:
         raise BadValue(f"{option} {text!r}: expected three finite comma-separated numbers")
     if option == "--std" and min(values) <= 0:
         raise BadValue(f"--std {text!r}: every value must be positive")
+    if max(values) > 1:
+        # Images are scaled to [0, 1] before they are normalized, so 0-255 statistics would be wrong.
+        scaled = ",".join(f"{v / 255:.4f}" for v in values)
+        raise BadValue(f"{option} {text!r}: values are on the [0, 1] scale (images are scaled to [0, 1] before "
+                       f"normalizing), not 0-255; divided by 255 that is {option} {scaled}")
     return values
 
 
@@ -184,6 +189,54 @@ class ImageTransform:
         return self.plain(image) if image.size == self.size else self.resized(image)
 
 
+def resize_side(pre: Preprocessing) -> int:
+    """The side the shorter image side is resized to before the center crop (timm's and torchvision's
+    evaluation transforms both resize to ⌊size / crop_pct⌋ unless the weights name their own size)."""
+    _, h, w = pre.input_size
+    return pre.resize_size or int(math.floor(min(h, w) / pre.crop_pct))
+
+
+MAX_UPSCALE = 2.0
+
+
+def upscale_warning(source: DataSource, pre: Preprocessing) -> str | None:
+    """A warning when the images (judged by the first one) are upscaled more than 2× to the input size:
+    e.g. 32×32 CIFAR images given to a model whose default input is 224 — most likely a model trained
+    on 32×32 images whose checkpoint does not say so. Arrays are never resized: no warning."""
+    if source.in_memory or source.image_size is None:
+        return None
+    h, w = source.image_size
+    _, size_h, size_w = pre.input_size
+    if (h, w) == (size_h, size_w) or min(h, w) < 1:
+        return None  # only normalized
+    side = resize_side(pre)
+    factor = side / min(h, w)
+    if factor <= MAX_UPSCALE:
+        return None
+    return (f"the images are {h}×{w} (the first of {source.spec}) but the model's input size is {size_h}×{size_w}: "
+            f"they are upscaled {factor:.1f}× (resized to {side}, center-cropped to {size_h}×{size_w}); if the "
+            f"model was trained on {h}×{w} images, pass --input-size {h if h == w else f'{h}x{w}'}")
+
+
+def describe_preprocessing(source: DataSource, pre: Preprocessing) -> str:
+    """One line saying what the data goes through, for stderr."""
+    stats = f"mean {_triple(pre.mean)}, std {_triple(pre.std)}"
+    if source.in_memory:
+        shape = tuple(source.dataset[0][0].shape) if len(source) else pre.input_size
+        size = "×".join(str(v) for v in shape[-2:])
+        return f"preprocessing of {source.spec}: {size} arrays scaled to [0, 1] and normalized ({stats}), never resized"
+    _, h, w = pre.input_size
+    resize = (f"images not {h}×{w} resized to {resize_side(pre)} ({pre.interpolation}) and center-cropped to "
+              f"{h}×{w}")
+    if source.image_size is not None and source.image_size == (h, w):
+        resize = f"images of {h}×{w} only normalized (others resized to {resize_side(pre)} and center-cropped)"
+    return f"preprocessing of {source.spec}: {resize}; {stats}"
+
+
+def _triple(values: Sequence[float]) -> str:
+    return ",".join(f"{v:.4g}" for v in values)
+
+
 def normalize(images: Tensor, pre: Preprocessing) -> Tensor:
     mean = torch.tensor(pre.mean, dtype=images.dtype).view(1, -1, 1, 1)
     std = torch.tensor(pre.std, dtype=images.dtype).view(1, -1, 1, 1)
@@ -247,6 +300,7 @@ class DataSource:
     class_names: list[str] | None = None
     in_memory: bool = False
     notes: list[str] = field(default_factory=list)
+    image_size: tuple[int, int] | None = None  # (H, W) of the first stored image, for images that get resized
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -289,6 +343,12 @@ def arrays_to_tensor(images: np.ndarray, path: str = "arrays") -> Tensor:
         tensor = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
         if not torch.isfinite(tensor).all():
             raise DataError(f"{path}: 'images' holds NaN or infinite values")
+        low, high = (float(tensor.min()), float(tensor.max())) if tensor.numel() else (0.0, 0.0)
+        if low < 0 or high > 1:
+            # 0-255 floats, or images already normalized: normalizing them again gives wrong numbers.
+            raise DataError(f"{path}: float 'images' must be in [0, 1] (they are scaled and normalized by resprobe), "
+                            f"but they range over [{low:g}, {high:g}]; store uint8 NHWC, or floats divided by 255 "
+                            "and not yet normalized")
         return tensor
     raise DataError(f"{path}: 'images' must be uint8 or float, got {images.dtype}")
 
@@ -323,7 +383,7 @@ def _synthetic_source(spec: str, n: int, pre: Preprocessing, num_classes: int | 
     return DataSource(spec, TensorImages(normalize(images, pre), labels), num_classes=num_classes, in_memory=True)
 
 
-def _cifar_source(spec: str, kind: str, rest: str, pre: Preprocessing) -> DataSource:
+def _cifar_source(spec: str, kind: str, rest: str, pre: Preprocessing, model_classes: int | None = None) -> DataSource:
     from torchvision.datasets import CIFAR10, CIFAR100
 
     root, _, split = rest.rpartition(":") if rest.endswith((":train", ":test")) else (rest, "", "test")
@@ -340,7 +400,16 @@ def _cifar_source(spec: str, kind: str, rest: str, pre: Preprocessing) -> DataSo
         dataset = cls(str(root_path), train=(split == "train"), download=False, transform=ImageTransform(pre))
     except (RuntimeError, OSError, ValueError, EOFError) as exc:
         raise DataError(f"{spec}: cannot read the {kind} files under {root_path}: {str(exc).splitlines()[0]}") from None
-    return DataSource(spec, IndexedDataset(dataset), num_classes=len(dataset.classes), class_names=list(dataset.classes))
+    notes = []
+    if model_classes is not None and len(dataset.classes) != model_classes:
+        notes.append(class_count_note(len(dataset.classes), model_classes, "classes", "its label order"))
+    return DataSource(spec, IndexedDataset(dataset), num_classes=len(dataset.classes), class_names=list(dataset.classes),
+                      notes=notes, image_size=(int(dataset.data.shape[1]), int(dataset.data.shape[2])))
+
+
+def class_count_note(n_data: int, model_classes: int, what: str, order: str) -> str:
+    return (f"{n_data} {what} but the model has {model_classes} classes; labels follow {order} "
+            "(give --num-classes or --class-map if that is not what the model was trained on)")
 
 
 def _read_class_map(path: str) -> dict[str, int]:
@@ -362,10 +431,39 @@ def _read_class_map(path: str) -> dict[str, int]:
     return {name: i for i, name in enumerate(names)}
 
 
+_SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "test", "testing", "eval", "dev")
+
+
+def check_not_split_parent(spec: str, path: Path) -> None:
+    """A folder whose sub-folders are splits (``train/``, ``val/``, ``test/``...), each a folder of class
+    folders, would be read as a dataset with one class per split: refused, naming the splits."""
+    try:
+        subfolders = sorted(p for p in path.iterdir() if p.is_dir())
+    except OSError:
+        return  # ImageFolder says what is wrong with the folder
+    splits = [p for p in subfolders if p.name.lower() in _SPLIT_NAMES and _holds_folders(p)]
+    if not splits:
+        return
+    names = ", ".join(f"{p.name}/" for p in splits)
+    preference = ("val", "validation", "valid", "test", "eval", "dev", "testing")  # evaluation splits first
+    choose = min(splits, key=lambda p: preference.index(p.name.lower()) if p.name.lower() in preference else 99)
+    raise DataError(f"--data {spec} holds the splits {names} (each a folder of class folders), not one folder per "
+                    f"class: choose one, e.g. --data {path / choose.name}")
+
+
+def _holds_folders(path: Path) -> bool:
+    try:
+        with os.scandir(path) as entries:  # the entries' types come with the listing: no stat per file
+            return any(entry.is_dir() for entry in entries)
+    except OSError:
+        return False
+
+
 def _folder_source(spec: str, path: Path, pre: Preprocessing, model_classes: int | None,
                    class_map: str | None) -> DataSource:
     from torchvision.datasets import ImageFolder
 
+    check_not_split_parent(spec, path)
     try:
         folder = ImageFolder(str(path), transform=ImageTransform(pre))
     except (FileNotFoundError, OSError) as exc:
@@ -404,7 +502,20 @@ def _folder_source(spec: str, path: Path, pre: Preprocessing, model_classes: int
         return samples[i][0]
 
     n_classes = (max(folder.targets) + 1) if folder.targets else len(names)
-    return DataSource(spec, IndexedDataset(folder, describe), num_classes=n_classes, class_names=list(names), notes=notes)
+    return DataSource(spec, IndexedDataset(folder, describe), num_classes=n_classes, class_names=list(names), notes=notes,
+                      image_size=_first_image_size(samples[0][0]) if samples else None)
+
+
+def _first_image_size(path: str) -> tuple[int, int] | None:
+    """(H, W) of one image, from its header only (nothing decoded): the cheap sample for the upscale check."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Exception:  # noqa: BLE001 - a bad file is named when the loader reads it
+        return None
+    return int(height), int(width)
 
 
 def _is_wnid(name: str) -> bool:
@@ -433,7 +544,7 @@ def open_data(
         return _synthetic_source(spec, n, pre, model_classes, seed)
     for kind in ("cifar10", "cifar100"):
         if spec.startswith(kind + ":"):
-            return _cifar_source(spec, kind, spec[len(kind) + 1 :], pre)
+            return _cifar_source(spec, kind, spec[len(kind) + 1 :], pre, model_classes)
     path = Path(spec).expanduser()
     if path.suffix.lower() in _ARRAY_SUFFIXES:
         source = _arrays_source(spec, path, pre)

@@ -760,6 +760,21 @@ def _arch_from_training_checkpoint(obj: Mapping[str, Any], path: Path) -> dict[s
     return None
 
 
+def _training_model_kwargs(obj: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """timm ``train.py`` keeps its ``--model-kwargs`` in ``args.model_kwargs``: the architecture needs
+    them (a quarter-width ResNet does not fit a full-width one). ``--model-kwargs`` overrides them."""
+    kwargs = getattr(obj.get("args"), "model_kwargs", None)
+    if not kwargs:
+        return {}
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise ModelError(f"{path}: args.model_kwargs is a {type(kwargs).__name__}, not a dict of model arguments")
+    unsafe = [k for k in kwargs if k in _UNSAFE_ARCH_KWARGS]
+    if unsafe:
+        raise ModelError(f"{path} records model arguments that would load other files ({', '.join(unsafe)}); "
+                         "resprobe does not take those from a checkpoint")
+    return dict(kwargs)
+
+
 # --------------------------------------------------------------------------------------------------
 # The one entry point
 
@@ -834,7 +849,7 @@ def _load_from_path(spec: ModelSpec, opts: LoadOptions) -> LoadedModel:
                 f"--checkpoint (e.g. resprobe eval timm:resnet18 --checkpoint {path})"
             )
         state_dict = extract_state_dict(obj, opts.ema, str(path))
-        arch["kwargs"] = dict(opts.model_kwargs)
+        arch["kwargs"] = {**_training_model_kwargs(obj, path), **opts.model_kwargs}
         arch["num_classes"] = opts.num_classes or infer_num_classes(state_dict, _classifier_name(arch))
         model, _ = build_with_weights(arch, state_dict, str(path))
         loaded = LoadedModel(model=model, spec=spec, arch=arch)

@@ -9,7 +9,9 @@ and where it runs. The command line builds one per invocation; a notebook can do
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+import warnings
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,13 +23,19 @@ from resprobe.data import (
     Preprocessing,
     check_labels_fit,
     default_preprocessing,
+    describe_preprocessing,
     limit_source,
     make_loader,
     open_data,
     override_preprocessing,
+    upscale_warning,
+    warn_notes,
 )
 from resprobe.models import LoadedModel, LoadOptions, load_model
 from resprobe.runtime import Runtime, make_runtime
+
+# Notes for the user (the preprocessing used): the command line shows them on stderr unless --quiet.
+log = logging.getLogger("resprobe")
 
 
 @dataclass
@@ -38,7 +46,9 @@ class Probe:
     blocks_globs: list[str] | None = None
     options: dict[str, Any] = field(default_factory=dict)
     sample_shape: tuple[int, ...] | None = None  # the data's own (C, H, W) when it is never resized
+    input_size_given: bool = False  # --input-size: the user chose it, upscaling is not a surprise
     _anatomy: Anatomy | None = field(default=None, repr=False)
+    _noted: set[str] = field(default_factory=set, repr=False)
 
     @property
     def anatomy(self) -> Anatomy:
@@ -61,9 +71,29 @@ class Probe:
         """Open ``--data SPEC`` with this model's preprocessing; checks that labels fit the classifier."""
         source = open_data(spec, self.preprocessing, self.num_classes, class_map, seed)
         check_labels_fit(source, self.num_classes)
-        if source.in_memory and self._anatomy is None and len(source):
+        warn_notes(source)  # e.g. a class count that differs from the head: said by every command
+        if source.in_memory and self.sample_shape is None and len(source):
             self.sample_shape = tuple(source.dataset[0][0].shape)
+        if not self.input_size_given:
+            message = upscale_warning(source, self.preprocessing)
+            if message:
+                warnings.warn(message, stacklevel=2)
+        self._note(describe_preprocessing(source, self.preprocessing))
         return limit_source(source, limit, seed)
+
+    @property
+    def preprocessing_used(self) -> Preprocessing:
+        """The preprocessing the data really went through: arrays are never resized, so their own size
+        is the input size (a checkpoint written from a run on 32×32 arrays records input size 32)."""
+        shape = self.sample_shape
+        if shape is None or tuple(shape) == tuple(self.preprocessing.input_size) or len(shape) != 3:
+            return self.preprocessing
+        return replace(self.preprocessing, input_size=tuple(int(v) for v in shape), resize_size=None)
+
+    def _note(self, message: str) -> None:
+        if message not in self._noted:  # once per command, however often the same kind of data opens
+            self._noted.add(message)
+            log.info(message)
 
     def loader(self, source: DataSource, batch_size: int = 64, workers: int | None = None) -> DataLoader:
         return make_loader(source, batch_size, workers, self.runtime.device)
@@ -74,7 +104,7 @@ class Probe:
             "model": str(self.loaded.spec),
             "checkpoint": self.loaded.checkpoint,
             "checkpoint_sha256": self.loaded.checkpoint_sha256,
-            "preprocessing": self.preprocessing.to_dict(),
+            "preprocessing": self.preprocessing_used.to_dict(),
         }
 
 
@@ -101,6 +131,16 @@ def open_probe(
                                            trust_checkpoint))
     pre = override_preprocessing(default_preprocessing(loaded), input_size, mean, std, crop_pct, interpolation)
     require_blocks(loaded.model, blocks)  # a model without residual blocks fails now, not later
+    if not pretrained and loaded.checkpoint is None and loaded.torchvision_weights is None:
+        warnings.warn(random_weights_message(loaded), stacklevel=2)
     loaded.model.requires_grad_(False)
     runtime.prepare(loaded.model)
-    return Probe(loaded, pre, runtime, blocks)
+    return Probe(loaded, pre, runtime, blocks, input_size_given=bool(input_size))
+
+
+def random_weights_message(loaded: LoadedModel) -> str:
+    """No weights given: every figure would describe an untrained network, which is rarely meant."""
+    name = str(loaded.spec)
+    unless = f", unless {name} loads weights itself" if loaded.spec.source == "callable" else ""
+    return (f"{name} is randomly initialized: no weights were given{unless} (pass --checkpoint PATH, --pretrained, "
+            "or a checkpoint as MODEL); its figures describe an untrained network")

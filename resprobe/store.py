@@ -692,10 +692,16 @@ class RecordResult:
     complete: bool
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)  # model, checkpoint, preprocessing of the run
 
     def to_dict(self) -> dict[str, Any]:
         return {"out": self.out, "n_samples": self.n_samples, "complete": self.complete,
-                "seconds": round(self.seconds, 3)}
+                "seconds": round(self.seconds, 3), **self.provenance}
+
+
+def _provenance(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """What a record report says about the model it recorded (as every report that loads a model)."""
+    return {key: attrs.get(key) for key in ("model", "checkpoint", "checkpoint_sha256", "preprocessing")}
 
 
 def now_iso() -> str:
@@ -730,7 +736,8 @@ def run_recording(
 
     def interrupted() -> Interrupted:
         writer.flush()
-        result = RecordResult(str(writer.path), writer.n_done, False, time.perf_counter() - start)
+        result = RecordResult(str(writer.path), writer.n_done, False, time.perf_counter() - start,
+                              provenance=_provenance(writer.meta.get("attrs", {})))
         return Interrupted(f"interrupted: {writer.n_done} of {writer.meta['n_planned']} samples are recorded in "
                            f"{writer.dir}; finish with `resprobe record --out {writer.path} --resume`", result)
 
@@ -788,7 +795,8 @@ def run_recording(
             writer.flush()
         writer.close()
         raise
-    return RecordResult(str(out), writer.n_done, True, time.perf_counter() - start, messages)
+    return RecordResult(str(out), writer.n_done, True, time.perf_counter() - start, messages,
+                        _provenance(writer.meta.get("attrs", {})))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -993,12 +1001,11 @@ def _already_complete(out: Path, options: RecordOptions, warn: Callable[[str], N
     merge_resume_options(stored if isinstance(stored, dict) else {}, options, out)
     if warn:
         warn(f"{out} is already complete: nothing to resume")
-    return RecordResult(str(out), recording.n_samples, True, 0.0)
+    return RecordResult(str(out), recording.n_samples, True, 0.0, provenance=_provenance(recording.attrs))
 
 
 def open_for_recording(options: RecordOptions, device: str = "auto", trust_checkpoint: bool = False) -> tuple[Any, Any, list[str]]:
     """The probe, the (limited) data source and the readout blocks that ``options`` describe."""
-    from resprobe.data import warn_notes
     from resprobe.probe import open_probe
 
     probe = open_probe(str(options.model), options.checkpoint, bool(options.pretrained), options.num_classes,
@@ -1006,7 +1013,6 @@ def open_for_recording(options: RecordOptions, device: str = "auto", trust_check
                        options.mean, options.std, options.crop_pct, options.interpolation, device,
                        str(options.precision))
     source = probe.data(str(options.data), options.limit, int(options.seed or 0), options.class_map)
-    warn_notes(source)
     last_stage = probe.anatomy.blocks[-1].stage
     readout = [b.name for b in probe.anatomy.blocks if b.stage == last_stage] if options.readout else []
     return probe, source, readout

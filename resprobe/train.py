@@ -518,7 +518,7 @@ def finetune(
 
     def save_last() -> None:
         save_resprobe_checkpoint(
-            out, probe.loaded, model, recipes=probe.loaded.recipes, preprocessing=probe.preprocessing.to_dict(),
+            out, probe.loaded, model, recipes=probe.loaded.recipes, preprocessing=probe.preprocessing_used.to_dict(),
             meta={"finetune": {"steps": run.state.step, "epochs": run.state.epoch, "complete": run.complete}},
             extra={"training": _training_payload(run, options, data_info, optimizer, scheduler, scaler,
                                                  aug_generator)})
@@ -536,7 +536,7 @@ def finetune(
             if run.best is None or result.loss < run.best["loss"]:
                 run.best = {"epoch": s.epoch, "step": s.step, "loss": result.loss, "acc": result.acc}
                 save_resprobe_checkpoint(best_file, probe.loaded, model, recipes=probe.loaded.recipes,
-                                         preprocessing=probe.preprocessing.to_dict(),
+                                         preprocessing=probe.preprocessing_used.to_dict(),
                                          meta={"finetune_best": run.best})
         run.history.append(record)
         s.epoch += 1

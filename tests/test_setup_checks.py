@@ -1,0 +1,362 @@
+"""Setups that used to give silently wrong numbers (issue #13 §3): each is now a warning or a one-line
+error, and checkpoints record the preprocessing that was really used."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import CIFAR10, requires_cifar
+from resprobe.data import DataSource, Preprocessing, TensorImages, override_preprocessing
+from resprobe.errors import BadValue, DataError
+from resprobe.models import LoadOptions, load_model, read_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FIXTURE_MODEL = str(Path(__file__).resolve().parent.parent / "fixtures" / "tiny_resnet.pt")
+FIXTURE_DATA = str(Path(__file__).resolve().parent.parent / "fixtures" / "shapes_test.npz")
+TINY = "tinymodels:timm_basic"  # 5 classes, timm's resnet18 config: default input size 224
+
+
+def one_error_line(result, *expected: str) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def warnings_of(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+
+
+def lossless_pair(tmp_path: Path, n: int = 10, size: int = 32, classes: int = 5) -> tuple[Path, Path]:
+    """The same images twice: a uint8 arrays file and a PNG folder (lossless) with labels i % classes."""
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+    labels = np.arange(n) % classes
+    arrays = tmp_path / "same.npz"
+    np.savez(arrays, images=images, labels=labels)
+    folder = tmp_path / "same_png"
+    for i, (image, label) in enumerate(zip(images, labels)):
+        (folder / f"c{label}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"c{label}" / f"{i:03d}.png")
+    return arrays, folder
+
+
+def png_folder(root: Path, size: int, classes: tuple[str, ...] = ("a", "b"), per_class: int = 2) -> Path:
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def as_json(result) -> dict:
+    return json.loads(result.stdout)
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Upscaling
+
+
+def test_upscaled_images_warn_naming_input_size(run, tmp_path):
+    folder = png_folder(tmp_path / "small", 16)
+    result = run("eval", TINY, "--data", folder, "--device", "cpu", "-f", "json")
+    upscale = [w for w in warnings_of(result) if "upscaled" in w]
+    assert len(upscale) == 1 and "--input-size 16" in upscale[0] and "16×16" in upscale[0], result.stderr
+    assert "14.7×" in upscale[0]  # timm's resnet18 (crop_pct 0.95): resized to ⌊224 / 0.95⌋ = 235 = 14.7 × 16
+    chosen = run("eval", TINY, "--data", folder, "--input-size", "16", "--device", "cpu", "-f", "json")
+    assert not any("upscaled" in w for w in warnings_of(chosen)), chosen.stderr
+
+
+def test_upscale_threshold_is_the_resize_actually_done():
+    from resprobe.data import upscale_warning
+
+    pre = Preprocessing((3, 224, 224), crop_pct=0.875, resize="torchvision")  # resized to 256, cropped to 224
+
+    def source(h: int, w: int) -> DataSource:
+        return DataSource("folder", TensorImages(torch.zeros(1, 3, 1, 1), torch.zeros(1)), image_size=(h, w))
+
+    assert upscale_warning(source(128, 128), pre) is None  # 256 / 128 = 2.0: not more than 2×
+    assert "2.1×" in upscale_warning(source(120, 300), pre)  # the shorter side decides: 256 / 120
+    assert upscale_warning(source(224, 224), pre) is None  # already the input size: only normalized
+    assert upscale_warning(source(32, 32), replace_size(pre, 32)) is None
+    arrays = DataSource("a.npz", TensorImages(torch.zeros(1, 3, 32, 32), torch.zeros(1)), in_memory=True)
+    assert upscale_warning(arrays, pre) is None  # arrays are never resized
+
+
+def replace_size(pre: Preprocessing, n: int) -> Preprocessing:
+    return override_preprocessing(pre, input_size=str(n))
+
+
+@requires_cifar
+def test_cifar_jpeg_folder_with_an_imagenet_sized_model_warns(run):
+    result = run("eval", "torchvision:resnet18", "--num-classes", "10", "--data", CIFAR10 / "test", "--limit", "4",
+                 "--device", "cpu", "-f", "json")
+    upscale = [w for w in warnings_of(result) if "upscaled" in w]
+    assert len(upscale) == 1 and "32×32" in upscale[0] and "8.0×" in upscale[0] and "--input-size 32" in upscale[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Checkpoints record the preprocessing used; their eval reproduces the figures
+
+
+def test_pruned_and_shared_checkpoints_record_the_array_size_and_reproduce_on_images(run, tmp_path):
+    arrays, folder = lossless_pair(tmp_path)
+    pruned = tmp_path / "pruned.pt"
+    ablation = as_json(run("ablate", TINY, "--data", arrays, "--save-pruned", pruned, "--remove-blocks", "layer1.1",
+                           "--device", "cpu", "-f", "json"))
+    assert ablation["preprocessing"]["input_size"] == [3, 32, 32]
+    assert read_checkpoint(pruned)["preprocessing"]["input_size"] == [3, 32, 32]  # not timm's 224
+    on_images = as_json(run("eval", pruned, "--data", folder, "--device", "cpu", "-f", "json"))
+    assert on_images["preprocessing"]["input_size"] == [3, 32, 32]
+    assert on_images["loss"] == pytest.approx(ablation["pruned"]["loss"], abs=1e-5)
+    assert on_images["acc"] == ablation["pruned"]["acc"]
+    blocks = as_json(run("blocks", pruned, "-f", "json"))
+    assert blocks["input_size"] == [3, 32, 32] and blocks["blocks"][0]["in_shape"][-1] == 8  # 32 / 4 (stem)
+
+    shared = tmp_path / "shared.pt"
+    share = as_json(run("share", TINY, "--stages", "0", "--out", shared, "--data", arrays, "--device", "cpu",
+                        "-f", "json"))
+    assert read_checkpoint(shared)["preprocessing"]["input_size"] == [3, 32, 32]
+    again = as_json(run("eval", shared, "--data", folder, "--device", "cpu", "-f", "json"))
+    assert again["loss"] == pytest.approx(share["eval_shared"]["loss"], abs=1e-5)
+
+
+def test_finetuned_checkpoint_records_the_array_size(run, tmp_path):
+    arrays, folder = lossless_pair(tmp_path)
+    out = tmp_path / "ft.pt"
+    trained = as_json(run("finetune", TINY, "--data", arrays, "--max-steps", "1", "--batch-size", "4", "--augment",
+                          "none", "--out", out, "--device", "cpu", "-f", "json"))
+    assert trained["preprocessing"]["input_size"] == [3, 32, 32] and "checkpoint" in trained
+    assert read_checkpoint(out)["preprocessing"]["input_size"] == [3, 32, 32]
+    on_arrays = as_json(run("eval", out, "--data", arrays, "--device", "cpu", "-f", "json"))
+    on_images = as_json(run("eval", out, "--data", folder, "--device", "cpu", "-f", "json"))
+    assert on_images["loss"] == pytest.approx(on_arrays["loss"], abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Random weights
+
+
+def test_random_weights_warn_on_every_command(run, tmp_path, arrays_file):
+    data = arrays_file(n=8)
+    for args in (["blocks", TINY], ["eval", TINY, "--data", data],
+                 ["record", TINY, "--data", data, "--out", tmp_path / "r.h5"]):
+        result = run(*args, "--device", "cpu", "-f", "json") if args[0] != "blocks" else run(*args, "-f", "json")
+        random = [w for w in warnings_of(result) if "random" in w]
+        assert len(random) == 1 and "--checkpoint" in random[0], (args, result.stderr)
+    trained = run("eval", FIXTURE_MODEL, "--data", FIXTURE_DATA, "--limit", "8", "--device", "cpu", "-f", "json")
+    assert not any("random" in w for w in warnings_of(trained)), trained.stderr
+
+
+def test_random_weights_warn_in_the_library():
+    from resprobe.probe import open_probe
+
+    with pytest.warns(UserWarning, match="randomly initialized"):
+        open_probe("timm:resnet18", num_classes=3, model_kwargs={"layers": [1, 1, 1, 1]}, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        open_probe(FIXTURE_MODEL, device="cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# 4, 10. Values on the 0–255 scale
+
+
+@pytest.mark.parametrize("option", ["--mean", "--std"])
+def test_mean_and_std_above_one_are_refused(run, option):
+    value = "125.3,123.0,113.9" if option == "--mean" else "63.0,62.1,66.7"
+    result = run("eval", FIXTURE_MODEL, "--data", FIXTURE_DATA, option, value, code=1)
+    one_error_line(result, option, "[0, 1] scale")
+
+
+@pytest.mark.parametrize("images", ["0-255", "normalized"])
+def test_float_arrays_outside_0_1_are_refused(run, tmp_path, images):
+    rng = np.random.default_rng(0)
+    data = rng.random((4, 3, 32, 32)).astype(np.float32)
+    data = data * 255 if images == "0-255" else (data - 0.5) / 0.25
+    path = tmp_path / "floats.npz"
+    np.savez(path, images=data, labels=np.zeros(4, dtype=np.int64))
+    one_error_line(run("eval", FIXTURE_MODEL, "--data", path, code=1), "must be in [0, 1]")
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. A folder of splits
+
+
+def test_a_folder_of_splits_is_refused_naming_them(run, tmp_path):
+    root = tmp_path / "dataset"
+    for split in ("train", "validation", "test"):
+        png_folder(root / split, 8, per_class=1)
+    line = one_error_line(run("eval", FIXTURE_MODEL, "--data", root, code=1), "test/", "train/", "validation/")
+    assert f"--data {root / 'validation'}" in line
+    # a class that happens to be called "test" (images only, no class folders in it) is fine
+    classes = png_folder(tmp_path / "classes", 32, classes=("test", "train"))
+    run("eval", FIXTURE_MODEL, "--data", classes, "--device", "cpu", "-f", "json")
+
+
+@requires_cifar
+def test_the_shared_cifar10_parent_folder_is_refused(run):
+    one_error_line(run("eval", FIXTURE_MODEL, "--data", CIFAR10, code=1), "test/, train/")
+
+
+# --------------------------------------------------------------------------------------------------
+# 6, 7. Class counts, preprocessing on stderr and in every report
+
+
+def test_class_count_mismatch_warns_on_every_command_that_loads_data(run, tmp_path):
+    folder = png_folder(tmp_path / "three", 32, classes=("a", "b", "c"), per_class=2)
+    commands = {
+        "eval": ["eval", FIXTURE_MODEL, "--data", folder],
+        "align": ["align", FIXTURE_MODEL, "--data", folder],
+        "ablate": ["ablate", FIXTURE_MODEL, "--data", folder],
+        "share": ["share", FIXTURE_MODEL, "--data", folder, "--out", tmp_path / "s.pt"],
+        "finetune": ["finetune", FIXTURE_MODEL, "--data", folder, "--max-steps", "1", "--out", tmp_path / "f.pt"],
+    }
+    for name, args in commands.items():
+        result = run(*args, "--device", "cpu", "-f", "json")
+        mismatch = [w for w in warnings_of(result) if "3 class folders but the model has" in w]
+        assert len(mismatch) == 1, (name, result.stderr)
+
+
+def test_preprocessing_is_printed_once_and_reported(run, tmp_path):
+    arrays, folder = lossless_pair(tmp_path, n=4, classes=4)
+    result = run("share", FIXTURE_MODEL, "--data", arrays, "--train-data", arrays, "--recalibrate", "4",
+                 "--out", tmp_path / "s.pt", "--device", "cpu", "-f", "json")
+    notes = [line for line in result.stderr.splitlines() if line.startswith("preprocessing")]
+    assert len(notes) == 1 and "32×32 arrays" in notes[0] and "mean 0.5,0.5,0.5" in notes[0], result.stderr
+    quiet = run("eval", FIXTURE_MODEL, "--data", folder, "--device", "cpu", "--quiet", "-f", "json")
+    assert "preprocessing" not in quiet.stderr
+    loud = run("eval", FIXTURE_MODEL, "--data", folder, "--device", "cpu", "-f", "json")
+    assert [line for line in loud.stderr.splitlines() if line.startswith("preprocessing")] == [
+        f"preprocessing of {folder}: images of 32×32 only normalized (others resized to 32 and center-cropped); "
+        "mean 0.5,0.5,0.5, std 0.25,0.25,0.25"]
+
+
+def test_every_report_that_loads_a_model_names_checkpoint_and_preprocessing(run, tmp_path):
+    data = ["--data", FIXTURE_DATA, "--limit", "8", "--device", "cpu", "-f", "json"]
+    expected = read_checkpoint(FIXTURE_MODEL)["preprocessing"]
+    reports = {
+        "blocks": run("blocks", FIXTURE_MODEL, "-f", "json"),
+        "eval": run("eval", FIXTURE_MODEL, *data),
+        "record": run("record", FIXTURE_MODEL, *data, "--out", tmp_path / "r.h5"),
+        "align": run("align", FIXTURE_MODEL, *data),
+        "align RUN": run("align", tmp_path / "r.h5", "-f", "json"),
+        "ablate": run("ablate", FIXTURE_MODEL, *data),
+        "share": run("share", FIXTURE_MODEL, *data, "--out", tmp_path / "s.pt"),
+        "finetune": run("finetune", FIXTURE_MODEL, *data, "--max-steps", "1", "--out", tmp_path / "f.pt"),
+    }
+    for name, result in reports.items():
+        payload = as_json(result)
+        assert payload["checkpoint"] == FIXTURE_MODEL, name
+        assert payload["preprocessing"] == expected, name
+    csv = run("eval", FIXTURE_MODEL, *data[:-2], "-f", "csv").stdout.splitlines()
+    assert csv[0].split(",")[:3] == ["model", "checkpoint", "checkpoint_sha256"] and len(csv) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. timm train.py checkpoints carry their model kwargs
+
+
+def test_timm_train_checkpoint_applies_its_model_kwargs(run, tmp_path, monkeypatch, arrays_file):
+    import timm
+
+    kwargs = {"channels": [16, 32, 64, 128], "stem_width": 16}  # a quarter-width ResNet-34
+    model = timm.create_model("resnet34", num_classes=5, **kwargs)
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 3, "arch": "resnet34", "state_dict": model.state_dict(),
+                "args": argparse.Namespace(model="resnet34", model_kwargs=kwargs, lr=0.1)}, path)
+    seen = []
+    load = torch.load
+
+    def checked_load(*args, **kw):
+        seen.append(kw.get("weights_only"))
+        return load(*args, **kw)
+
+    monkeypatch.setattr(torch, "load", checked_load)
+    loaded = load_model(str(path))
+    assert seen == [True]  # argparse.Namespace is allow-listed: no arbitrary unpickling
+    assert loaded.arch["kwargs"] == kwargs and loaded.num_classes == 5
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+    # --model-kwargs given on the command line take precedence over the checkpoint's
+    assert load_model(str(path), LoadOptions(model_kwargs={"drop_rate": 0.1})).arch["kwargs"] == {**kwargs,
+                                                                                                 "drop_rate": 0.1}
+    result = run("eval", path, "--data", arrays_file(n=4), "--device", "cpu", "-f", "json")
+    assert as_json(result)["n"] == 4
+
+
+def test_train_checkpoint_model_kwargs_that_load_files_are_refused(tmp_path):
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save({"arch": "resnet18", "state_dict": {"fc.weight": torch.zeros(2, 4)},
+                "args": argparse.Namespace(model_kwargs={"pretrained_cfg_overlay": {"file": "/etc/passwd"}})}, path)
+    with pytest.raises(Exception, match="would load other files"):
+        load_model(str(path))
+
+
+# --------------------------------------------------------------------------------------------------
+# 9. ablate --recording must be of this run
+
+
+def test_ablate_refuses_a_recording_of_another_run(run, tmp_path):
+    args = [FIXTURE_MODEL, "--data", FIXTURE_DATA, "--limit", "16", "--device", "cpu"]
+    same = tmp_path / "same.h5"
+    run("record", *args, "--out", same, "--quiet")
+    accepted = as_json(run("ablate", *args, "--recording", same, "-f", "json"))
+    assert accepted["proxies"]["source"] == str(same)
+
+    pred = tmp_path / "pred.h5"
+    run("record", *args, "--target", "pred", "--out", pred, "--quiet")
+    one_error_line(run("ablate", *args, "--recording", pred, code=1), "--target pred")
+
+    one_error_line(run("ablate", *args[:3], "--limit", "12", "--device", "cpu", "--recording", same, code=1),
+                   "other samples")
+    one_error_line(run("ablate", *args, "--seed", "1", "--recording", same, code=1), "other samples")
+    one_error_line(run("ablate", *args, "--mean", "0.4,0.4,0.4", "--recording", same, code=1), "other preprocessing")
+
+    other_weights = tmp_path / "other.pt"
+    checkpoint = torch.load(FIXTURE_MODEL, weights_only=True)
+    checkpoint["state_dict"]["fc.weight"] += 0.01
+    torch.save(checkpoint, other_weights)
+    one_error_line(run("ablate", other_weights, *args[1:], "--recording", same, code=1), "other weights")
+
+    relabelled = tmp_path / "relabelled.npz"
+    with np.load(FIXTURE_DATA) as f:
+        np.savez(relabelled, images=f["images"], labels=(f["labels"] + 1) % 4)
+    one_error_line(run("ablate", FIXTURE_MODEL, "--data", relabelled, *args[3:], "--recording", same, code=1),
+                   "--data")
+
+
+def test_recording_check_compares_labels_in_the_library(tmp_path):
+    """Same spec, same samples, other labels (the file was replaced): refused too."""
+    from resprobe.ablate import check_recording_fits
+    from resprobe.errors import RecordingError
+    from resprobe.probe import open_probe
+    from resprobe.store import RecordOptions, record_in_memory
+
+    probe = open_probe(FIXTURE_MODEL, device="cpu")
+    source = probe.data(FIXTURE_DATA, limit=8)
+    recorded = record_in_memory(RecordOptions(model=FIXTURE_MODEL, data=FIXTURE_DATA, limit=8), "cpu")
+    check_recording_fits(recorded, "memory", probe, source.dataset, FIXTURE_DATA)
+    recorded.label = (np.asarray(recorded.label) + 1) % 4
+    with pytest.raises(RecordingError, match="other labels"):
+        check_recording_fits(recorded, "memory", probe, source.dataset, FIXTURE_DATA)
+
+
+def test_library_errors_are_resprobe_errors():
+    with pytest.raises(BadValue):
+        override_preprocessing(Preprocessing(), mean="0.5,0.5,255")
+    with pytest.raises(DataError):
+        from resprobe.data import arrays_to_tensor
+
+        arrays_to_tensor(np.full((1, 3, 2, 2), 2.0, dtype=np.float32))
