@@ -254,14 +254,16 @@ def finetune_table(payload: Mapping[str, Any]) -> list[RenderableType]:
                         "epoch", "step", "lr", "train loss", "val loss", "val acc",
                         right=("epoch", "step", "lr", "train loss", "val loss", "val acc"))
     for h in payload.get("history") or []:
-        history.add_row(str(h["epoch"]), f"{h['step']:,}", f"{h['lr']:.3g}", fmt_num(h["train_loss"]),
+        history.add_row("start" if h["step"] == 0 else str(h["epoch"]), f"{h['step']:,}",
+                        "—" if h.get("lr") is None else f"{h['lr']:.3g}", fmt_num(h["train_loss"]),
                         fmt_num(h.get("val_loss")), fmt_num(h.get("val_acc")))
     files = new_table("files", "", "path", "val loss", "val acc", right=("val loss", "val acc"))
     val = payload.get("val") or {}
     files.add_row("last", str(payload["out"]), fmt_num(val.get("loss")), fmt_num(val.get("acc")))
     if payload.get("best"):
         best = payload.get("best_val") or {}
-        files.add_row(f"best (epoch {best.get('epoch', '?')})", str(payload["best"]), fmt_num(best.get("loss")),
+        when = "the start" if best.get("step") == 0 else f"epoch {best.get('epoch', '?')}"
+        files.add_row(f"best ({when})", str(payload["best"]), fmt_num(best.get("loss")),
                       fmt_num(best.get("acc")))
     return [history, files]
 

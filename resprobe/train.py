@@ -455,7 +455,8 @@ def finetune(
     eval_progress: Callable[[int], None] | None = None,
     recalibrate_progress: Callable[[int], None] | None = None,
 ) -> FinetuneResult:
-    """Fine-tune ``probe.model`` on ``train`` (validating on ``val`` after each epoch).
+    """Fine-tune ``probe.model`` on ``train`` (validating on ``val`` before the first step and after
+    each epoch; ``history[0]`` is that step-0 row, and ``best`` can be the starting model).
 
     ``stop(state)`` is asked after every step; when it says yes the run saves its state to
     ``options.out`` and returns with ``complete=False`` (``resume=True`` continues it). Ctrl-C does the
@@ -523,21 +524,27 @@ def finetune(
             extra={"training": _training_payload(run, options, data_info, optimizer, scheduler, scaler,
                                                  aug_generator)})
 
+    def validate(record: dict[str, Any]) -> None:
+        """Evaluate on ``val`` into ``record``; the model becomes the best one when strictly better."""
+        if val_loader is None:
+            return
+        s = run.state
+        model.eval()
+        result: EvalResult = evaluate(model, val_loader, runtime, eval_progress)
+        model.train()
+        run.last_val = {"loss": result.loss, "acc": result.acc}
+        record.update(val_loss=result.loss, val_acc=result.acc)
+        if run.best is None or result.loss < run.best["loss"]:
+            run.best = {"epoch": s.epoch, "step": s.step, "loss": result.loss, "acc": result.acc}
+            save_resprobe_checkpoint(best_file, probe.loaded, model, recipes=probe.loaded.recipes,
+                                     preprocessing=probe.preprocessing_used.to_dict(),
+                                     meta={"finetune_best": run.best})
+
     def end_epoch() -> None:
         s = run.state
         train_loss = float(run.loss_sum) / max(run.loss_count, 1)
         record: dict[str, Any] = {"epoch": s.epoch, "step": s.step, "train_loss": train_loss, "lr": s.lr}
-        if val_loader is not None:
-            model.eval()
-            result: EvalResult = evaluate(model, val_loader, runtime, eval_progress)
-            model.train()
-            run.last_val = {"loss": result.loss, "acc": result.acc}
-            record.update(val_loss=result.loss, val_acc=result.acc)
-            if run.best is None or result.loss < run.best["loss"]:
-                run.best = {"epoch": s.epoch, "step": s.step, "loss": result.loss, "acc": result.acc}
-                save_resprobe_checkpoint(best_file, probe.loaded, model, recipes=probe.loaded.recipes,
-                                         preprocessing=probe.preprocessing_used.to_dict(),
-                                         meta={"finetune_best": run.best})
+        validate(record)
         run.history.append(record)
         s.epoch += 1
         s.position = 0
@@ -545,6 +552,13 @@ def finetune(
         run.loss_count = 0
         run.complete = s.step >= s.total_steps
         save_last()
+
+    if resumed is None:
+        # Step 0: the model training starts from (after --recalibrate), so a fine-tune that only makes
+        # it worse still leaves the better start as PATH.best.pt, and the history shows the baseline.
+        start: dict[str, Any] = {"epoch": 0, "step": 0, "train_loss": None, "lr": None}
+        validate(start)
+        run.history.append(start)
 
     forward = compiled_forward(model) if options.compile else model
     with _deferred_interrupt() as interrupted:

@@ -86,10 +86,33 @@ def test_finetuning_lowers_the_training_loss(tmp_path):
                                                          augment="none"))
     after = evaluate(probe.model, loader, probe.runtime).loss
     assert after < before - 0.1
-    assert result.complete and result.steps == 24 and result.epochs == 6 and len(result.history) == 6
-    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.complete and result.steps == 24 and result.epochs == 6 and len(result.history) == 7
+    assert result.history[0]["step"] == 0 and result.history[0]["train_loss"] is None  # the start
+    assert result.history[-1]["train_loss"] < result.history[1]["train_loss"]
     assert result.val is not None and result.best == str(tmp_path / "ft.best.pt")
     assert result.best_val["loss"] == min(h["val_loss"] for h in result.history)
+
+
+def test_step_zero_is_evaluated_and_is_the_best_when_training_makes_things_worse(tmp_path):
+    """history[0] is the starting model on --val-data (checked against evaluating it before training);
+    a fine-tune that only hurts (lr far too high) leaves the start as best, and PATH.best.pt is it."""
+    import copy
+
+    probe = tiny_probe()
+    train, val = sources(probe)
+    start = copy.deepcopy(probe.model)
+    expected = evaluate(start, probe.loader(val, 8), probe.runtime)
+    result = finetune(probe, train, val, FinetuneOptions(out=tmp_path / "ft.pt", epochs=2, batch_size=8, lr=1.0,
+                                                         augment="none"))
+    first = result.history[0]
+    assert first == {"epoch": 0, "step": 0, "train_loss": None, "lr": None, "val_loss": pytest.approx(expected.loss),
+                     "val_acc": expected.acc}
+    assert all(h["val_loss"] > first["val_loss"] for h in result.history[1:])  # training made it worse
+    assert result.best_val == {"epoch": 0, "step": 0, "loss": first["val_loss"], "acc": first["val_acc"]}
+    best = load_model(result.best).model
+    for key, value in start.state_dict().items():
+        assert torch.equal(best.state_dict()[key], value), key
+    assert evaluate(best, probe.loader(val, 8), probe.runtime).loss == pytest.approx(expected.loss, abs=1e-6)
 
 
 def _run(tmp_path, name: str, augment: str, stop_at: tuple[int, ...] = ()):
