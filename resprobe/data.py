@@ -402,14 +402,10 @@ def _cifar_source(spec: str, kind: str, rest: str, pre: Preprocessing, model_cla
         raise DataError(f"{spec}: cannot read the {kind} files under {root_path}: {str(exc).splitlines()[0]}") from None
     notes = []
     if model_classes is not None and len(dataset.classes) != model_classes:
-        notes.append(class_count_note(len(dataset.classes), model_classes, "classes", "its label order"))
+        notes.append(f"{spec} has {len(dataset.classes)} classes but the model has {model_classes}; labels follow "
+                     f"{kind}'s order (give --num-classes {len(dataset.classes)} if the model was trained on {kind})")
     return DataSource(spec, IndexedDataset(dataset), num_classes=len(dataset.classes), class_names=list(dataset.classes),
                       notes=notes, image_size=(int(dataset.data.shape[1]), int(dataset.data.shape[2])))
-
-
-def class_count_note(n_data: int, model_classes: int, what: str, order: str) -> str:
-    return (f"{n_data} {what} but the model has {model_classes} classes; labels follow {order} "
-            "(give --num-classes or --class-map if that is not what the model was trained on)")
 
 
 def _read_class_map(path: str) -> dict[str, int]:
