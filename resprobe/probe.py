@@ -9,11 +9,11 @@ and where it runs. The command line builds one per invocation; a notebook can do
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from resprobe.blocks import Anatomy, discover_blocks, require_blocks
 from resprobe.data import (
@@ -38,6 +38,7 @@ class Probe:
     blocks_globs: list[str] | None = None
     options: dict[str, Any] = field(default_factory=dict)
     sample_shape: tuple[int, ...] | None = None  # the data's own (C, H, W) when it is never resized
+    decode: str = "auto"  # where image files are decoded: "auto" (on CUDA: the device), "cpu", "device"
     _anatomy: Anatomy | None = field(default=None, repr=False)
 
     @property
@@ -57,16 +58,22 @@ class Probe:
     def num_classes(self) -> int | None:
         return self.loaded.num_classes
 
-    def data(self, spec: str, limit: int | None = None, seed: int = 0, class_map: str | None = None) -> DataSource:
+    def data(self, spec: str, limit: int | None = None, seed: int = 0, class_map: str | None = None,
+             labels: str | None = None) -> DataSource:
         """Open ``--data SPEC`` with this model's preprocessing; checks that labels fit the classifier."""
-        source = open_data(spec, self.preprocessing, self.num_classes, class_map, seed)
+        source = open_data(spec, self.preprocessing, self.num_classes, class_map, seed, labels=labels)
         check_labels_fit(source, self.num_classes)
         if source.in_memory and self._anatomy is None and len(source):
             self.sample_shape = tuple(source.dataset[0][0].shape)
         return limit_source(source, limit, seed)
 
-    def loader(self, source: DataSource, batch_size: int = 64, workers: int | None = None) -> DataLoader:
-        return make_loader(source, batch_size, workers, self.runtime.device)
+    def loader(self, source: DataSource, batch_size: int = 64, workers: int | None = None) -> Iterable:
+        """Batches of (images, labels, indices); image files are decoded on the device where
+        :mod:`resprobe.decode` can (CUDA, by default), in CPU worker processes otherwise."""
+        from resprobe.decode import device_loader
+
+        on_device = device_loader(source, self.preprocessing, self.runtime.device, batch_size, workers, self.decode)
+        return on_device if on_device is not None else make_loader(source, batch_size, workers, self.runtime.device)
 
     def describe(self) -> dict[str, Any]:
         """Provenance for reports and recordings."""
@@ -94,11 +101,12 @@ def open_probe(
     interpolation: str | None = None,
     device: str = "auto",
     precision: str = "fp32",
+    offline: bool = False,
 ) -> Probe:
     """Load MODEL and resolve its preprocessing (with overrides); ``probe.anatomy`` has its blocks."""
     runtime = make_runtime(device, precision)
     loaded = load_model(model, LoadOptions(checkpoint, pretrained, num_classes, dict(model_kwargs or {}), ema,
-                                           trust_checkpoint))
+                                           trust_checkpoint, offline))
     pre = override_preprocessing(default_preprocessing(loaded), input_size, mean, std, crop_pct, interpolation)
     require_blocks(loaded.model, blocks)  # a model without residual blocks fails now, not later
     loaded.model.requires_grad_(False)
