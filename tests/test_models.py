@@ -102,10 +102,10 @@ def test_unknown_names_suggest_close_ones():
         load_model("torchvision:resnet1")
 
 
-def test_pretrained_never_downloads(tmp_path, monkeypatch):
+def test_pretrained_offline_refuses_a_missing_file(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(ModelError, match="local cache"):
-        load_model("torchvision:resnet18", LoadOptions(pretrained=True))
+        load_model("torchvision:resnet18", LoadOptions(pretrained=True, offline=True))
 
 
 def test_model_kwargs_reach_timm():
