@@ -168,7 +168,7 @@ def test_build_with_weights_falls_back_where_the_checkpoint_lacks_a_tensor(monke
     import resprobe.models as models
     from resprobe.models import build_with_weights
 
-    monkeypatch.setattr(models, "build_architecture", lambda arch, pretrained=False: (WithComputedBuffer(), None))
+    monkeypatch.setattr(models, "build_architecture", lambda arch, pretrained=False, offline=False: (WithComputedBuffer(), None))
     state = {k: torch.randn_like(v) for k, v in WithComputedBuffer().state_dict().items()}
     model, _ = build_with_weights({"source": "callable", "name": "x"}, state, "test")
     assert torch.equal(model.scale, torch.arange(4.0) + 1) and not model.scale.is_meta
