@@ -110,10 +110,18 @@ def cached_timm_weights(cfg: Mapping[str, Any]) -> tuple[Path | None, list[str]]
 
 def timm_pretrained_cfg(name: str) -> dict[str, Any]:
     """timm's pretrained config for a registry name with its tag (``resnet18.a1_in1k``)."""
+    import timm
     from timm.models import get_pretrained_cfg
 
-    cfg = get_pretrained_cfg(name)
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError:  # an unknown tag
+        cfg = None
     if cfg is None:
+        tags = timm.list_pretrained(name.split(".")[0] + ".*")
+        if tags:
+            raise ModelError(f"timm has no pretrained weights {name!r}; its tags are {', '.join(tags[:8])}"
+                             + (" ..." if len(tags) > 8 else ""))
         raise ModelError(f"timm has no pretrained weights for {name!r}; list them with "
                          "`python -c \"import timm; print(timm.list_pretrained('NAME*'))\"`")
     return cfg.to_dict()
