@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -152,10 +151,10 @@ def test_pretrained_cfg_drives_preprocessing_and_classes(caches):
 
 
 def test_offline_with_an_empty_cache_is_one_line_at_once(caches):
+    """"At once": no network attempt is made (no_network would turn one into another message), so
+    there is nothing to wait for."""
     for model in ("timm:resnet18.a1_in1k", "torchvision:resnet18", "hf-hub:timm/resnet18.a1_in1k"):
-        start = time.monotonic()
         result = invoke("eval", model, "--pretrained", "--offline", "--data", "synthetic:2", "--device", "cpu", code=1)
-        assert time.monotonic() - start < 30  # a network wait would be a timeout; this is loading code only
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: offline"), result.stderr
         where = str(caches / "torch") if model.startswith("torchvision") else str(caches / "hf" / "hub")
@@ -241,3 +240,9 @@ def test_torchvision_downloads_what_is_not_cached(caches, monkeypatch):
     calls.clear()
     load_model("torchvision:resnet18", LoadOptions(pretrained=True))  # cached now: no second download
     assert calls == []
+
+
+def test_an_unknown_pretrained_tag_is_named_before_any_download(caches):
+    for opts in (LoadOptions(pretrained=True), LoadOptions(pretrained=True, offline=True)):
+        with pytest.raises(ModelError, match="no pretrained weights 'resnet18.foo'; its tags are .*resnet18.a1_in1k"):
+            load_model("timm:resnet18.foo", opts)
