@@ -228,10 +228,11 @@ def command_errors(debug: bool) -> Iterator[None]:
 
 
 class RateColumn(ProgressColumn):
-    """Images per second, over rich's recent window."""
+    """Items per second over rich's recent window: images, unless the task names another ``unit``."""
 
     def render(self, task: Task) -> Text:
-        return Text(f"{task.speed:,.0f} img/s" if task.speed else "")
+        unit = task.fields.get("unit", "img")
+        return Text(f"{task.speed:,.1f} {unit}/s" if task.speed else "")
 
 
 def make_progress(quiet: bool) -> Progress:
@@ -728,7 +729,7 @@ def finetune_command(
         train_source = probe.data(data, limit, seed, class_map)
         val_source = probe.data(val_data, val_limit, seed, class_map) if val_data else None
         with make_progress(quiet) as progress:
-            train_task = progress.add_task("train", total=None)
+            train_task = progress.add_task("train", total=None, unit="step")
             val_task = progress.add_task("validate", total=len(val_source) if val_source else 0, visible=False)
             calib_task = progress.add_task("recalibrate", total=recalibrate or 0, visible=False)
 

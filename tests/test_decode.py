@@ -208,3 +208,26 @@ def test_eval_decode_device_equals_decode_cpu_for_images_of_the_input_size(tmp_p
     assert result.stderr.startswith("error: --decode 'gpu'") and result.stderr.count("\n") == 1
 
 
+
+
+def test_progress_bars_show_the_rate_and_an_eta():
+    from rich.progress import Progress, TimeRemainingColumn
+
+    from resprobe.cli import RateColumn, make_progress
+
+    assert any(isinstance(c, RateColumn) for c in make_progress(False).columns)
+    assert any(isinstance(c, TimeRemainingColumn) for c in make_progress(False).columns)
+    progress = Progress()
+    images, steps = progress.add_task("eval", total=100), progress.add_task("train", total=10, unit="step")
+    for task in (images, steps):
+        progress.tasks[task].start_time = 0.0
+    progress.tasks[images]._progress.extend([_sample(0.0, 0), _sample(2.0, 50)])
+    progress.tasks[steps]._progress.extend([_sample(0.0, 0), _sample(4.0, 2)])
+    assert str(RateColumn().render(progress.tasks[images])) == "25.0 img/s"  # 50 images in 2 s
+    assert str(RateColumn().render(progress.tasks[steps])) == "0.5 step/s"
+
+
+def _sample(timestamp: float, completed: float):
+    from rich.progress import ProgressSample
+
+    return ProgressSample(timestamp, completed)
