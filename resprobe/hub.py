@@ -73,11 +73,11 @@ def cached_hf_file(repo: str, filename: str) -> Path | None:
 def _weight_files(cfg: Mapping[str, Any]) -> list[str]:
     """The hub file names timm would load for a pretrained config, in timm's order of preference."""
     name = cfg.get("hf_hub_filename") or _HF_WEIGHTS
-    if name.endswith(".safetensors"):
-        return [name]
-    stem = name.rsplit(".", 1)[0]
-    safe = [_HF_SAFE_WEIGHTS] if name == _HF_WEIGHTS else []
-    return [*safe, stem + ".safetensors", name]
+    if name == _HF_WEIGHTS:
+        return [_HF_SAFE_WEIGHTS, name]
+    if name.endswith(".bin") and name != "open_clip_pytorch_model.bin":
+        return [name[: -len(".bin")] + ".safetensors", name]
+    return [name]
 
 
 def cached_timm_weights(cfg: Mapping[str, Any]) -> tuple[Path | None, list[str]]:
