@@ -63,6 +63,8 @@ def put_hf(cache_root: Path, repo: str, files: dict[str, object]) -> Path:
     for name, content in files.items():
         if name.endswith(".safetensors"):
             save_file({k: v.contiguous() for k, v in content.items()}, str(snapshot / name))
+        elif name.endswith(".bin"):
+            torch.save(content, snapshot / name)
         else:
             (snapshot / name).write_text(json.dumps(content))
     return snapshot
@@ -246,3 +248,11 @@ def test_an_unknown_pretrained_tag_is_named_before_any_download(caches):
     for opts in (LoadOptions(pretrained=True), LoadOptions(pretrained=True, offline=True)):
         with pytest.raises(ModelError, match="no pretrained weights 'resnet18.foo'; its tags are .*resnet18.a1_in1k"):
             load_model("timm:resnet18.foo", opts)
+
+
+def test_a_cached_pytorch_model_bin_is_used_when_there_is_no_safetensors(caches):
+    weights = random_weights("test_resnet", seed=2)
+    put_hf(caches, "timm/test_resnet.r160_in1k", {"pytorch_model.bin": weights})
+    loaded = load_model("timm:test_resnet.r160_in1k", LoadOptions(pretrained=True, offline=True))
+    for k, v in loaded.model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
