@@ -1,10 +1,5 @@
 """resprobe: probe trained residual networks (Jastrzębski et al., ICLR 2018, and beyond)."""
 
-import os as _os
-
-# resprobe never downloads weights: every hub lookup must come from the local cache.
-_os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 __version__ = "0.1.0"
 
 # Nothing heavy is imported here: `import resprobe` (and so the command line's first moments) must not

@@ -32,8 +32,9 @@ def _exit_interrupted() -> NoReturn:
 try:  # Ctrl-C while the libraries load (the first seconds) is one line too, not an import traceback
     import typer
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.text import Text
 
     from resprobe import __version__
     from resprobe.errors import BadValue, Interrupted, ResprobeError
@@ -62,8 +63,10 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or 
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 Checkpoint = Annotated[Optional[str], typer.Option("--checkpoint", help="Weights file: state dict, .safetensors, "
                                                    "timm/torchvision training checkpoint.", show_default=False)]
-Pretrained = Annotated[bool, typer.Option("--pretrained", help="timm/torchvision pretrained weights from the "
-                                          "local caches (never downloaded).")]
+Pretrained = Annotated[bool, typer.Option("--pretrained", help="timm/torchvision pretrained weights, as they load "
+                                          "them (downloaded into their caches when not there).")]
+Offline = Annotated[bool, typer.Option("--offline", help="Never use the network: pretrained weights from the local "
+                                       "caches only (as HF_HUB_OFFLINE=1).")]
 NumClasses = Annotated[Optional[int], typer.Option("--num-classes", help="Classifier size (default: from the "
                                                    "checkpoint's classifier).", show_default=False)]
 ModelKwargs = Annotated[Optional[str], typer.Option("--model-kwargs", help="JSON of extra model arguments, e.g. "
@@ -83,8 +86,9 @@ Interpolation = Annotated[Optional[str], typer.Option("--interpolation", help="b
                                                       "resizing.", show_default=False)]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 Precision = Annotated[str, typer.Option("--precision", help="fp32 (TF32 off), tf32, bf16 or fp16.")]
-Data = Annotated[Optional[str], typer.Option("--data", help="Image folder | cifar10:DIR[:train|test] | "
-                                             "cifar100:DIR[:split] | arrays .npz/.h5 | synthetic[:N].",
+Data = Annotated[Optional[str], typer.Option("--data", help="Image folder | images.tar | hfds:NAME[:split] | "
+                                             "cifar10:DIR[:train|test] | cifar100:DIR[:split] | arrays .npz/.h5 | "
+                                             "synthetic[:N].",
                                              show_default=False)]
 Limit = Annotated[Optional[int], typer.Option("--limit", help="Use N samples, chosen reproducibly by --seed.",
                                               show_default=False)]
@@ -92,6 +96,13 @@ Seed = Annotated[int, typer.Option("--seed", help="Seed for --limit and syntheti
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Samples per batch.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Loader worker processes (default: 0 for "
                                                 "in-memory data).", show_default=False)]
+Labels = Annotated[Optional[str], typer.Option("--labels", help="Labels of a flat image folder: the devkit's "
+                                               "ILSVRC2012_validation_ground_truth.txt (meta.mat beside it) or a CSV "
+                                               "of file,class (e.g. LOC_val_solution.csv).", show_default=False)]
+Decode = Annotated[str, typer.Option("--decode", help="Where image files are decoded and resized: auto (the GPU on "
+                                     "CUDA), cpu (worker processes, PIL) or device.")]
+RecordDecode = Annotated[Optional[str], typer.Option("--decode", help="auto (the GPU on CUDA; default), cpu or "
+                                                   "device: where image files are decoded.", show_default=False)]
 ClassMap = Annotated[Optional[str], typer.Option("--class-map", help="Folder name → class index: a text file "
                                                  "(one name a line) or JSON.", show_default=False)]
 
@@ -113,15 +124,19 @@ class ModelArgs:
     interpolation: str | None = None
     device: str = "auto"
     precision: str = "fp32"
+    offline: bool = False
+    decode: str = "auto"
 
     def open(self):  # -> Probe
         from resprobe.probe import open_probe
 
-        return open_probe(
+        probe = open_probe(
             self.model, self.checkpoint, self.pretrained, self.num_classes, parse_json_option(self.model_kwargs),
             self.ema, self.trust_checkpoint, split_list(self.blocks), self.input_size, self.mean, self.std,
-            self.crop_pct, self.interpolation, self.device, self.precision,
+            self.crop_pct, self.interpolation, self.device, self.precision, offline=self.offline,
         )
+        probe.decode = self.decode
+        return probe
 
 
 def parse_json_option(text: str | None, option: str = "--model-kwargs") -> dict[str, Any]:
@@ -302,10 +317,18 @@ def quiet_after_closed_stdout() -> NoReturn:
     raise typer.Exit(EXIT_STDOUT_CLOSED)
 
 
+class RateColumn(ProgressColumn):
+    """Items per second over rich's recent window: images, unless the task names another ``unit``."""
+
+    def render(self, task: Task) -> Text:
+        unit = task.fields.get("unit", "img")
+        return Text(f"{task.speed:,.1f} {unit}/s" if task.speed else "")
+
+
 def make_progress(quiet: bool) -> Progress:
-    """Progress bars on stderr; none with --quiet or when stderr is not a terminal."""
+    """Progress bars on stderr (images/s and an ETA); none with --quiet or when stderr is not a terminal."""
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(),
         TimeRemainingColumn(), console=stderr, disable=quiet or not stderr.is_terminal, transient=True,
     )
 
@@ -339,6 +362,7 @@ def blocks_command(
     checkpoint: Checkpoint = None, pretrained: Pretrained = False, num_classes: NumClasses = None,
     model_kwargs: ModelKwargs = None, ema: Ema = False, trust_checkpoint: Trust = False, blocks: BlocksGlob = None,
     input_size: InputSize = None,
+    offline: Offline = False,
     fmt: Format = "table", quiet: Quiet = False, debug: Debug = False,
 ) -> None:
     """List the residual blocks of MODEL in execution order, with stage, kind and shapes."""
@@ -348,7 +372,7 @@ def blocks_command(
     with command_errors(debug, quiet):
         check_format(fmt)
         probe = ModelArgs(model, checkpoint, pretrained, num_classes, model_kwargs, ema, trust_checkpoint, blocks,
-                          input_size, device="cpu").open()
+                          input_size, device="cpu", offline=offline).open()
         payload = {"model": str(probe.loaded.spec), **provenance(probe), "params": count_params(probe.model),
                    "input_size": list(probe.preprocessing.input_size),
                    "blocks": [b.to_dict() for b in probe.anatomy.blocks]}
@@ -364,6 +388,7 @@ def eval_command(
     model_kwargs: ModelKwargs = None, ema: Ema = False, trust_checkpoint: Trust = False, blocks: BlocksGlob = None,
     input_size: InputSize = None, mean: Mean = None, std: Std = None, crop_pct: CropPct = None,
     interpolation: Interpolation = None, device: Device = "auto", precision: Precision = "fp32",
+    offline: Offline = False, labels: Labels = None, decode: Decode = "auto",
     fmt: Format = "table", quiet: Quiet = False, debug: Debug = False,
 ) -> None:
     """Loss, top-1 and top-5 accuracy of MODEL on --data."""
@@ -374,8 +399,8 @@ def eval_command(
         check_format(fmt)
         require(data, "--data", "the images to evaluate on")
         probe = ModelArgs(model, checkpoint, pretrained, num_classes, model_kwargs, ema, trust_checkpoint, blocks,
-                          input_size, mean, std, crop_pct, interpolation, device, precision).open()
-        source = probe.data(data, limit, seed, class_map)
+                          input_size, mean, std, crop_pct, interpolation, device, precision, offline, decode).open()
+        source = probe.data(data, limit, seed, class_map, labels=labels)
         loader = probe.loader(source, batch_size, workers)
         with make_progress(quiet) as progress:
             task = progress.add_task("eval", total=len(source))
@@ -399,7 +424,7 @@ Readout = Annotated[bool, typer.Option("--readout", help="Also apply the model's
 
 def _record_options(model, data, limit, seed, batch_size, class_map, checkpoint, pretrained, num_classes, model_kwargs,
                     ema, blocks, input_size, mean, std, crop_pct, interpolation, precision, target, save_tensors,
-                    tensor_dtype, readout):  # -> RecordOptions
+                    tensor_dtype, readout, labels=None, decode=None):  # -> RecordOptions
     from resprobe.store import RecordOptions
 
     return RecordOptions(
@@ -408,12 +433,12 @@ def _record_options(model, data, limit, seed, batch_size, class_map, checkpoint,
         blocks=split_list(blocks), input_size=input_size, mean=mean, std=std, crop_pct=crop_pct,
         interpolation=interpolation, data=data, class_map=class_map, limit=limit, seed=seed, batch_size=batch_size,
         target=target, save_tensors=save_tensors, tensor_dtype=tensor_dtype, precision=precision,
-        readout=readout or None,
+        readout=readout or None, labels=labels, decode=decode,
     )
 
 
 def _run_record(options, out: str | None, overwrite: bool, resume: bool, device: str, workers, trust: bool,
-                quiet: bool):
+                quiet: bool, offline: bool = False):
     """Record to ``out`` (durable) or, without ``out``, in memory; with a progress bar."""
     from resprobe.store import record, record_in_memory
 
@@ -424,9 +449,9 @@ def _run_record(options, out: str | None, overwrite: bool, resume: bool, device:
             progress.update(task, completed=done, total=total)
 
         if out is None:
-            return record_in_memory(options, device, workers, trust, advance)
+            return record_in_memory(options, device, workers, trust, advance, offline=offline)
         return record(options, out, overwrite, resume, device, workers, trust, advance,
-                      lambda message: warnings.warn(message, stacklevel=1))
+                      lambda message: warnings.warn(message, stacklevel=1), offline=offline)
 
 
 @app.command("record")
@@ -446,6 +471,7 @@ def record_command(
     interpolation: Interpolation = None, device: Device = "auto",
     precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 (default; TF32 off), tf32, bf16, fp16.",
                                                      show_default=False)] = None,
+    offline: Offline = False, labels: Labels = None, decode: RecordDecode = None,
     fmt: Format = "table", quiet: Quiet = False, debug: Debug = False,
 ) -> None:
     """Record every block's per-sample statistics (delta, gradient, norms, cosines) into an HDF5 file.
@@ -463,9 +489,9 @@ def record_command(
             require(data, "--data", "the images to record on")
         options = _record_options(model, data, limit, seed, batch_size, class_map, checkpoint, pretrained, num_classes,
                                   model_kwargs, ema, blocks, input_size, mean, std, crop_pct, interpolation, precision,
-                                  target, save_tensors, tensor_dtype, readout)
+                                  target, save_tensors, tensor_dtype, readout, labels, decode)
         try:
-            result = _run_record(options, out, overwrite, resume, device, workers, trust_checkpoint, quiet)
+            result = _run_record(options, out, overwrite, resume, device, workers, trust_checkpoint, quiet, offline)
         except Interrupted as exc:
             if exc.result is not None:  # the report says what is durable: complete false
                 emit(exc.result.to_dict(), fmt, record_table)
@@ -511,6 +537,7 @@ def align_command(
     model_kwargs: ModelKwargs = None, ema: Ema = False, trust_checkpoint: Trust = False, blocks: BlocksGlob = None,
     input_size: InputSize = None, mean: Mean = None, std: Std = None, crop_pct: CropPct = None,
     interpolation: Interpolation = None, device: Device = "auto", precision: Precision = "fp32",
+    offline: Offline = False, labels: Labels = None, decode: Decode = "auto",
     fmt: Format = "table", quiet: Quiet = False, debug: Debug = False,
 ) -> None:
     """How well each block's residual F follows the negative loss gradient (cosine < 0 = refining), and how
@@ -529,8 +556,9 @@ def align_command(
             require(data, "--data", "the images to align on (or give a recording RUN.h5 as the argument)")
             options = _record_options(model, data, limit, seed, batch_size, class_map, checkpoint, pretrained,
                                       num_classes, model_kwargs, ema, blocks, input_size, mean, std, crop_pct,
-                                      interpolation, precision, target, None, None, readout)
-            result = _run_record(options, out, overwrite, False, device, workers, trust_checkpoint, quiet)
+                                      interpolation, precision, target, None, None, readout, labels,
+                                      None if decode == "auto" else decode)
+            result = _run_record(options, out, overwrite, False, device, workers, trust_checkpoint, quiet, offline)
             recorded = open_recording(result.out) if out else result
         payload = align_report(recorded)
         if not readout:
@@ -585,6 +613,7 @@ def ablate_command(
     model_kwargs: ModelKwargs = None, ema: Ema = False, trust_checkpoint: Trust = False, blocks: BlocksGlob = None,
     input_size: InputSize = None, mean: Mean = None, std: Std = None, crop_pct: CropPct = None,
     interpolation: Interpolation = None, device: Device = "auto", precision: Precision = "fp32",
+    offline: Offline = False, labels: Labels = None, decode: Decode = "auto",
     fmt: Format = "table", quiet: Quiet = False, debug: Debug = False,
 ) -> None:
     """Which blocks can go: loss and accuracy with each block removed (exact), greedy or one-shot removal
@@ -605,8 +634,8 @@ def ablate_command(
             raise BadValue("--remove-blocks: give block names, e.g. --remove-blocks layer3.4,layer3.5")
         options.check()  # before the model loads: a typo costs nothing
         probe = ModelArgs(model, checkpoint, pretrained, num_classes, model_kwargs, ema, trust_checkpoint, blocks,
-                          input_size, mean, std, crop_pct, interpolation, device, precision).open()
-        source = probe.data(data, limit, seed, class_map)
+                          input_size, mean, std, crop_pct, interpolation, device, precision, offline, decode).open()
+        source = probe.data(data, limit, seed, class_map, labels=labels)
         loader = probe.loader(source, batch_size, workers)
         with make_progress(quiet) as progress:
             report = run_ablation(probe, loader, options, _progress_factory(progress))
@@ -661,6 +690,7 @@ def share_command(
     model_kwargs: ModelKwargs = None, ema: Ema = False, trust_checkpoint: Trust = False, blocks: BlocksGlob = None,
     input_size: InputSize = None, mean: Mean = None, std: Std = None, crop_pct: CropPct = None,
     interpolation: Interpolation = None, device: Device = "auto", precision: Precision = "fp32",
+    offline: Offline = False,
     fmt: Format = "table", quiet: Quiet = False, debug: Debug = False,
 ) -> None:
     """Turn the identity blocks of stages into one shared block applied in place, with per-iteration norms
@@ -684,7 +714,7 @@ def share_command(
             raise BadValue(f"--recalibrate must be at least 1, got {recalibrate}")
         check_recalibrate_scope(recalibrate_scope)
         probe = ModelArgs(model, checkpoint, pretrained, num_classes, model_kwargs, ema, trust_checkpoint, blocks,
-                          input_size, mean, std, crop_pct, interpolation, device, precision).open()
+                          input_size, mean, std, crop_pct, interpolation, device, precision, offline).open()
         check_rebuildable(probe.loaded)
         eval_source = probe.data(data, limit, seed, class_map) if data else None
         train_source = probe.data(train_data, None, seed, class_map) if train_data else None
@@ -762,6 +792,7 @@ def finetune_command(
     model_kwargs: ModelKwargs = None, ema: Ema = False, trust_checkpoint: Trust = False, blocks: BlocksGlob = None,
     input_size: InputSize = None, mean: Mean = None, std: Std = None, crop_pct: CropPct = None,
     interpolation: Interpolation = None, device: Device = "auto", precision: Precision = "fp32",
+    offline: Offline = False,
     fmt: Format = "table", quiet: Quiet = False, debug: Debug = False,
 ) -> None:
     """Fine-tune MODEL (original, pruned, shared or randomly initialized) on --data; --out holds the last state,
@@ -782,12 +813,12 @@ def finetune_command(
 
             check_out_path(out, overwrite)
         probe = ModelArgs(model, checkpoint, pretrained, num_classes, model_kwargs, ema, trust_checkpoint, blocks,
-                          input_size, mean, std, crop_pct, interpolation, device, precision).open()
+                          input_size, mean, std, crop_pct, interpolation, device, precision, offline).open()
         check_rebuildable(probe.loaded)
         train_source = probe.data(data, limit, seed, class_map)
         val_source = probe.data(val_data, val_limit, seed, class_map) if val_data else None
         with make_progress(quiet) as progress:
-            train_task = progress.add_task("train", total=None)
+            train_task = progress.add_task("train", total=None, unit="step")
             val_task = progress.add_task("validate", total=len(val_source) if val_source else 0, visible=False)
             calib_task = progress.add_task("recalibrate", total=recalibrate or 0, visible=False)
 

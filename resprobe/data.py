@@ -301,6 +301,7 @@ class DataSource:
     in_memory: bool = False
     notes: list[str] = field(default_factory=list)
     image_size: tuple[int, int] | None = None  # (H, W) of the first stored image, for images that get resized
+    samples: list[tuple[str, int]] | None = None  # (file, label) per index: files a device can decode
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -524,9 +525,13 @@ def open_data(
     model_classes: int | None = None,
     class_map: str | None = None,
     seed: int = 0,
+    labels: str | None = None,
 ) -> DataSource:
     """Turn a ``--data`` SPEC into a dataset of (normalized image, label, index)."""
     spec = spec.strip()
+    imagenet_style = _imagenet_style_source(spec, pre, model_classes, class_map, labels)
+    if imagenet_style is not None:
+        return imagenet_style
     if not spec:
         raise DataError("empty --data: give an image folder, an arrays file, cifar10:DIR or synthetic[:N]")
     if spec == "synthetic" or spec.startswith("synthetic:"):
@@ -551,6 +556,36 @@ def open_data(
     else:
         raise DataError(f"data not found: {spec}")
     return source
+
+
+def _imagenet_style_source(spec: str, pre: Preprocessing, model_classes: int | None, class_map: str | None,
+                           labels: str | None) -> DataSource | None:
+    """``--labels`` folders, ``.tar`` archives and ``hfds:`` datasets (resprobe.sources), or None."""
+    from resprobe import sources
+
+    path = Path(spec).expanduser()
+    if spec.startswith("hfds:"):
+        if labels:
+            raise DataError("--labels is for a flat folder of images; hfds: datasets carry their labels")
+        dataset, names = sources.open_hfds(spec, ImageTransform(pre))
+        return DataSource(spec, IndexedDataset(dataset), num_classes=len(names) if names else None,
+                          class_names=names)
+    if path.suffix.lower() == ".tar" and path.is_file():
+        if labels:
+            raise DataError("--labels is for a flat folder of images; a tar's class folders are its labels")
+        mapping = _read_class_map(class_map) if class_map else None
+        tar, names, notes = sources.open_tar(path, ImageTransform(pre), model_classes, mapping)
+        targets = set(tar.remap.values())
+        return DataSource(spec, IndexedDataset(tar, tar.filename), num_classes=max(targets) + 1 if targets else None,
+                          class_names=names, notes=notes)
+    if labels:
+        if not path.is_dir():
+            raise DataError(f"--labels needs --data to be a folder of images, not {spec}")
+        samples = sources.labelled_folder_samples(path, labels)
+        files = sources.LabelledFiles(samples, ImageTransform(pre))
+        return DataSource(spec, IndexedDataset(files, lambda i: samples[i][0]),
+                          num_classes=max(label for _, label in samples) + 1, samples=samples)
+    return None
 
 
 def check_labels_fit(source: DataSource, model_classes: int | None) -> None:

@@ -5,7 +5,8 @@ A MODEL argument (DESIGN.md §2) is one of::
     torchvision:NAME[:WEIGHTS]   timm:NAME   NAME (timm)   hf-hub:ORG/NAME
     PATH (a checkpoint that records its architecture)   package.module:callable
 
-Weights come from ``--checkpoint PATH`` or ``--pretrained`` (local caches only, never a download).
+Weights come from ``--checkpoint PATH`` or ``--pretrained`` (the hubs' weights as timm and torchvision
+load them, downloaded when not cached; ``--offline`` keeps to the local caches, see :mod:`resprobe.hub`).
 Every ``torch.load`` here uses ``weights_only=True``; arbitrary unpickling happens only when the
 caller passes ``trust_checkpoint=True``.
 """
@@ -100,6 +101,7 @@ class LoadOptions:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     ema: bool = False
     trust_checkpoint: bool = False
+    offline: bool = False  # --offline: pretrained weights and hub configs from the local caches only
 
 
 @dataclass
@@ -341,39 +343,40 @@ def _close_matches(name: str, candidates: list[str]) -> str:
     return f"; did you mean {', '.join(matches)}?" if matches else ""
 
 
-def _build_timm(name: str, num_classes: int | None, kwargs: dict[str, Any], pretrained: bool) -> nn.Module:
+def _build_timm(name: str, num_classes: int | None, kwargs: dict[str, Any], pretrained: bool,
+                offline: bool = False) -> nn.Module:
     import timm
+
+    from resprobe import hub
 
     if not name.startswith("hf-hub:") and not timm.is_model(name):
         raise ModelError(f"unknown timm model {name!r}{_close_matches(name, timm.list_models())}")
     build_kwargs = dict(kwargs)
     if num_classes is not None:
         build_kwargs["num_classes"] = num_classes
+    target = name
+    if pretrained and not name.startswith("hf-hub:"):
+        hub.timm_pretrained_cfg(name)  # an unknown tag is named here, not as a failed download
+    if hub.is_offline(offline):  # timm would ask the hub: find the files in the cache first
+        if name.startswith("hf-hub:"):
+            target = "local-dir:" + str(hub.offline_hf_hub_dir(name[len("hf-hub:"):], pretrained))
+        elif pretrained:
+            build_kwargs["pretrained_cfg_overlay"] = hub.offline_timm_overlay(name)
     try:
-        return timm.create_model(name, pretrained=pretrained, **build_kwargs)
+        return timm.create_model(target, pretrained=pretrained, **build_kwargs)
     except TypeError as exc:
         raise ModelError(f"cannot build timm model {name!r} with --model-kwargs {json.dumps(kwargs, default=str)}: "
                          f"{exc}") from exc
     except (OSError, RuntimeError, ValueError) as exc:
         if pretrained or name.startswith("hf-hub:"):
             raise ModelError(
-                f"weights or config for {name} are not in the local cache ({_hf_cache_dir()} or "
-                f"{Path(torch.hub.get_dir()) / 'checkpoints'}); resprobe never downloads: fetch them once "
-                "elsewhere, or pass --checkpoint PATH"
+                f"cannot get the pretrained weights or config of {name} ({_first_line(exc)}); check the network "
+                f"(the cache is {hub.hf_cache_dir()}), or pass --checkpoint PATH"
             ) from exc
         raise ModelError(f"cannot build timm model {name!r}: {_first_line(exc)}") from exc
     except Exception as exc:  # noqa: BLE001 - timm asserts on impossible arguments
         raise ModelError(f"cannot build timm model {name!r} with --model-kwargs {json.dumps(kwargs, default=str)}: "
                          f"{_first_line(exc)}") from exc
-
-
-def _hf_cache_dir() -> str:
-    try:
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        return str(HF_HUB_CACHE)
-    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
-        return "~/.cache/huggingface/hub"
 
 
 def _torchvision_weights(name: str, weights: str | None, pretrained: bool) -> Any:
@@ -391,18 +394,8 @@ def _torchvision_weights(name: str, weights: str | None, pretrained: bool) -> An
         raise ModelError(f"torchvision model {name} has no weights {weights!r}; choose one of {options}") from None
 
 
-def _torchvision_weights_file(weights: Any) -> Path:
-    url = weights.url
-    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-    if not path.is_file():
-        raise ModelError(
-            f"pretrained weights {weights} are not in the local cache (looked for {path}); resprobe never "
-            "downloads: copy the file there, or pass --checkpoint PATH"
-        )
-    return path
-
-
-def _build_torchvision(name: str, num_classes: int | None, kwargs: dict[str, Any], weights: Any) -> nn.Module:
+def _build_torchvision(name: str, num_classes: int | None, kwargs: dict[str, Any], weights: Any,
+                       offline: bool = False) -> nn.Module:
     from torchvision.models import get_model, list_models
 
     if name not in list_models():
@@ -416,7 +409,9 @@ def _build_torchvision(name: str, num_classes: int | None, kwargs: dict[str, Any
         raise ModelError(f"cannot build torchvision model {name!r} with {json.dumps(kwargs, default=str)}: "
                          f"{_first_line(exc)}") from exc
     if weights is not None:
-        state = read_checkpoint(_torchvision_weights_file(weights))
+        from resprobe.hub import torchvision_weights_file
+
+        state = read_checkpoint(torchvision_weights_file(weights, offline))
         head_classes = len(weights.meta.get("categories") or [])
         if num_classes is not None and head_classes and num_classes != head_classes:
             # Pretrained body, new head: the classifier stays randomly initialized.
@@ -449,23 +444,25 @@ def _build_callable(target: str, num_classes: int | None, kwargs: dict[str, Any]
     return model
 
 
-def build_architecture(arch: Mapping[str, Any], pretrained: bool = False) -> tuple[nn.Module, Any]:
-    """Build a randomly initialized model from an architecture record (``LoadedModel.arch``)."""
+def build_architecture(arch: Mapping[str, Any], pretrained: bool = False,
+                       offline: bool = False) -> tuple[nn.Module, Any]:
+    """Build a model from an architecture record (``LoadedModel.arch``): randomly initialized, or with
+    the hubs' pretrained weights (``offline``: from the local caches only)."""
     source, name = arch["source"], arch["name"]
     num_classes, kwargs = arch.get("num_classes"), dict(arch.get("kwargs") or {})
     if source in ("timm", "hf-hub"):
         full = name if source == "timm" else f"hf-hub:{name}"
-        return _build_timm(full, num_classes, kwargs, pretrained), None
+        return _build_timm(full, num_classes, kwargs, pretrained, offline), None
     if source == "torchvision":
         weights = _torchvision_weights(name, arch.get("weights"), pretrained)
-        return _build_torchvision(name, num_classes, kwargs, weights), weights
+        return _build_torchvision(name, num_classes, kwargs, weights, offline), weights
     if source == "callable":
         return _build_callable(name, num_classes, kwargs), None
     raise ModelError(f"cannot rebuild an architecture from source {source!r}")
 
 
 def build_with_weights(arch: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor],
-                       source: str) -> tuple[nn.Module, Any]:
+                       source: str, offline: bool = False) -> tuple[nn.Module, Any]:
     """Build an architecture and load ``state_dict`` into it, without initializing it randomly first.
 
     The model is built on the meta device and takes the checkpoint's tensors (cast to its own dtypes):
@@ -475,7 +472,7 @@ def build_with_weights(arch: Mapping[str, Any], state_dict: Mapping[str, torch.T
     """
     try:
         with torch.device("meta"):
-            model, weights = build_architecture(arch)
+            model, weights = build_architecture(arch, offline=offline)
     except ModelError:
         raise
     except Exception:  # noqa: BLE001 - some constructors compute with their tensors
@@ -490,7 +487,7 @@ def build_with_weights(arch: Mapping[str, Any], state_dict: Mapping[str, torch.T
                                  for k, v in state_dict.items()}, source, assign=True)
             if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
                 return model, weights
-    model, weights = build_architecture(arch)
+    model, weights = build_architecture(arch, offline=offline)
     load_weights(model, state_dict, source)
     return model, weights
 
@@ -729,7 +726,7 @@ def _load_resprobe_checkpoint(obj: Mapping[str, Any], path: Path, opts: LoadOpti
     if opts.num_classes is not None and opts.num_classes != arch.get("num_classes"):
         raise ModelError(f"{path} has {arch.get('num_classes')} classes; --num-classes {opts.num_classes} does not "
                          "fit: leave --num-classes out")
-    model, weights = build_architecture({**arch, "weights": None})
+    model, weights = build_architecture({**arch, "weights": None}, offline=opts.offline)
     for recipe in obj.get("recipes") or []:
         try:
             model = apply_recipe(model, recipe)
@@ -805,9 +802,9 @@ def load_model(model: str | ModelSpec, opts: LoadOptions | None = None) -> Loade
         if state_dict is not None and opts.num_classes is None:
             arch["num_classes"] = infer_num_classes(state_dict, _classifier_name(arch))
         if state_dict is not None:
-            built, tv_weights = build_with_weights(arch, state_dict, str(checkpoint_path))
+            built, tv_weights = build_with_weights(arch, state_dict, str(checkpoint_path), opts.offline)
         else:
-            built, tv_weights = build_architecture(arch, pretrained=opts.pretrained)
+            built, tv_weights = build_architecture(arch, pretrained=opts.pretrained, offline=opts.offline)
         arch["num_classes"] = _model_num_classes(built, arch.get("num_classes"))
         loaded = LoadedModel(model=built, spec=spec, arch=arch, torchvision_weights=tv_weights)
         if state_dict is not None:
@@ -851,7 +848,7 @@ def _load_from_path(spec: ModelSpec, opts: LoadOptions) -> LoadedModel:
         state_dict = extract_state_dict(obj, opts.ema, str(path))
         arch["kwargs"] = {**_training_model_kwargs(obj, path), **opts.model_kwargs}
         arch["num_classes"] = opts.num_classes or infer_num_classes(state_dict, _classifier_name(arch))
-        model, _ = build_with_weights(arch, state_dict, str(path))
+        model, _ = build_with_weights(arch, state_dict, str(path), opts.offline)
         loaded = LoadedModel(model=model, spec=spec, arch=arch)
     loaded.checkpoint, loaded.checkpoint_sha256 = str(path), sha
     return loaded

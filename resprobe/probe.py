@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from resprobe.blocks import Anatomy, discover_blocks, require_blocks
 from resprobe.data import (
@@ -47,6 +47,7 @@ class Probe:
     options: dict[str, Any] = field(default_factory=dict)
     sample_shape: tuple[int, ...] | None = None  # the data's own (C, H, W) when it is never resized
     input_size_given: bool = False  # --input-size: the user chose it, upscaling is not a surprise
+    decode: str = "auto"  # where image files are decoded: "auto" (on CUDA: the device), "cpu", "device"
     _anatomy: Anatomy | None = field(default=None, repr=False)
     _noted: set[str] = field(default_factory=set, repr=False)
 
@@ -67,9 +68,10 @@ class Probe:
     def num_classes(self) -> int | None:
         return self.loaded.num_classes
 
-    def data(self, spec: str, limit: int | None = None, seed: int = 0, class_map: str | None = None) -> DataSource:
+    def data(self, spec: str, limit: int | None = None, seed: int = 0, class_map: str | None = None,
+             labels: str | None = None) -> DataSource:
         """Open ``--data SPEC`` with this model's preprocessing; checks that labels fit the classifier."""
-        source = open_data(spec, self.preprocessing, self.num_classes, class_map, seed)
+        source = open_data(spec, self.preprocessing, self.num_classes, class_map, seed, labels=labels)
         check_labels_fit(source, self.num_classes)
         warn_notes(source)  # e.g. a class count that differs from the head: said by every command
         if source.in_memory and self.sample_shape is None and len(source):
@@ -95,8 +97,13 @@ class Probe:
             self._noted.add(message)
             log.info(message)
 
-    def loader(self, source: DataSource, batch_size: int = 64, workers: int | None = None) -> DataLoader:
-        return make_loader(source, batch_size, workers, self.runtime.device)
+    def loader(self, source: DataSource, batch_size: int = 64, workers: int | None = None) -> Iterable:
+        """Batches of (images, labels, indices); image files are decoded on the device where
+        :mod:`resprobe.decode` can (CUDA, by default), in CPU worker processes otherwise."""
+        from resprobe.decode import device_loader
+
+        on_device = device_loader(source, self.preprocessing, self.runtime.device, batch_size, workers, self.decode)
+        return on_device if on_device is not None else make_loader(source, batch_size, workers, self.runtime.device)
 
     def describe(self) -> dict[str, Any]:
         """Provenance for reports and recordings."""
@@ -124,11 +131,12 @@ def open_probe(
     interpolation: str | None = None,
     device: str = "auto",
     precision: str = "fp32",
+    offline: bool = False,
 ) -> Probe:
     """Load MODEL and resolve its preprocessing (with overrides); ``probe.anatomy`` has its blocks."""
     runtime = make_runtime(device, precision)
     loaded = load_model(model, LoadOptions(checkpoint, pretrained, num_classes, dict(model_kwargs or {}), ema,
-                                           trust_checkpoint))
+                                           trust_checkpoint, offline))
     pre = override_preprocessing(default_preprocessing(loaded), input_size, mean, std, crop_pct, interpolation)
     require_blocks(loaded.model, blocks)  # a model without residual blocks fails now, not later
     if not pretrained and loaded.checkpoint is None and loaded.torchvision_weights is None:

@@ -832,9 +832,12 @@ class RecordOptions:
     tensor_dtype: str | None = None
     precision: str | None = None
     readout: bool | None = None
+    labels: str | None = None  # --labels FILE for a flat folder of images
+    decode: str | None = None  # where image files are decoded: auto (on CUDA: the device), cpu, device
 
     DEFAULTS = {"pretrained": False, "ema": False, "seed": 0, "batch_size": 64, "target": "label", "save_tensors": 0,
-                "tensor_dtype": "float32", "precision": "fp32", "readout": False, "model_kwargs": {}}
+                "tensor_dtype": "float32", "precision": "fp32", "readout": False, "model_kwargs": {},
+                "decode": "auto"}
 
     def given(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -858,7 +861,7 @@ def merge_resume_options(stored: Mapping[str, Any], given: RecordOptions, path: 
     return RecordOptions(**known).with_defaults()
 
 
-_PATH_OPTIONS = ("model", "data", "checkpoint", "class_map")
+_PATH_OPTIONS = ("model", "data", "checkpoint", "class_map", "labels")
 
 
 def _same_model(a: Any, b: Any) -> bool:
@@ -876,6 +879,7 @@ def record(
     trust_checkpoint: bool = False,
     progress: Callable[[int, int], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    offline: bool = False,
 ) -> RecordResult:
     """``resprobe record``: one hooked pass over the data into ``out`` (durable, resumable).
 
@@ -924,7 +928,7 @@ def record(
         raise BadValue(f"--workers must be 0 or more, got {workers}")
     created_here = False
     try:
-        probe, source, readout = open_for_recording(options, device, trust_checkpoint)
+        probe, source, readout = open_for_recording(options, device, trust_checkpoint, offline)
         blocks = [b.to_dict() for b in probe.anatomy.blocks]
         if writer is None:
             meta = {
@@ -1004,15 +1008,18 @@ def _already_complete(out: Path, options: RecordOptions, warn: Callable[[str], N
     return RecordResult(str(out), recording.n_samples, True, 0.0, provenance=_provenance(recording.attrs))
 
 
-def open_for_recording(options: RecordOptions, device: str = "auto", trust_checkpoint: bool = False) -> tuple[Any, Any, list[str]]:
+def open_for_recording(options: RecordOptions, device: str = "auto", trust_checkpoint: bool = False,
+                       offline: bool = False) -> tuple[Any, Any, list[str]]:
     """The probe, the (limited) data source and the readout blocks that ``options`` describe."""
     from resprobe.probe import open_probe
 
     probe = open_probe(str(options.model), options.checkpoint, bool(options.pretrained), options.num_classes,
                        options.model_kwargs, bool(options.ema), trust_checkpoint, options.blocks, options.input_size,
                        options.mean, options.std, options.crop_pct, options.interpolation, device,
-                       str(options.precision))
-    source = probe.data(str(options.data), options.limit, int(options.seed or 0), options.class_map)
+                       str(options.precision), offline=offline)
+    probe.decode = str(options.decode or "auto")
+    source = probe.data(str(options.data), options.limit, int(options.seed or 0), options.class_map,
+                        labels=options.labels)
     last_stage = probe.anatomy.blocks[-1].stage
     readout = [b.name for b in probe.anatomy.blocks if b.stage == last_stage] if options.readout else []
     return probe, source, readout
@@ -1024,13 +1031,14 @@ def record_in_memory(
     workers: int | None = None,
     trust_checkpoint: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    offline: bool = False,
 ) -> Recorded:
     """The same pass as :func:`record`, kept in memory (``align MODEL`` without ``--out``)."""
     from resprobe.recorder import NonfiniteTally, Recorder, concat_batches, iterate
 
     _check_option_values(options)
     options = options.with_defaults()
-    probe, source, readout = open_for_recording(options, device, trust_checkpoint)
+    probe, source, readout = open_for_recording(options, device, trust_checkpoint, offline)
     loader = probe.loader(source, int(options.batch_size), workers)
     done = [0]
 

@@ -102,10 +102,10 @@ def test_unknown_names_suggest_close_ones():
         load_model("torchvision:resnet1")
 
 
-def test_pretrained_never_downloads(tmp_path, monkeypatch):
+def test_pretrained_offline_refuses_a_missing_file(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(ModelError, match="local cache"):
-        load_model("torchvision:resnet18", LoadOptions(pretrained=True))
+        load_model("torchvision:resnet18", LoadOptions(pretrained=True, offline=True))
 
 
 def test_model_kwargs_reach_timm():
@@ -168,7 +168,7 @@ def test_build_with_weights_falls_back_where_the_checkpoint_lacks_a_tensor(monke
     import resprobe.models as models
     from resprobe.models import build_with_weights
 
-    monkeypatch.setattr(models, "build_architecture", lambda arch, pretrained=False: (WithComputedBuffer(), None))
+    monkeypatch.setattr(models, "build_architecture", lambda arch, pretrained=False, offline=False: (WithComputedBuffer(), None))
     state = {k: torch.randn_like(v) for k, v in WithComputedBuffer().state_dict().items()}
     model, _ = build_with_weights({"source": "callable", "name": "x"}, state, "test")
     assert torch.equal(model.scale, torch.arange(4.0) + 1) and not model.scale.is_meta
