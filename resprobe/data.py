@@ -319,6 +319,9 @@ def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 return np.asarray(f["images"]), np.asarray(f["labels"])
         import h5py
 
+        from resprobe.hdf5_probe import check_readable
+
+        check_readable(path, DataError, "write it again")  # a crash in a child process, not here
         with h5py.File(path, "r") as f:
             keys = set(f.keys())
             if not {"images", "labels"} <= keys:

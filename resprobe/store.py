@@ -578,6 +578,9 @@ def open_recording(path: str | Path, load_tensors: bool = False) -> Recording:
     if signature != _HDF5_SIGNATURE:
         raise RecordingError(f"{path} is not an HDF5 file, so not a resprobe recording (those are written by "
                              "`resprobe record`)")
+    from resprobe.hdf5_probe import check_readable
+
+    check_readable(path, RecordingError, "record it again")  # a crash in a child process, not here
     try:
         f = h5py.File(path, "r")
     except Exception:  # noqa: BLE001 - h5py reports damage with several exception types

@@ -219,6 +219,63 @@ def test_align_refuses_newer_and_damaged_recordings(recording, tmp_path):
     fails("align", broken, expect=("broken.h5", "damaged"))
 
 
+def _damage(data: bytes, how: str, where: float) -> bytes:
+    """Truncate at, or overwrite 64 bytes at, a fraction of the file (0: just after the signature)."""
+    at = 8 + int((len(data) - 72) * where)
+    return data[:at] if how == "truncate" else data[:at] + bytes(range(64)) + data[at + 64:]
+
+
+@pytest.mark.slow
+def test_damaged_hdf5_recordings_and_arrays_fail_in_one_line(recording, tmp_path):
+    """Whatever the damage (truncated or overwritten in the superblock, the root group, the metadata,
+    the data): exit 1 and one line, or for damage that misses everything read, a report (a crash of the
+    HDF5 library would end the test run)."""
+    from resprobe.data import _load_arrays
+    from resprobe.errors import DataError
+
+    arrays = tmp_path / "arrays.h5"
+    with h5py.File(arrays, "w") as f:
+        f["images"] = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+        f["labels"] = np.zeros(16, dtype=np.int64)
+    good = {"recording": recording.read_bytes(), "arrays": arrays.read_bytes()}
+    failed = 0
+    for how in ("truncate", "overwrite"):
+        for where in (0.0, 0.02, 0.5, 0.99):
+            damaged = tmp_path / f"{how}-{where}.h5"
+            damaged.write_bytes(_damage(good["recording"], how, where))
+            if CliRunner().invoke(app, ["align", str(damaged)]).exit_code != 0:
+                fails("align", damaged, expect=damaged.name)
+                failed += 1
+            else:
+                assert how == "overwrite"
+            arrays.write_bytes(_damage(good["arrays"], how, where))
+            try:
+                _load_arrays(arrays)
+            except DataError as exc:
+                assert "arrays.h5" in str(exc) and "\n" not in str(exc)
+            else:
+                assert how == "overwrite"
+    assert failed >= 5  # every truncation, and most overwrites
+
+
+def test_an_hdf5_library_crash_is_one_line(recording, tmp_path, monkeypatch):
+    """The HDF5 library dying on a file (SIGSEGV, abort) happens in the child that reads the file first:
+    resprobe says so in one line. (The child is made to die as the library would.)"""
+    import resprobe.hdf5_probe as probe
+
+    monkeypatch.setattr(probe, "PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    monkeypatch.setattr(probe, "_READ_THROUGH", set())  # files read through before this test: again
+    message = fails("align", recording, expect=("damaged HDF5 file", "crashed", "signal 11", "record it again"))
+    assert str(recording) in message
+    arrays = tmp_path / "arrays.h5"
+    with h5py.File(arrays, "w") as f:
+        f["images"] = np.zeros((4, 32, 32, 3), dtype=np.uint8)
+        f["labels"] = np.zeros(4, dtype=np.int64)
+    fails("eval", MODEL, "--data", arrays, "--input-size", "32", expect=("arrays.h5", "crashed"))
+    monkeypatch.undo()
+    assert probe.crash_reason(recording) is None  # the real child reads a good file through
+
+
 # --------------------------------------------------------------------------------------------------
 # Option values
 

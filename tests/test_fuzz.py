@@ -32,7 +32,20 @@ FUZZ = settings(derandomize=True, max_examples=30, deadline=None, database=None,
 PRE = Preprocessing(input_size=(3, 8, 8), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "hdf5_in_process")
+
+
+@pytest.fixture(scope="module")
+def hdf5_in_process():
+    """HDF5 files are read here without the child process that first reads them for crashes (one
+    Python start per example would make this module minutes long); the property is about the
+    exceptions of the in-process reader. test_bad_inputs.py covers the child."""
+    import resprobe.hdf5_probe
+
+    saved = resprobe.hdf5_probe.crash_reason
+    resprobe.hdf5_probe.crash_reason = lambda path: None
+    yield
+    resprobe.hdf5_probe.crash_reason = saved
 
 
 @pytest.fixture(scope="module")
