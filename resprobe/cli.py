@@ -323,6 +323,10 @@ def blocks_command(
         payload = {"model": str(probe.loaded.spec), "params": count_params(probe.model),
                    "input_size": list(probe.preprocessing.input_size),
                    "blocks": [b.to_dict() for b in probe.anatomy.blocks]}
+        from resprobe.share import SHARED_ATTR, shared_weights_summary
+
+        if SHARED_ATTR in probe.model._modules:  # a shared model: shared blocks once, blocks their own
+            payload["shared"] = shared_weights_summary(probe.anatomy)
         emit(payload, fmt, blocks_table, lambda p: p["blocks"])
 
 
