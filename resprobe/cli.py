@@ -2,7 +2,8 @@
 
 Reports go to stdout; progress, warnings and errors to stderr. Exit codes: 0 success, 1 an error
 resprobe detected (one line on stderr; ``--debug`` for the traceback), 2 a usage error raised by
-the argument parser, 130 interrupted.
+the argument parser, 130 interrupted (also while the libraries import), 141 stdout closed by its
+reader (``| head``), quietly.
 """
 
 from __future__ import annotations
