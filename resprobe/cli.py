@@ -2,7 +2,8 @@
 
 Reports go to stdout; progress, warnings and errors to stderr. Exit codes: 0 success, 1 an error
 resprobe detected (one line on stderr; ``--debug`` for the traceback), 2 a usage error raised by
-the argument parser, 130 interrupted.
+the argument parser, 130 interrupted (also while the libraries import), 141 stdout closed by its
+reader (``| head``), quietly.
 """
 
 from __future__ import annotations
@@ -376,6 +377,10 @@ def blocks_command(
         payload = {"model": str(probe.loaded.spec), **provenance(probe), "params": count_params(probe.model),
                    "input_size": list(probe.preprocessing.input_size),
                    "blocks": [b.to_dict() for b in probe.anatomy.blocks]}
+        from resprobe.share import SHARED_ATTR, shared_weights_summary
+
+        if SHARED_ATTR in probe.model._modules:  # a shared model: shared blocks once, blocks their own
+            payload["shared"] = shared_weights_summary(probe.anatomy)
         emit(payload, fmt, blocks_table, lambda p: p["blocks"])
 
 

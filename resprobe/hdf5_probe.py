@@ -57,17 +57,30 @@ def _identity(path: Path) -> tuple[int, int, int, int] | None:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+# Some damage sends the HDF5 library into a loop instead of a crash (seen: a bit flip that made reading
+# the root group's attributes run for minutes on a 136 KB file). A whole read of a sound file takes
+# far less than this: a minute to start, plus the file read at 20 MB/s.
+MIN_SECONDS, BYTES_PER_SECOND = 60.0, 20e6
+
+
+def time_limit(size: int) -> float:
+    return MIN_SECONDS + size / BYTES_PER_SECOND
+
+
 def crash_reason(path: str | Path) -> str | None:
     """``None`` when the HDF5 library reads all of ``path`` in a child process without dying;
-    otherwise how the child ended (e.g. ``"signal 11"``)."""
+    otherwise how the child ended (e.g. ``"signal 11"``, or that it had not finished in time)."""
     if not sys.executable:  # embedded interpreter: no child can be started, read in-process
         return None
     identity = _identity(Path(path))
     if identity is not None and identity in _READ_THROUGH:
         return None
+    timeout = time_limit(identity[2] if identity is not None else 0)
     try:
         proc = subprocess.run([sys.executable, "-c", PROBE, str(path)], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:  # the child is killed by subprocess.run
+        return f"it had not finished after {timeout:.0f} s"
     except OSError:
         return None  # cannot start a process here: read in-process as before
     if proc.returncode == 0:
@@ -81,4 +94,5 @@ def check_readable(path: str | Path, error: type[Exception], what: str) -> None:
     """Raise ``error`` (one line) when reading ``path`` would crash the HDF5 library."""
     reason = crash_reason(path)
     if reason is not None:
-        raise error(f"{path} is a damaged HDF5 file: the HDF5 library crashed reading it ({reason}); {what}")
+        verb = "did not finish reading it" if reason.startswith("it had not") else "crashed reading it"
+        raise error(f"{path} is a damaged HDF5 file: the HDF5 library {verb} ({reason}); {what}")

@@ -149,7 +149,7 @@ def add_block_rows(table: Table, blocks: Sequence[Mapping[str, Any]], cells: Cal
 # blocks and eval
 
 
-def blocks_table(payload: Mapping[str, Any]) -> RenderableType:
+def blocks_table(payload: Mapping[str, Any]) -> RenderableType | list[RenderableType]:
     table = new_table(f"{payload['model']} — {len(payload['blocks'])} residual blocks, "
                       f"{payload['params']:,} parameters",
                       "block", "stage", "index", "kind", "in", "out", "params", right=("stage", "index", "params"))
@@ -158,7 +158,15 @@ def blocks_table(payload: Mapping[str, Any]) -> RenderableType:
         Text(b["kind"], style="yellow" if b["kind"] == "transition" else ""),
         shape(b["in_shape"]), shape(b["out_shape"]), f"{b['params']:,}",
     ])
-    return table
+    if not payload.get("shared"):
+        return table
+    # A shared model: each shared block once; the rows above count what each iteration owns.
+    table.title += "\nshared stages: a block's params are its iteration's own (norms, LoRA factors)"
+    shared = new_table("shared blocks (counted once)", "shared block", "stage", "iterations", "params",
+                       right=("stage", "params"))
+    for s in payload["shared"]:
+        shared.add_row(str(s["name"]), str(s["stage"]), ", ".join(s["iterations"]), f"{s['params']:,}")
+    return [table, shared]
 
 
 def eval_table(payload: Mapping[str, Any]) -> RenderableType:

@@ -347,6 +347,25 @@ def shared_iterations(model: nn.Module) -> list[SharedIteration]:
     return [m for m in model.modules() if isinstance(m, SharedIteration)]
 
 
+def shared_weights_summary(anatomy: Anatomy) -> list[dict[str, Any]]:
+    """Each shared block once: ``{name, stage, iterations, params}``, where ``iterations`` are the
+    blocks (iterations) that run it and ``params`` its parameters. A block's own ``params`` in
+    :class:`Anatomy` are only what the iteration owns (its norms, LoRA factors), so the blocks' params,
+    these, and the parameters outside the blocks add up to ``count_params(model)``."""
+    holder = anatomy.model._modules.get(SHARED_ATTR)
+    names = {id(m): n for n, m in holder.named_children()} if holder is not None else {}
+    groups: dict[int, dict[str, Any]] = {}
+    for block in anatomy.blocks:
+        if not isinstance(block.module, SharedIteration):
+            continue
+        shared = block.module.shared_block
+        entry = groups.setdefault(id(shared), {
+            "name": f"{SHARED_ATTR}.{names[id(shared)]}" if id(shared) in names else None, "stage": block.stage,
+            "iterations": [], "params": sum(p.numel() for p in shared.parameters())})
+        entry["iterations"].append(block.name)
+    return list(groups.values())
+
+
 # --------------------------------------------------------------------------------------------------
 # Planning: which blocks, which names
 

@@ -853,8 +853,27 @@ class RecordOptions:
         return RecordOptions(**values)
 
 
-def merge_resume_options(stored: Mapping[str, Any], given: RecordOptions, path: Path) -> RecordOptions:
-    """``--resume`` reuses the stored options; an explicitly given option that differs is refused."""
+def resolve_stored_paths(stored: Mapping[str, Any], cwd: str | None) -> dict[str, Any]:
+    """The stored options with relative file paths (MODEL, --data, --checkpoint, --class-map) made
+    absolute against ``cwd``, the working directory of the run that stored them, so that ``--resume``
+    works from any directory. Values that are not files there (``timm:resnet18``, ``synthetic:64``) stay."""
+    resolved = dict(stored)
+    if not cwd:
+        return resolved  # a run from before the working directory was stored
+    for key in _PATH_OPTIONS:
+        value = resolved.get(key)
+        if isinstance(value, str) and value and not os.path.isabs(os.path.expanduser(value)):
+            candidate = os.path.join(cwd, value)
+            if os.path.exists(candidate):
+                resolved[key] = os.path.normpath(candidate)
+    return resolved
+
+
+def merge_resume_options(stored: Mapping[str, Any], given: RecordOptions, path: Path,
+                         cwd: str | None = None) -> RecordOptions:
+    """``--resume`` reuses the stored options (relative paths resolved against the run's ``cwd``); an
+    explicitly given option that differs is refused."""
+    stored = resolve_stored_paths(stored, cwd)
     for key, value in given.given().items():
         if key in stored and stored[key] != value and not (key in _PATH_OPTIONS and _same_model(stored[key], value)):
             flag = "MODEL" if key == "model" else "--" + key.replace("_", "-")
@@ -916,7 +935,7 @@ def record(
     if resume:
         writer = RunWriter.resume(out)
         try:
-            options = merge_resume_options(writer.meta.get("options", {}), options, out)
+            options = merge_resume_options(writer.meta.get("options", {}), options, out, writer.meta.get("cwd"))
         except BaseException:
             writer.close()
             raise
@@ -938,6 +957,7 @@ def record(
                 "blocks": blocks,
                 "n_planned": len(source),
                 "options": options.__dict__,
+                "cwd": os.getcwd(),  # what relative paths in the options are relative to (for --resume)
                 "attrs": {
                     "resprobe_version": __version__, "created": now_iso(), **probe.describe(),
                     "data": options.data, "options": options.__dict__, "target": options.target,

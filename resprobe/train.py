@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import random
 import signal
 import threading
@@ -375,6 +376,7 @@ def _training_payload(run: _Run, options: FinetuneOptions, data: dict[str, Any],
         "version": STATE_VERSION,
         "options": options.fingerprint(),
         "data": data,
+        "cwd": os.getcwd(),  # what relative data paths in ``data`` are relative to (for --resume)
         "step": s.step, "total_steps": s.total_steps, "epoch": s.epoch, "position": s.position,
         "steps_per_epoch": s.steps_per_epoch,
         "data_order": {"seed": options.seed, "epoch": s.epoch, "position": s.position},
@@ -399,11 +401,26 @@ def _read_resume_state(out: Path, options: FinetuneOptions, data: dict[str, Any]
         raise BadValue(f"--resume: {out} was written by a newer resprobe")
     for key, value in {**options.fingerprint(), **data}.items():
         old = {**training["options"], **training["data"]}.get(key)
+        if key in ("train", "val") and _same_path(old, value, training.get("cwd")):
+            continue
         if old != value:
             raise BadValue(f"--resume: {key} is {value} but the interrupted run used {old}; "
                            "resume with the same options, or start anew with --overwrite")
     training["state_dict"] = obj["state_dict"]
     return training
+
+
+def _same_path(stored: Any, given: Any, stored_cwd: str | None) -> bool:
+    """Whether a stored data path (relative to the directory the run was in) and a given one (relative
+    to this directory) name the same file or folder, so --resume works from any directory."""
+    if not isinstance(stored, str) or not isinstance(given, str) or not stored_cwd:
+        return False
+    stored_path = os.path.join(stored_cwd, os.path.expanduser(stored))
+    given_path = os.path.expanduser(given)
+    try:
+        return os.path.samefile(stored_path, given_path)
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------------------------------

@@ -258,6 +258,16 @@ def test_damaged_hdf5_recordings_and_arrays_fail_in_one_line(recording, tmp_path
     assert failed >= 5  # every truncation, and most overwrites
 
 
+def test_an_hdf5_file_that_sends_the_library_into_a_loop_is_one_line(monkeypatch):
+    """fixtures/damaged_loops.h5: a recording of the fixture with bits flipped in its first 4 KiB, on
+    which h5py 3.16 / HDF5 2.0.0 reads the root group's attributes for minutes. The child reading it
+    first is stopped at its time limit (here shortened to 3 s) and resprobe says so in one line."""
+    import resprobe.hdf5_probe as probe
+
+    monkeypatch.setattr(probe, "MIN_SECONDS", 3.0)
+    fails("align", FIXTURES / "damaged_loops.h5", expect=("damaged HDF5 file", "did not finish", "after 3 s"))
+
+
 def test_an_hdf5_library_crash_is_one_line(recording, tmp_path, monkeypatch):
     """The HDF5 library dying on a file (SIGSEGV, abort) happens in the child that reads the file first:
     resprobe says so in one line. (The child is made to die as the library would.)"""

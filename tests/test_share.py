@@ -334,6 +334,30 @@ def test_cli_recalibrate_and_table(tmp_path, run):
     assert [b["name"] for b in listed["blocks"]][:4] == ["layer1.0", "layer1.1", "layer2.0", "layer2.1"]
 
 
+def test_cli_blocks_of_a_shared_model_count_each_parameter_once(tmp_path, run):
+    """``blocks`` on a ``share`` output: each shared block once, each iteration's own parameters (norms,
+    LoRA factors) in its row; with the parameters outside the blocks they add up to the model's count."""
+    weights = save_state_dict(tinymodels.timm_basic(), tmp_path / "w.pt")
+    out = tmp_path / "shared.pt"
+    run("share", "tinymodels:timm_basic", "--checkpoint", weights, "--input-size", "32", "--stages", "0",
+        "--norm", "unshared", "--lora-rank", 2, "--out", out, "--device", "cpu", "-q")
+    payload = json.loads(run("blocks", out, "-f", "json").stdout)
+    model = load_model(str(out)).model
+    assert payload["params"] == count_params(model)
+    (shared,) = payload["shared"]
+    assert shared["stage"] == 0 and shared["iterations"] == ["layer1.0", "layer1.1"]
+    c = 8  # layer1 of timm_basic: two 3×3 convolutions of 8 channels
+    assert shared["params"] == 2 * c * c * 9  # the shared block: its convolutions (its norms are per iteration)
+    own = {b["name"]: b["params"] for b in payload["blocks"]}
+    assert own["layer1.0"] == own["layer1.1"] == 2 * (2 * 9 * c + c * 2) + 2 * 2 * c  # LoRA A, B + bn1, bn2
+    names = [b["name"] for b in payload["blocks"]]
+    outside = sum(p.numel() for n, p in model.named_parameters()
+                  if not any(n.startswith(b + ".") for b in names) and not n.startswith("resprobe_shared."))
+    assert sum(own.values()) + shared["params"] + outside == count_params(model)
+    table = run("blocks", out).stdout
+    assert "shared blocks (counted once)" in table and "layer1.0, layer1.1" in table
+
+
 @pytest.mark.parametrize("args,message", [
     (("--stages", "x"), "--stages"),
     (("--stages", "9"), "no stage 9"),

@@ -164,3 +164,37 @@ def test_slow_disk_keeps_at_most_one_batch_pending(tmp_path, monkeypatch, one_th
     on_disk, in_memory = open_recording(out), record_in_memory(options(limit=16, batch_size=4), device="cpu")
     np.testing.assert_array_equal(on_disk.index, in_memory.index)
     np.testing.assert_array_equal(on_disk.stats["cos"], in_memory.stats["cos"])
+
+
+@pytest.mark.slow
+def test_resume_from_another_directory_with_relative_paths(tmp_path, monkeypatch):
+    """MODEL and --data given relative to the first run's directory: --resume from elsewhere (no options
+    repeated, or the same files named relative to the new directory) finishes the same recording."""
+    import shutil
+
+    first, other = tmp_path / "first", tmp_path / "other"
+    (first / "inputs").mkdir(parents=True)
+    other.mkdir()
+    shutil.copy(MODEL, first / "inputs" / "model.pt")
+    shutil.copy(DATA, first / "inputs" / "data.npz")
+    whole = tmp_path / "whole.h5"
+    record(options(), whole, device="cpu")
+    out = tmp_path / "run.h5"
+    relative = RecordOptions(model="inputs/model.pt", data="inputs/data.npz", limit=40, batch_size=8)
+    monkeypatch.chdir(first)
+    with pytest.raises(Crash):
+        record(relative, out, device="cpu", progress=crash_after(16))
+    monkeypatch.chdir(other)
+    result = record(RecordOptions(), out, resume=True, device="cpu")
+    assert result.complete and result.n_samples == 40
+    a, b = open_recording(whole), open_recording(out)
+    for name in STAT_NAMES:
+        np.testing.assert_array_equal(a.stats[name], b.stats[name])
+    # The same files named from the new directory are the same options, not a conflict.
+    out2 = tmp_path / "run2.h5"
+    monkeypatch.chdir(first)
+    with pytest.raises(Crash):
+        record(relative, out2, device="cpu", progress=crash_after(16))
+    monkeypatch.chdir(other)
+    again = RecordOptions(model="../first/inputs/model.pt", data="../first/inputs/data.npz", limit=40, batch_size=8)
+    assert record(again, out2, resume=True, device="cpu").complete

@@ -277,3 +277,27 @@ def test_cli_errors_are_one_line(tmp_path, run, args, message):
 def test_cli_out_directory_must_exist(tmp_path, run):
     result = run("finetune", MODEL, "--data", DATA, "--out", tmp_path / "no" / "ft.pt", code=1)
     assert "does not exist" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_resume_from_another_directory_with_relative_data_paths(tmp_path, monkeypatch, arrays_file):
+    """The interrupted run named its data relative to its directory; resumed from another directory with
+    the same file named from there, it continues (and equals an uninterrupted run)."""
+    first, other = tmp_path / "first", tmp_path / "other"
+    first.mkdir()
+    other.mkdir()
+    arrays_file(24, name="first/data.npz")
+
+    def run(data: str, stop=None, resume: bool = False, out: str = "ft.pt"):
+        probe = tiny_probe()
+        options = FinetuneOptions(out=tmp_path / out, epochs=1, batch_size=8, augment="none", resume=resume)
+        return probe, finetune(probe, probe.data(data), None, options, stop=stop)
+
+    monkeypatch.chdir(first)
+    whole_probe, _ = run("data.npz", out="whole.pt")
+    _, part = run("data.npz", stop=lambda s: s.step == 1)
+    assert not part.complete
+    monkeypatch.chdir(other)
+    probe, result = run("../first/data.npz", resume=True)
+    assert result.complete and result.steps == 3
+    for key, value in whole_probe.model.state_dict().items():
+        assert torch.equal(value, probe.model.state_dict()[key]), key
