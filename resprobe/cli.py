@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -21,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from resprobe import __version__
+from resprobe.distributed import shard_source
 from resprobe.errors import BadValue, Interrupted, ResprobeError
 
 app = typer.Typer(
@@ -153,20 +156,55 @@ def _one_line(message: str) -> str:
 
 
 @contextlib.contextmanager
-def command_errors(debug: bool) -> Iterator[None]:
+def command_errors(debug: bool, scale_out: bool = False) -> Iterator[None]:
     """Turn every failure into one line on stderr with the right exit status.
 
     Warnings are held until the command's outcome is known: shown when it succeeds or is
     interrupted, dropped when it fails (an error is exactly one line; ``--debug`` shows them too).
+
+    Under torchrun (:mod:`resprobe.distributed`): a ``scale_out`` command runs on every rank in the
+    process group, and only rank 0 writes the report, progress and warnings; any other command runs
+    on rank 0 alone (the other ranks end at once, exit 0).
     """
+    from resprobe import distributed
+
+    launched = distributed.launched()
+    if launched.distributed and not scale_out and not launched.main:
+        raise typer.Exit(0)
+    with contextlib.ExitStack() as stack:
+        if launched.distributed and scale_out:
+            if not launched.main:  # one report: rank 0's
+                stack.enter_context(contextlib.redirect_stdout(open(os.devnull, "w")))
+            stack.enter_context(_errors_once(debug, launched))
+            stack.enter_context(distributed.process_group())
+        else:
+            stack.enter_context(_errors_once(debug, launched))
+        yield
+
+
+@contextlib.contextmanager
+def _errors_once(debug: bool, launched: Any) -> Iterator[None]:
+    """:func:`command_errors`' work: one line per failure, and in a run of several processes one line
+    per run (a rank other than 0 waits a moment before speaking, so that when rank 0 fails too it
+    speaks alone: torchrun ends the others as soon as one process exits with an error)."""
+    from resprobe.distributed import PEER_GRACE_SECONDS, PeerFailed
+
     saved = warnings.showwarning
     pending: list[str] = []
+    several = launched.distributed
+
+    def say(text: str, wait: bool = True) -> None:
+        if several and not launched.main and wait:
+            time.sleep(2.0)
+        stderr.print(text, markup=False)
 
     def hold_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
                      line: Any = None) -> None:
         pending.append(f"warning: {message}")
 
     def show_pending() -> None:
+        if several and not launched.main:  # warnings once: rank 0's
+            pending.clear()
         for text in dict.fromkeys(pending):
             stderr.print(text, markup=False)
         pending.clear()
@@ -185,17 +223,26 @@ def command_errors(debug: bool) -> Iterator[None]:
         raise
     except KeyboardInterrupt:
         show_pending()
-        stderr.print("interrupted", markup=False)
+        if launched.main:
+            stderr.print("interrupted", markup=False)
         raise typer.Exit(130) from None
     except Interrupted as exc:  # Ctrl-C honoured after making the work durable
         show_pending()
-        stderr.print(_one_line(str(exc)) or "interrupted", markup=False)
+        if launched.main:
+            stderr.print(_one_line(str(exc)) or "interrupted", markup=False)
         raise typer.Exit(130) from None
+    except PeerFailed as exc:  # another rank failed and said why; torchrun ends this one
+        if debug:
+            traceback.print_exc(file=sys.stderr)
+        time.sleep(PEER_GRACE_SECONDS)
+        if launched.main:
+            stderr.print(f"error: {_one_line(str(exc))}", markup=False)
+        raise typer.Exit(1) from None
     except ResprobeError as exc:
         if debug:
             show_pending()
             traceback.print_exc(file=sys.stderr)
-        stderr.print(f"error: {_one_line(str(exc))}", markup=False)
+        say(f"error: {_one_line(str(exc))}")
         raise typer.Exit(1) from None
     except Exception as exc:  # noqa: BLE001 - never a traceback without --debug
         if debug:
@@ -205,7 +252,7 @@ def command_errors(debug: bool) -> Iterator[None]:
         if message.startswith("Caught ") or isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc):
             message = _one_line(str(exc))
         hint = "" if debug else " (run with --debug for the traceback)"
-        stderr.print(f"error: {type(exc).__name__}: {message}{hint}", markup=False)
+        say(f"error: {type(exc).__name__}: {message}{hint}")
         raise typer.Exit(1) from None
     finally:
         warnings.showwarning = saved
@@ -215,12 +262,20 @@ def make_progress(quiet: bool) -> Progress:
     """Progress bars on stderr; none with --quiet or when stderr is not a terminal."""
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TimeRemainingColumn(), console=stderr, disable=quiet or not stderr.is_terminal, transient=True,
+        TimeRemainingColumn(), console=stderr, disable=quiet or not stderr.is_terminal or not _main_rank(),
+        transient=True,
     )
 
 
+def _main_rank() -> bool:
+    """Only rank 0 of a torchrun run shows progress and notes (true outside torchrun)."""
+    from resprobe.distributed import launched
+
+    return launched().main
+
+
 def note(quiet: bool, message: str) -> None:
-    if not quiet:
+    if not quiet and _main_rank():
         stderr.print(message, markup=False)
 
 
@@ -279,12 +334,12 @@ def eval_command(
     from resprobe.evaluate import evaluate
     from resprobe.report import emit, eval_table
 
-    with command_errors(debug):
+    with command_errors(debug, scale_out=True):
         check_format(fmt)
         require(data, "--data", "the images to evaluate on")
         probe = ModelArgs(model, checkpoint, pretrained, num_classes, model_kwargs, ema, trust_checkpoint, blocks,
                           input_size, mean, std, crop_pct, interpolation, device, precision).open()
-        source = probe.data(data, limit, seed, class_map)
+        source = shard_source(probe.data(data, limit, seed, class_map), batch_size)  # torchrun: this rank's batches
         loader = probe.loader(source, batch_size, workers)
         with make_progress(quiet) as progress:
             task = progress.add_task("eval", total=len(source))
@@ -364,7 +419,7 @@ def record_command(
     """
     from resprobe.report import emit, record_table
 
-    with command_errors(debug):
+    with command_errors(debug, scale_out=True):
         check_format(fmt)
         require(out, "--out", "the HDF5 file to write, e.g. --out run.h5")
         if not resume:
@@ -428,7 +483,7 @@ def align_command(
     from resprobe.report import align_table, emit
     from resprobe.store import open_recording
 
-    with command_errors(debug):
+    with command_errors(debug, scale_out=True):
         check_format(fmt)
         if data is None and (_is_recording_path(model) or _is_not_a_model_file(model)):
             recorded = open_recording(model)
@@ -502,7 +557,7 @@ def ablate_command(
     from resprobe.data import warn_notes
     from resprobe.report import ablate_rows, ablate_table, emit
 
-    with command_errors(debug):
+    with command_errors(debug, scale_out=True):
         check_format(fmt)
         require(data, "--data", "the images to evaluate removals on")
         options = AblateOptions(by=by, include_transitions=include_transitions, cumulative=cumulative,
@@ -517,7 +572,7 @@ def ablate_command(
                           input_size, mean, std, crop_pct, interpolation, device, precision).open()
         source = probe.data(data, limit, seed, class_map)
         warn_notes(source)
-        loader = probe.loader(source, batch_size, workers)
+        loader = probe.loader(shard_source(source, batch_size), batch_size, workers)  # torchrun: this rank's batches
         with make_progress(quiet) as progress:
             report = run_ablation(probe, loader, options, _progress_factory(progress))
         payload = {"model": str(probe.loaded.spec), "data": data, **report.to_dict()}
@@ -680,7 +735,7 @@ def finetune_command(
     from resprobe.share import check_rebuildable
     from resprobe.train import FinetuneOptions, finetune
 
-    with command_errors(debug):
+    with command_errors(debug, scale_out=True):
         check_format(fmt)
         require(data, "--data", "the training images")
         require(out, "--out", "the checkpoint to write, e.g. --out finetuned.pt")
