@@ -722,7 +722,13 @@ def finetune_command(
                                                 "1.23x faster bf16 steps after about 40 s of compiling; "
                                                 "training goes on eagerly, with a warning, if compiling "
                                                 "fails).")] = False,
-    batch_size: BatchSize = 64, workers: Workers = None, class_map: ClassMap = None,
+    sync_bn: Annotated[bool, typer.Option("--sync-bn", help="Under torchrun: BatchNorm statistics over the global "
+                                          "batch (SyncBatchNorm), so N processes × B equal one process × N·B.")] = False,
+    accum_steps: Annotated[int, typer.Option("--accum-steps", help="Micro-batches of --batch-size per optimizer "
+                                             "step (gradient accumulation).")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Samples per batch and process (under "
+                                            "torchrun the global batch is processes × this × --accum-steps).")] = 64,
+    workers: Workers = None, class_map: ClassMap = None,
     checkpoint: Checkpoint = None, pretrained: Pretrained = False, num_classes: NumClasses = None,
     model_kwargs: ModelKwargs = None, ema: Ema = False, trust_checkpoint: Trust = False, blocks: BlocksGlob = None,
     input_size: InputSize = None, mean: Mean = None, std: Std = None, crop_pct: CropPct = None,
@@ -741,7 +747,7 @@ def finetune_command(
         require(out, "--out", "the checkpoint to write, e.g. --out finetuned.pt")
         options = FinetuneOptions(out, epochs, max_steps, lr, optimizer, momentum, weight_decay, warmup_steps, augment,
                                   recalibrate, recalibrate_scope, batch_size, workers, seed, resume,
-                                  overwrite, compile_model).validate()
+                                  overwrite, compile_model, sync_bn=sync_bn, accum_steps=accum_steps).validate()
         if not resume:
             from resprobe.share import check_out_path
 

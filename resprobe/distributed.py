@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -286,3 +287,85 @@ def merge_in_order(parts: Sequence[Sequence[T]], n_batches: int) -> list[T]:
         part = parts[k % size]
         merged.append(part[k // size])
     return merged
+
+
+# --------------------------------------------------------------------------------------------------
+# BatchNorm over the global batch (finetune --sync-bn)
+
+
+@functools.lru_cache(maxsize=None)
+def _global_batch_norm_class() -> type:
+    """BatchNorm whose training statistics are those of the global batch (every rank's samples),
+    for the CPU, where ``torch.nn.SyncBatchNorm`` does not run. Sums and sums of squares are taken
+    in float64 and all-reduced with autograd (``torch.distributed.nn.functional.all_reduce``), so
+    the gradient flows through the global statistics exactly as in one process with the whole batch."""
+    import torch
+    from torch import nn
+    from torch.distributed.nn.functional import all_reduce
+
+    class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+        def _check_input_dim(self, input: torch.Tensor) -> None:
+            if input.dim() < 2:
+                raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+        def forward(self, input: torch.Tensor) -> torch.Tensor:
+            if not (self.training and is_distributed()):
+                return super().forward(input)
+            self._check_input_dim(input)
+            dims = [0, *range(2, input.dim())]
+            x = input.double()
+            count = torch.full((1,), float(input.numel() // input.shape[1]), dtype=torch.float64,
+                               device=input.device)
+            sums = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+            c = input.shape[1]
+            n = sums[-1]
+            mean = sums[:c] / n
+            var = (sums[c:2 * c] / n - mean * mean).clamp_min(0)  # biased, as BatchNorm normalizes
+            shape = [1, c, *[1] * (input.dim() - 2)]
+            out = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
+            if self.affine:
+                out = out * self.weight.double().view(shape) + self.bias.double().view(shape)
+            if self.track_running_stats and self.running_mean is not None:
+                with torch.no_grad():
+                    self.num_batches_tracked.add_(1)
+                    factor = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
+                    unbiased = var * n / (n - 1).clamp_min(1)
+                    self.running_mean.mul_(1 - factor).add_(factor * mean.to(self.running_mean.dtype))
+                    self.running_var.mul_(1 - factor).add_(factor * unbiased.to(self.running_var.dtype))
+            return out.to(input.dtype)
+
+    return GlobalBatchNorm
+
+
+def convert_sync_batchnorm(model: Any, device: torch.device) -> Any:
+    """``finetune --sync-bn``: BatchNorm statistics over the global batch. On CUDA timm's converter
+    (``torch.nn.SyncBatchNorm``, and timm's BatchNorm+activation layers); on the CPU the torch
+    BatchNorm1d/2d/3d layers become :func:`_global_batch_norm_class` layers with the same parameters
+    and buffers (other BatchNorm variants are refused there)."""
+    from torch import nn
+
+    if device.type == "cuda":
+        from timm.layers import convert_sync_batchnorm as timm_convert
+
+        return timm_convert(model)
+    plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    others = sorted({type(m).__name__ for m in model.modules()
+                     if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m) not in plain})
+    if others:
+        raise ResprobeError(f"--sync-bn on the CPU converts torch BatchNorm layers only; this model also has "
+                            f"{', '.join(others)} (run on CUDA, or without --sync-bn)")
+    cls = _global_batch_norm_class()
+    for module in model.modules():
+        if type(module) in plain:
+            module._resprobe_plain_class = type(module)
+            module.__class__ = cls  # same parameters, buffers and hyper-parameters; training forward global
+    return model
+
+
+def revert_sync_batchnorm(model: Any) -> Any:
+    """Undo :func:`convert_sync_batchnorm` on the CPU: the layers become their own classes again."""
+    for module in model.modules():
+        plain = module.__dict__.pop("_resprobe_plain_class", None)
+        if plain is not None:
+            module.__class__ = plain
+    return model
