@@ -131,6 +131,9 @@ def process_group() -> Iterator[World]:
 
     if not dist.is_available():
         raise ResprobeError("this PyTorch build has no torch.distributed: run resprobe without torchrun")
+    if dist.is_initialized():  # set up by the caller (a script running several commands): used as it is
+        yield world()
+        return
     if torch.cuda.is_available():
         # NCCL and every `cuda` device of this process mean this process's own GPU.
         torch.cuda.set_device(here.local_rank % max(1, torch.cuda.device_count()))
