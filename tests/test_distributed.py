@@ -226,3 +226,23 @@ def test_batches_go_whole_to_ranks_and_merge_back_in_order():
     assert distributed.world_from_env({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"}) == distributed.World(2, 4, 0)
     assert distributed.world_from_env({}) == distributed.World()
     assert not distributed.World().distributed and distributed.all_reduce_sums([1.5, 2]) == [1.5, 2.0]
+
+
+def test_light_augmentation_depends_on_the_sample_not_the_batch():
+    """Each sample's flip and padded crop come from (seed, epoch, index): the same in any batch, and
+    always one of the flips/shifts of the light augmentation (checked against numpy)."""
+    from resprobe.train import light_augment_samples
+
+    images = torch.randn(8, 3, 16, 16)
+    index = torch.arange(100, 108)
+    together = light_augment_samples(images, seed=5, epoch=2, indices=index)
+    apart = torch.cat([light_augment_samples(images[i:i + 1], 5, 2, index[i:i + 1]) for i in range(8)])
+    assert torch.equal(together, apart)
+    assert not torch.equal(together, light_augment_samples(images, 5, 3, index))  # another epoch, other draws
+    pad = 16 // 8
+    for x, y in zip(images.numpy(), together.numpy()):
+        candidates = []
+        for flipped in (x, x[:, :, ::-1]):
+            padded = np.pad(flipped, ((0, 0), (pad, pad), (pad, pad)))
+            candidates += [padded[:, dy:dy + 16, dx:dx + 16] for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)]
+        assert any(np.array_equal(y, c) for c in candidates)
