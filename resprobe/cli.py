@@ -174,7 +174,7 @@ def command_errors(debug: bool, scale_out: bool = False) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         if launched.distributed and scale_out:
             if not launched.main:  # one report: rank 0's
-                stack.enter_context(contextlib.redirect_stdout(open(os.devnull, "w")))
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
             stack.enter_context(_errors_once(debug, launched))
             stack.enter_context(distributed.process_group())
         else:
@@ -193,8 +193,8 @@ def _errors_once(debug: bool, launched: Any) -> Iterator[None]:
     pending: list[str] = []
     several = launched.distributed
 
-    def say(text: str, wait: bool = True) -> None:
-        if several and not launched.main and wait:
+    def say(text: str) -> None:
+        if several and not launched.main:
             time.sleep(2.0)
         stderr.print(text, markup=False)
 
