@@ -246,3 +246,27 @@ def test_light_augmentation_depends_on_the_sample_not_the_batch():
             padded = np.pad(flipped, ((0, 0), (pad, pad), (pad, pad)))
             candidates += [padded[:, dy:dy + 16, dx:dx + 16] for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)]
         assert any(np.array_equal(y, c) for c in candidates)
+
+
+def test_accumulated_step_equals_one_step_on_the_union():
+    """--accum-steps: gradients of A micro-batches, each loss over A, equal one step on all of them
+    (a model without BatchNorm; checked against the one-batch train_step)."""
+    from resprobe.runtime import make_runtime
+    from resprobe.train import accumulated_step, make_scheduler, train_step
+
+    torch.manual_seed(0)
+    images, labels = torch.randn(12, 3, 4, 4), torch.randint(0, 5, (12,))
+    models = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+              for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    runtime = make_runtime("cpu")
+    steps = []
+    for model in models:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        steps.append((opt, make_scheduler(opt, 10, 0)))
+    whole = train_step(models[0], images, labels, runtime, *steps[0], None)
+    parts = accumulated_step(models[1], [(images[i:i + 4], labels[i:i + 4]) for i in (0, 4, 8)], runtime, *steps[1],
+                             None)
+    assert float(parts) == pytest.approx(float(whole), rel=1e-6)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
