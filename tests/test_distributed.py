@@ -267,6 +267,6 @@ def test_accumulated_step_equals_one_step_on_the_union():
     whole = train_step(models[0], images, labels, runtime, *steps[0], None)
     parts = accumulated_step(models[1], [(images[i:i + 4], labels[i:i + 4]) for i in (0, 4, 8)], runtime, *steps[1],
                              None)
-    assert float(parts) == pytest.approx(float(whole), rel=1e-6)
+    assert float(parts) == pytest.approx(float(whole.detach()), rel=1e-6)
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
