@@ -6,8 +6,9 @@ a small ``.npz`` file, written under a temporary name, fsynced and renamed into 
 (a rename is atomic: a batch file is either whole or absent). ``meta.json`` there holds the run's
 attributes and options; a ``lock`` file held with ``flock`` keeps a second process out. At the end
 the batches are merged into ``RUN.h5.tmp-PID``, which is fsynced and renamed onto ``RUN.h5``; only
-then is the partial folder removed. ``--resume`` counts the whole batch files, reuses the stored
-options and continues with the next batch, so the result equals an uninterrupted run.
+then is the partial folder removed. ``--resume`` keeps the whole batch files (``batch-K.npz`` is
+batch K of the one-process order, whichever process wrote it), reuses the stored options and
+records the missing batches, so the result equals an uninterrupted run.
 """
 
 from __future__ import annotations
