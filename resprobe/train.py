@@ -17,8 +17,9 @@ normalized batch in the loop, so in-memory arrays are augmented too).
 epoch, the RNG states — as tensors and plain containers (``torch.load(weights_only=True)`` reads it).
 A run resumed from it continues exactly where it stopped: on the CPU, the result equals an
 uninterrupted run bit for bit. The data order of epoch e is a permutation seeded by (seed, e), and
-``timm`` augmentation is seeded per (seed, epoch, sample), so neither depends on worker processes
-or on where a run was interrupted.
+both augmentations are drawn per (seed, epoch, sample), so neither depends on worker processes,
+on where a run was interrupted, or on how a step's samples are split between processes (torchrun:
+DistributedDataParallel, ``batch_size`` per process; see :mod:`resprobe.distributed`).
 """
 
 from __future__ import annotations
