@@ -40,8 +40,9 @@ import torch
 from torch import Tensor, nn
 
 from resprobe.blocks import GENERIC, Anatomy, Block, BlockFamily, family_of, replaced_blocks
+from resprobe.distributed import barrier, is_main
 from resprobe.errors import BadValue, ModelError, RecordingError
-from resprobe.evaluate import EvalResult, Tally, borderline_mask
+from resprobe.evaluate import EvalResult, Tally, borderline_mask, reduce_tallies
 from resprobe.models import register_recipe, save_resprobe_checkpoint
 from resprobe.runtime import Runtime
 
@@ -305,6 +306,7 @@ def evaluate_pass(engine: AblationEngine, variants: Sequence[Variant], base: Var
                 border_tally.add(logits[mask], labels[mask])
         for j, value in outcome.observed.items():
             observed.setdefault(j, []).append(value)
+    reduce_tallies([base_tally, *tallies, base_border, *border])  # torchrun: sums over every rank's batches
     return PassResult(base_tally.result(), [t.result() for t in tallies], base_border.result(),
                       [t.result() for t in border], observed)
 
@@ -459,6 +461,29 @@ class InputOutputAngles:
             return None, None
         values = torch.cat(kept).double().cpu().numpy()
         return _nanmean(values[:, 0]), _nanmean(values[:, 1])
+
+    @staticmethod
+    def all_means(observed: Mapping[int, list[Tensor | None]], positions: Sequence[int]
+                  ) -> dict[int, tuple[float | None, float | None]]:
+        """:meth:`means` per position; under torchrun over every rank's samples (float64 sums of the
+        finite values and their counts, all-reduced)."""
+        from resprobe.distributed import all_reduce_sums, is_distributed
+
+        if not is_distributed():
+            return {p: InputOutputAngles.means(observed.get(p, [])) for p in positions}
+        sums = []
+        for p in positions:
+            kept = [b for b in observed.get(p, []) if b is not None]
+            values = torch.cat(kept).double().cpu().numpy() if kept else np.zeros((0, 2))
+            for col in range(2):
+                finite = values[:, col][np.isfinite(values[:, col])]
+                sums += [float(finite.sum()), float(len(finite))]
+        totals = all_reduce_sums(sums)
+        means: dict[int, tuple[float | None, float | None]] = {}
+        for i, p in enumerate(positions):
+            s0, c0, s1, c1 = totals[4 * i:4 * i + 4]
+            means[p] = (s0 / c0 if c0 else None, s1 / c1 if c1 else None)
+        return means
 
 
 def _nanmean(values: np.ndarray) -> float | None:
@@ -1009,7 +1034,7 @@ def run_ablation(probe: Probe, loader: Iterable, options: AblateOptions,
     if options.wants_proxies:
         if align is None:
             align = alignment_summary(probe, loader, advance=start("proxies (recording)"))
-        angle_means = {p: InputOutputAngles.means(first.observed.get(p, [])) for p in candidates}
+        angle_means = InputOutputAngles.all_means(first.observed, candidates)
         report.proxies = proxy_table(candidates, ranked_blocks, angle_means, align, [r.delta_loss for r in ranking],
                                      str(options.recording) if options.recording is not None else "computed")
 
@@ -1022,6 +1047,9 @@ def run_ablation(probe: Probe, loader: Iterable, options: AblateOptions,
 
     if options.save_pruned is not None and pruned_point is not None:
         figures = {"loss": pruned_point.loss, "acc": pruned_point.acc}
-        path = save_pruned(probe, pruned_point.removed, Path(options.save_pruned).expanduser(), figures)
+        path = Path(options.save_pruned).expanduser()
+        if is_main():  # torchrun: one writer; the others wait until the file is there
+            path = save_pruned(probe, pruned_point.removed, path, figures)
+        barrier()
         report.pruned = PrunedResult(str(path), pruned_point.removed, pruned_point.loss, pruned_point.acc)
     return report

@@ -14,6 +14,7 @@ import logging
 import os
 import select
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -205,13 +206,40 @@ class _HeldNotes(logging.Handler):
 
 
 @contextlib.contextmanager
-def command_errors(debug: bool, quiet: bool = False) -> Iterator[None]:
+def command_errors(debug: bool, quiet: bool = False, scale_out: bool = False) -> Iterator[None]:
     """Turn every failure into one line on stderr with the right exit status.
 
     Warnings and notes are held until the command's outcome is known: shown when it succeeds or is
     interrupted, dropped when it fails (an error is exactly one line; ``--debug`` shows them too).
     ``--quiet`` drops the notes (not the warnings).
+
+    Under torchrun (:mod:`resprobe.distributed`): a ``scale_out`` command runs on every rank in the
+    process group, and only rank 0 writes the report, progress and warnings; any other command runs
+    on rank 0 alone (the other ranks end at once, exit 0).
     """
+    from resprobe import distributed
+
+    launched = distributed.launched()
+    if launched.distributed and not scale_out and not launched.main:
+        raise typer.Exit(0)
+    with contextlib.ExitStack() as stack:
+        if launched.distributed and scale_out:
+            if not launched.main:  # one report: rank 0's
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            stack.enter_context(_errors_once(debug, launched, quiet))
+            stack.enter_context(distributed.process_group())
+        else:
+            stack.enter_context(_errors_once(debug, launched, quiet))
+        yield
+
+
+@contextlib.contextmanager
+def _errors_once(debug: bool, launched: Any, quiet: bool = False) -> Iterator[None]:
+    """:func:`command_errors`' work: one line per failure, and in a run of several processes one line
+    per run (a rank other than 0 waits a moment before speaking, so that when rank 0 fails too it
+    speaks alone: torchrun ends the others as soon as one process exits with an error)."""
+    from resprobe.distributed import PEER_GRACE_SECONDS, PeerFailed
+
     saved = warnings.showwarning
     pending: list[str] = []
     logger = logging.getLogger("resprobe")
@@ -221,11 +249,20 @@ def command_errors(debug: bool, quiet: bool = False) -> Iterator[None]:
         logger.addHandler(notes)
         logger.setLevel(logging.INFO)
 
+    several = launched.distributed
+
+    def say(text: str) -> None:
+        if several and not launched.main:
+            time.sleep(2.0)
+        stderr.print(text, markup=False)
+
     def hold_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
                      line: Any = None) -> None:
         pending.append(f"warning: {message}")
 
     def show_pending() -> None:
+        if several and not launched.main:  # warnings once: rank 0's
+            pending.clear()
         for text in dict.fromkeys(pending):
             stderr.print(text, markup=False)
         pending.clear()
@@ -244,39 +281,52 @@ def command_errors(debug: bool, quiet: bool = False) -> Iterator[None]:
         raise
     except KeyboardInterrupt:
         show_pending()
-        _announce_interrupt("interrupted")
+        if launched.main:
+            _announce_interrupt("interrupted")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except Interrupted as exc:  # Ctrl-C honoured after making the work durable
         show_pending()
-        _announce_interrupt(_one_line(str(exc)) or "interrupted")
+        if launched.main:
+            _announce_interrupt(_one_line(str(exc)) or "interrupted")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except BrokenPipeError as exc:
         if not stdout_closed():
-            raise_one_line(debug, exc)
+            raise_one_line(debug, exc, say)
         quiet_after_closed_stdout()
+    except PeerFailed as exc:  # another rank failed and said why; torchrun ends this one
+        if debug:
+            traceback.print_exc(file=sys.stderr)
+        time.sleep(PEER_GRACE_SECONDS)
+        if launched.main:
+            stderr.print(f"error: {_one_line(str(exc))}", markup=False)
+        raise typer.Exit(1) from None
     except ResprobeError as exc:
         if debug:
             show_pending()
             traceback.print_exc(file=sys.stderr)
-        stderr.print(f"error: {_one_line(str(exc))}", markup=False)
+        say(f"error: {_one_line(str(exc))}")
         raise typer.Exit(1) from None
     except Exception as exc:  # noqa: BLE001 - never a traceback without --debug
         if debug:
             show_pending()
-        raise_one_line(debug, exc)
+        raise_one_line(debug, exc, say)
     finally:
         warnings.showwarning = saved
         logger.removeHandler(notes)
         logger.setLevel(saved_level)
 
 
-def raise_one_line(debug: bool, exc: BaseException) -> NoReturn:
+def raise_one_line(debug: bool, exc: BaseException, say: Callable[[str], None] | None = None) -> NoReturn:
     """An unexpected error: one line (the traceback too with ``--debug``), exit status 1."""
     if debug:
         traceback.print_exc(file=sys.stderr)
     message = _one_line(str(exc)) or type(exc).__name__
     hint = "" if debug else " (run with --debug for the traceback)"
-    stderr.print(f"error: {type(exc).__name__}: {message}{hint}", markup=False)
+    text = f"error: {type(exc).__name__}: {message}{hint}"
+    if say is not None:
+        say(text)
+    else:
+        stderr.print(text, markup=False)
     raise typer.Exit(1) from None
 
 
@@ -330,12 +380,20 @@ def make_progress(quiet: bool) -> Progress:
     """Progress bars on stderr (images/s and an ETA); none with --quiet or when stderr is not a terminal."""
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(),
-        TimeRemainingColumn(), console=stderr, disable=quiet or not stderr.is_terminal, transient=True,
+        TimeRemainingColumn(), console=stderr, disable=quiet or not stderr.is_terminal or not _main_rank(),
+        transient=True,
     )
 
 
+def _main_rank() -> bool:
+    """Only rank 0 of a torchrun run shows progress and notes (true outside torchrun)."""
+    from resprobe.distributed import launched
+
+    return launched().main
+
+
 def note(quiet: bool, message: str) -> None:
-    if not quiet:
+    if not quiet and _main_rank():
         stderr.print(message, markup=False)
 
 
@@ -400,12 +458,14 @@ def eval_command(
     from resprobe.evaluate import evaluate
     from resprobe.report import emit, eval_table
 
-    with command_errors(debug, quiet):
+    with command_errors(debug, quiet, scale_out=True):
         check_format(fmt)
         require(data, "--data", "the images to evaluate on")
         probe = ModelArgs(model, checkpoint, pretrained, num_classes, model_kwargs, ema, trust_checkpoint, blocks,
                           input_size, mean, std, crop_pct, interpolation, device, precision, offline, decode).open()
-        source = probe.data(data, limit, seed, class_map, labels=labels)
+        from resprobe.distributed import shard_source
+
+        source = shard_source(probe.data(data, limit, seed, class_map, labels=labels), batch_size)  # torchrun: this rank's batches
         loader = probe.loader(source, batch_size, workers)
         with make_progress(quiet) as progress:
             task = progress.add_task("eval", total=len(source))
@@ -486,7 +546,7 @@ def record_command(
     """
     from resprobe.report import emit, record_table
 
-    with command_errors(debug, quiet):
+    with command_errors(debug, quiet, scale_out=True):
         check_format(fmt)
         require(out, "--out", "the HDF5 file to write, e.g. --out run.h5")
         if not resume:
@@ -551,7 +611,7 @@ def align_command(
     from resprobe.report import align_table, emit
     from resprobe.store import open_recording
 
-    with command_errors(debug, quiet):
+    with command_errors(debug, quiet, scale_out=True):
         check_format(fmt)
         if data is None and (_is_recording_path(model) or _is_not_a_model_file(model)):
             recorded = open_recording(model)
@@ -626,7 +686,7 @@ def ablate_command(
     from resprobe.ablate import AblateOptions, parse_unroll, run_ablation
     from resprobe.report import ablate_rows, ablate_table, emit
 
-    with command_errors(debug, quiet):
+    with command_errors(debug, quiet, scale_out=True):
         check_format(fmt)
         require(data, "--data", "the images to evaluate removals on")
         options = AblateOptions(by=by, include_transitions=include_transitions, cumulative=cumulative,
@@ -641,7 +701,9 @@ def ablate_command(
         probe = ModelArgs(model, checkpoint, pretrained, num_classes, model_kwargs, ema, trust_checkpoint, blocks,
                           input_size, mean, std, crop_pct, interpolation, device, precision, offline, decode).open()
         source = probe.data(data, limit, seed, class_map, labels=labels)
-        loader = probe.loader(source, batch_size, workers)
+        from resprobe.distributed import shard_source
+
+        loader = probe.loader(shard_source(source, batch_size), batch_size, workers)  # torchrun: this rank's batches
         with make_progress(quiet) as progress:
             report = run_ablation(probe, loader, options, _progress_factory(progress))
         payload = {"model": str(probe.loaded.spec), **provenance(probe), "data": data, **report.to_dict()}
@@ -792,7 +854,13 @@ def finetune_command(
                                                 "1.23x faster bf16 steps after about 40 s of compiling; "
                                                 "training goes on eagerly, with a warning, if compiling "
                                                 "fails).")] = False,
-    batch_size: BatchSize = 64, workers: Workers = None, class_map: ClassMap = None,
+    sync_bn: Annotated[bool, typer.Option("--sync-bn", help="Under torchrun: BatchNorm statistics over the global "
+                                          "batch (SyncBatchNorm), so N processes × B equal one process × N·B.")] = False,
+    accum_steps: Annotated[int, typer.Option("--accum-steps", help="Micro-batches of --batch-size per optimizer "
+                                             "step (gradient accumulation).")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Samples per batch and process (under "
+                                            "torchrun the global batch is processes × this × --accum-steps).")] = 64,
+    workers: Workers = None, class_map: ClassMap = None,
     checkpoint: Checkpoint = None, pretrained: Pretrained = False, num_classes: NumClasses = None,
     model_kwargs: ModelKwargs = None, ema: Ema = False, trust_checkpoint: Trust = False, blocks: BlocksGlob = None,
     input_size: InputSize = None, mean: Mean = None, std: Std = None, crop_pct: CropPct = None,
@@ -806,13 +874,13 @@ def finetune_command(
     from resprobe.share import check_rebuildable
     from resprobe.train import FinetuneOptions, finetune
 
-    with command_errors(debug, quiet):
+    with command_errors(debug, quiet, scale_out=True):
         check_format(fmt)
         require(data, "--data", "the training images")
         require(out, "--out", "the checkpoint to write, e.g. --out finetuned.pt")
         options = FinetuneOptions(out, epochs, max_steps, lr, optimizer, momentum, weight_decay, warmup_steps, augment,
                                   recalibrate, recalibrate_scope, batch_size, workers, seed, resume,
-                                  overwrite, compile_model).validate()
+                                  overwrite, compile_model, sync_bn=sync_bn, accum_steps=accum_steps).validate()
         if not resume:
             from resprobe.share import check_out_path
 

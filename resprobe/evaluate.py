@@ -47,10 +47,29 @@ class Tally:
             self.hits5 += int((top5 == labels[:, None]).any(1).sum())
         return losses
 
+    def totals(self) -> tuple[float, float, float, float, float]:
+        return (self.n, self.loss, self.hits, self.hits5, self.num_classes or 0)
+
+    def set_totals(self, totals: tuple[float, ...]) -> None:
+        self.n, self.loss, self.hits, self.hits5 = int(totals[0]), float(totals[1]), int(totals[2]), int(totals[3])
+        self.num_classes = int(totals[4]) or None
+
     def result(self) -> EvalResult:
         n = max(self.n, 1)
         top5 = self.hits5 / n if (self.num_classes or 0) >= 5 else None
         return EvalResult(self.n, self.loss / n, self.hits / n, top5)
+
+
+def reduce_tallies(tallies: list[Tally]) -> None:
+    """In a run of several processes (torchrun), make each tally the sum over all ranks (float64,
+    added in rank order, so every rank holds the same numbers); nothing in a run of one."""
+    from resprobe.distributed import all_gather, is_distributed
+
+    if not is_distributed():
+        return
+    for tally, ranks in zip(tallies, zip(*all_gather([t.totals() for t in tallies]))):
+        n, loss, hits, hits5 = (sum(r[i] for r in ranks) for i in range(4))
+        tally.set_totals((n, loss, hits, hits5, max(r[4] for r in ranks)))
 
 
 @torch.no_grad()
@@ -69,6 +88,7 @@ def evaluate(
         tally.add(logits, labels)
         if progress:
             progress(len(labels))
+    reduce_tallies([tally])  # torchrun: each rank evaluated its share of the batches
     return tally.result()
 
 

@@ -603,5 +603,16 @@ def collect(probe: Any, loader: Iterable, target: str = "label", readout: Iterab
             progress: Callable[[int], None] | None = None) -> Recorded:
     """Record every batch of ``loader`` in memory (no file): for ``ablate --proxies`` and notebooks."""
     with Recorder(probe.anatomy, probe.runtime, target=target, readout=readout) as recorder:
-        batches = list(iterate(recorder, loader, progress))
+        batches = gather_batches(list(iterate(recorder, loader, progress)))
     return concat_batches(batches, [b.to_dict() for b in probe.anatomy.blocks])
+
+
+def gather_batches(batches: list[BatchStats]) -> list[BatchStats]:
+    """Under torchrun, every rank's batches (rank r recorded batches r, r+N, ... of a sharded loader,
+    :func:`resprobe.distributed.shard_source`) in one-process order; ``batches`` in a run of one."""
+    from resprobe.distributed import all_gather, is_distributed, merge_in_order
+
+    if not is_distributed():
+        return batches
+    parts = all_gather(batches)
+    return merge_in_order(parts, sum(len(p) for p in parts))

@@ -22,10 +22,12 @@ PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA, then MPS, then the CPU; an unavailable device is a clear error."""
+    from resprobe.distributed import local_device  # under torchrun, `cuda` is cuda:LOCAL_RANK
+
     name = (name or "auto").strip()
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return local_device(torch.device("cuda"))
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -41,7 +43,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise BadValue("--device mps: MPS is not available on this machine")
     if device.type not in ("cpu", "cuda", "mps"):
         raise BadValue(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
-    return device
+    return local_device(device)
 
 
 def tf32_controls(backends: Any = None) -> list[tuple[Any, str, Any, Any]]:

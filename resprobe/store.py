@@ -6,8 +6,9 @@ a small ``.npz`` file, written under a temporary name, fsynced and renamed into 
 (a rename is atomic: a batch file is either whole or absent). ``meta.json`` there holds the run's
 attributes and options; a ``lock`` file held with ``flock`` keeps a second process out. At the end
 the batches are merged into ``RUN.h5.tmp-PID``, which is fsynced and renamed onto ``RUN.h5``; only
-then is the partial folder removed. ``--resume`` counts the whole batch files, reuses the stored
-options and continues with the next batch, so the result equals an uninterrupted run.
+then is the partial folder removed. ``--resume`` keeps the whole batch files (``batch-K.npz`` is
+batch K of the one-process order, whichever process wrote it), reuses the stored options and
+records the missing batches, so the result equals an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ class RunWriter:
         self.meta: dict[str, Any] = {}
         self.n_done = 0
         self.n_batches = 0
+        self.done: set[int] = set()  # the numbers of the durable batches a resume found
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -210,10 +212,16 @@ class RunWriter:
         return sorted(p for p in self.dir.glob(f"{_BATCH_PREFIX}*.npz"))
 
     def _scan_batches(self) -> None:
-        """Count the batches that are whole and consecutive; discard anything after a gap or damage."""
+        """Keep every whole batch file; remove damaged ones and leftovers (they are recomputed).
+
+        Batch file ``batch-K.npz`` holds samples ``K·B .. K·B+B-1`` (B the run's batch size) of the
+        one-process order, whichever process wrote it, so a run of several processes leaves gaps
+        that a resume with any number of processes fills (:meth:`missing_batches`)."""
         self.n_done = self.n_batches = 0
-        for expected, file in enumerate(self._batch_files()):
-            ok = file.name == f"{_BATCH_PREFIX}{expected:06d}.npz"
+        self.done = set()
+        for file in self._batch_files():
+            number = _batch_number(file)
+            ok = number is not None
             if ok:
                 try:
                     with np.load(file, allow_pickle=False) as f:
@@ -221,13 +229,36 @@ class RunWriter:
                 except Exception:  # noqa: BLE001 - a damaged batch is recomputed
                     ok = False
             if not ok:
-                for stale in self._batch_files()[expected:]:
-                    stale.unlink()
-                break
+                file.unlink()
+                continue
+            self.done.add(number)  # type: ignore[arg-type]
             self.n_done += n
             self.n_batches += 1
         for tmp in self.dir.glob("tmp-*"):
             tmp.unlink()
+
+    def durable_samples(self) -> int:
+        """Samples in the batch files now in the folder, by their names (any process's)."""
+        n_planned = int(self.meta.get("n_planned", 0))
+        batch_size = int(self.meta.get("options", {}).get("batch_size") or 1)
+        numbers = (_batch_number(f) for f in self._batch_files())
+        return sum(max(0, min(batch_size, n_planned - k * batch_size)) for k in numbers if k is not None)
+
+    def missing_batches(self, n_batches: int) -> list[int]:
+        """The numbers of the batches not yet durable, in order."""
+        return [k for k in range(n_batches) if k not in self.done]
+
+    @classmethod
+    def attach(cls, path: Path) -> RunWriter:
+        """Another process's run (torchrun: rank 0 created or resumed it and holds its lock): this
+        process only adds batch files to it."""
+        writer = cls(Path(path))
+        try:
+            writer.meta = json.loads((writer.dir / "meta.json").read_text())
+        except (OSError, ValueError):
+            writer.close()
+            raise RecordingError(f"{writer.dir} has no readable meta.json (rank 0 did not create the run)") from None
+        return writer
 
     def _write_json(self, name: str, data: Mapping[str, Any], kept: bool = True) -> None:
         tmp = self.dir / f"tmp-{name}"
@@ -250,13 +281,14 @@ class RunWriter:
     # memory holds no backlog when the disk is slower than the model.
     max_pending = 1
 
-    def write_batch(self, batch: BatchStats) -> None:
-        """Queue ``batch`` for the background writer, first waiting while ``max_pending`` batches are
-        still being written; the first error of an earlier write surfaces here."""
+    def write_batch(self, batch: BatchStats, number: int | None = None) -> None:
+        """Queue ``batch`` (batch ``number`` of the run; default the next one) for the background
+        writer, first waiting while ``max_pending`` batches are still being written; the first error
+        of an earlier write surfaces here."""
         self._raise_failed()
         while len(self._pending) >= self.max_pending:
             self._pending.pop(0).result()  # blocks the recorder until the writer catches up
-        number = self.n_batches
+        number = self.n_batches if number is None else number
         self.n_batches += 1
         self.n_done += len(batch)
         self._pending.append(self._pool.submit(self._write_batch_file, number, batch))
@@ -380,6 +412,12 @@ def _check_output_dir(path: Path) -> None:
             raise RecordingError(f"--out {path} is a directory; give a file name such as {path / 'run.h5'}")
     except OSError as exc:  # e.g. a name too long, a path through a file
         raise _write_error(path, exc, kept=False) from None
+
+
+def _batch_number(file: Path) -> int | None:
+    """K of ``batch-K.npz`` (the run's K-th batch of B samples), None for any other name."""
+    digits = file.name[len(_BATCH_PREFIX):-len(".npz")]
+    return int(digits) if file.name.startswith(_BATCH_PREFIX) and digits.isdigit() else None
 
 
 def _holds_batches(directory: Path) -> bool:
@@ -513,14 +551,13 @@ def _read_partial(directory: Path, meta: Any) -> Recording:
     parts: dict[str, list[np.ndarray]] = {}
     tensors: dict[str, dict[str, list[np.ndarray]]] = {}
     readout: dict[str, list[np.ndarray]] = {}
-    for expected, file in enumerate(sorted(directory.glob(f"{_BATCH_PREFIX}*.npz"))):
-        if file.name != f"{_BATCH_PREFIX}{expected:06d}.npz":
-            break
+    numbered = [(_batch_number(file), file) for file in directory.glob(f"{_BATCH_PREFIX}*.npz")]
+    for _number, file in sorted((k, f) for k, f in numbered if k is not None):  # sample order, gaps allowed
         try:  # the whole batch or nothing of it
             with np.load(file, allow_pickle=False) as f:
                 arrays = {key: f[key] for key in f.files}
-        except Exception:  # noqa: BLE001 - a damaged last batch is simply not counted
-            break
+        except Exception:  # noqa: BLE001 - a damaged batch is simply not counted
+            continue
         for key, value in arrays.items():
             if key.startswith("tensor."):
                 _, kind, block = key.split(".", 2)
@@ -718,6 +755,7 @@ def run_recording(
     progress: Callable[[int], None] | None = None,
     warn: Callable[[str], None] | None = None,
     skip: int | None = None,
+    numbers: list[int] | None = None,
 ) -> RecordResult:
     """Record every batch not yet durable in ``writer``; finish the file when all are done.
 
@@ -727,7 +765,13 @@ def run_recording(
 
     Ctrl-C finishes the batch in flight, makes it durable and raises :class:`Interrupted` (the
     command line exits 130); the merge into ``RUN.h5`` at the end is not interrupted either.
+
+    ``numbers``: the run's batch numbers that ``loader``'s batches are (a resume that fills gaps, or
+    this process's share under torchrun); then ``skip`` is 0. Under torchrun every rank makes its
+    batches durable and rank 0 merges the run once all have.
     """
+    from resprobe import distributed
+
     from resprobe.recorder import NonfiniteTally
 
     start = time.perf_counter()
@@ -737,21 +781,34 @@ def run_recording(
     if progress and writer.n_done:
         progress(writer.n_done)
 
+    batch_size = int(writer.meta.get("options", {}).get("batch_size") or 0)
+    planned = iter(numbers) if numbers is not None else None
+    several = distributed.is_distributed()
+
     def interrupted() -> Interrupted:
         writer.flush()
-        result = RecordResult(str(writer.path), writer.n_done, False, time.perf_counter() - start,
+        n_done = writer.durable_samples() if several else writer.n_done
+        result = RecordResult(str(writer.path), n_done, False, time.perf_counter() - start,
                               provenance=_provenance(writer.meta.get("attrs", {})))
-        return Interrupted(f"interrupted: {writer.n_done} of {writer.meta['n_planned']} samples are recorded in "
+        return Interrupted(f"interrupted: {n_done} of {writer.meta['n_planned']} samples are recorded in "
                            f"{writer.dir}; finish with `resprobe record --out {writer.path} --resume`", result)
 
     pending: Any = None  # the batch launched last, not yet written
+    launched_numbers: list[int | None] = []  # batch numbers of the launched, unwritten batches
+
+    def launch(images: Any, labels: Any, indices: Any) -> Any:
+        number = next(planned) if planned is not None else None
+        if number is not None and batch_size:
+            recorder.samples_seen = number * batch_size  # --save-tensors keeps the run's first K samples
+        launched_numbers.append(number)
+        return recorder.launch_batch(images, labels, indices)
 
     def write_pending() -> None:
         nonlocal pending
         launched, pending = pending, None
         batch = launched.result()
         tally.add(batch)
-        writer.write_batch(batch)
+        writer.write_batch(batch, launched_numbers.pop(0))
         if progress:
             progress(len(batch))
 
@@ -767,7 +824,7 @@ def run_recording(
                         continue
                     # On a GPU the next batch is launched before the previous one is awaited and
                     # written: the device computes one while the host waits for and writes the other.
-                    launched = recorder.launch_batch(images, labels, indices)
+                    launched = launch(images, labels, indices)
                     if pending is not None:
                         write_pending()
                     pending = launched
@@ -792,6 +849,8 @@ def run_recording(
             if warn:
                 for message in messages:
                     warn(message)
+            if several:
+                return _finish_sharded(writer, start, messages)
             out = writer.finish()
     except BaseException:
         with contextlib.suppress(Exception):
@@ -799,6 +858,32 @@ def run_recording(
         writer.close()
         raise
     return RecordResult(str(out), writer.n_done, True, time.perf_counter() - start, messages,
+                        _provenance(writer.meta.get("attrs", {})))
+
+
+def _finish_sharded(writer: RunWriter, start: float, messages: list[str]) -> RecordResult:
+    """torchrun: every rank's batches durable, then rank 0 merges ``RUN.h5`` and every rank reports it."""
+    from resprobe import distributed
+
+    writer.flush()
+    distributed.barrier()  # every batch file is in place
+    error: BaseException | None = None
+    out, n_done = writer.path, 0
+    if distributed.is_main():
+        try:
+            writer.n_done = writer.durable_samples()
+            out = writer.finish()
+            n_done = writer.n_done
+        except ResprobeError as exc:
+            error = exc
+    ok, message = distributed.agree(error is None, str(error) if error else "")
+    if error is not None:
+        raise error
+    if not ok:
+        raise distributed.PeerFailed(f"rank 0 could not merge the recording: {message}")
+    n_done = distributed.broadcast(n_done)
+    writer.close()
+    return RecordResult(str(out), n_done, True, time.perf_counter() - start, messages,
                         _provenance(writer.meta.get("attrs", {})))
 
 
@@ -910,93 +995,144 @@ def record(
     ``resume``: continue the interrupted run at ``out`` with its stored options (given ones must
     match); when nothing was recorded yet (the run was killed before its first batch) and MODEL and
     ``--data`` are given, a new run starts; a complete ``out`` is reported as it is.
+
+    Under torchrun (:mod:`resprobe.distributed`) rank 0 decides, creates or resumes the run and holds
+    its lock; every rank records its share of the missing batches into the same partial folder; rank
+    0 merges them. A resume may use another number of processes: batch files are numbered by their
+    place in the one-process order.
     """
     import torch
     from torch.utils.data import Subset
 
+    from resprobe import distributed
     from resprobe.recorder import Recorder
 
     out = Path(out)
     if resume and overwrite:
         raise RecordingError("give either --resume or --overwrite, not both")
     _check_option_values(options)
-    writer: RunWriter | None = None
-    if resume:
-        state = _resume_state(out)
-        if state == "complete":
-            return _already_complete(out, options, warn)
-        if state == "nothing":
-            if options.model is None or options.data is None:
-                raise RecordingError(f"nothing to resume: neither {out} nor {partial_dir(out)} exists; start the "
-                                     "recording without --resume")
-            if warn:
-                warn(f"nothing of {out} was recorded yet: starting a new recording")
-            resume = False
-    if resume:
-        writer = RunWriter.resume(out)
-        try:
-            options = merge_resume_options(writer.meta.get("options", {}), options, out, writer.meta.get("cwd"))
-        except BaseException:
-            writer.close()
-            raise
-    else:
-        options = options.with_defaults()
-        if options.model is None or options.data is None:
-            raise RecordingError("record needs MODEL and --data")
-        check_can_create(out, overwrite)  # before the model loads: a refusal costs nothing
-    if options.tensor_dtype not in ("float32", "float16"):
-        raise RecordingError(f"--tensor-dtype {options.tensor_dtype!r}: choose float32 or float16")
     if workers is not None and workers < 0:
         raise BadValue(f"--workers must be 0 or more, got {workers}")
+    main = distributed.is_main()
+    writer: RunWriter | None = None
+
+    def decide() -> tuple[str, RecordOptions, RecordResult | None]:
+        """``new``, ``resume`` or ``complete`` (with its result), and the options to record with."""
+        nonlocal writer
+        mode = "resume" if resume else "new"
+        if resume:
+            state = _resume_state(out)
+            if state == "complete":
+                return "complete", options, _already_complete(out, options, warn)
+            if state == "nothing":
+                if options.model is None or options.data is None:
+                    raise RecordingError(f"nothing to resume: neither {out} nor {partial_dir(out)} exists; start "
+                                         "the recording without --resume")
+                if warn:
+                    warn(f"nothing of {out} was recorded yet: starting a new recording")
+                mode = "new"
+        if mode == "resume":
+            writer = RunWriter.resume(out)
+            try:
+                merged = merge_resume_options(writer.meta.get("options", {}), options, out, writer.meta.get("cwd"))
+            except BaseException:
+                writer.close()
+                raise
+        else:
+            merged = options.with_defaults()
+            if merged.model is None or merged.data is None:
+                raise RecordingError("record needs MODEL and --data")
+            check_can_create(out, overwrite)  # before the model loads: a refusal costs nothing
+        if merged.tensor_dtype not in ("float32", "float16"):
+            raise RecordingError(f"--tensor-dtype {merged.tensor_dtype!r}: choose float32 or float16")
+        return mode, merged, None
+
+    # Rank 0 decides (it alone touches the run's folder until it holds the lock); the others follow.
+    mode, options, finished = _on_main(decide, main)
+    if finished is not None:
+        return finished
     created_here = False
     try:
         probe, source, readout = open_for_recording(options, device, trust_checkpoint, offline)
         blocks = [b.to_dict() for b in probe.anatomy.blocks]
-        if writer is None:
-            meta = {
-                "blocks": blocks,
-                "n_planned": len(source),
-                "options": options.__dict__,
-                "cwd": os.getcwd(),  # what relative paths in the options are relative to (for --resume)
-                "attrs": {
-                    "resprobe_version": __version__, "created": now_iso(), **probe.describe(),
-                    "data": options.data, "options": options.__dict__, "target": options.target,
-                    "device": str(probe.runtime.device), "precision": options.precision,
-                    "torch_version": torch.__version__, "n_planned": len(source),
-                },
-            }
-            writer = RunWriter.create(out, meta, overwrite=overwrite)
-            created_here = True
-        elif writer.meta["blocks"] != blocks or int(writer.meta["n_planned"]) != len(source):
-            raise RecordingError(f"--resume: the model or data no longer match what {out} was recording "
-                                 f"({len(source)} samples now, {writer.meta['n_planned']} planned)")
+
+        def open_writer() -> list[int]:
+            nonlocal writer, created_here
+            if writer is None:
+                meta = {
+                    "blocks": blocks,
+                    "n_planned": len(source),
+                    "options": options.__dict__,
+                    "cwd": os.getcwd(),  # what relative paths in the options are relative to (for --resume)
+                    "attrs": {
+                        "resprobe_version": __version__, "created": now_iso(), **probe.describe(),
+                        "data": options.data, "options": options.__dict__, "target": options.target,
+                        "device": str(probe.runtime.device), "precision": options.precision,
+                        "torch_version": torch.__version__, "n_planned": len(source),
+                    },
+                }
+                writer = RunWriter.create(out, meta, overwrite=overwrite)
+                created_here = True
+            elif writer.meta["blocks"] != blocks or int(writer.meta["n_planned"]) != len(source):
+                raise RecordingError(f"--resume: the model or data no longer match what {out} was recording "
+                                     f"({len(source)} samples now, {writer.meta['n_planned']} planned)")
+            return sorted(writer.done)
+
+        done = set(_on_main(open_writer, main))
+        if writer is None:  # torchrun, rank > 0: rank 0 created or resumed the run
+            writer = RunWriter.attach(out)
         batch_size = int(options.batch_size)
-        if writer.n_done % batch_size and writer.n_done < len(source):
-            raise RecordingError(f"--resume: the {writer.n_done} recorded samples of {out} are not whole batches of "
-                                 f"{batch_size}; start anew with --overwrite")
+        ranges = distributed.batch_ranges(len(source), batch_size)
+        writer.done = done
+        numbers = distributed.my_batches(writer.missing_batches(len(ranges)))
+        # The loader yields exactly this process's missing batches: nothing is loaded twice.
+        positions = [p for k in numbers for p in ranges[k]]
         remaining = source
-        if writer.n_done:  # the loader starts after the durable batches: nothing is loaded twice
-            remaining = replace(source, dataset=Subset(source.dataset, range(writer.n_done, len(source))))
+        if len(positions) != len(source):
+            remaining = replace(source, dataset=Subset(source.dataset, positions))
         loader = probe.loader(remaining, batch_size, workers)
         total = len(source)
-        done = [0]
+        done_count = [sum(len(ranges[k]) for k in done)]
 
         def advance(n: int) -> None:
-            done[0] += n
+            done_count[0] += n
             if progress:
-                progress(done[0], total)
+                progress(done_count[0], total)
 
+        if progress and done_count[0]:
+            progress(done_count[0], total)
         dtype = torch.float16 if options.tensor_dtype == "float16" else torch.float32
         with Recorder(probe.anatomy, probe.runtime, target=str(options.target), save_tensors=int(options.save_tensors),
                       tensor_dtype=dtype, readout=readout, samples_seen=writer.n_done) as recorder:
-            return run_recording(writer, recorder, loader, advance, warn, skip=0)
+            return run_recording(writer, recorder, loader, advance, warn, skip=0, numbers=numbers)
     except BaseException:
-        if writer is not None and created_here:
+        if writer is not None and created_here and not distributed.is_distributed():
             writer.discard_if_empty()
         raise
     finally:
         if writer is not None:
             writer.close()
+
+
+def _on_main(fn: Callable[[], Any], main: bool) -> Any:
+    """``fn()`` on rank 0, its result on every rank (torchrun); ``fn()`` in a run of one. An error on
+    rank 0 is raised there and ends the others (:class:`resprobe.distributed.PeerFailed`)."""
+    from resprobe import distributed
+
+    if not distributed.is_distributed():
+        return fn()
+    result, error = None, None
+    if main:
+        try:
+            result = fn()
+        except ResprobeError as exc:
+            error = exc
+    ok, message = distributed.agree(error is None, str(error) if error else "")
+    if error is not None:
+        raise error
+    if not ok:
+        raise distributed.PeerFailed(f"rank 0 stopped: {message}")
+    return distributed.broadcast(result)
 
 
 def _check_option_values(options: RecordOptions) -> None:
@@ -1057,12 +1193,14 @@ def record_in_memory(
     offline: bool = False,
 ) -> Recorded:
     """The same pass as :func:`record`, kept in memory (``align MODEL`` without ``--out``)."""
-    from resprobe.recorder import NonfiniteTally, Recorder, concat_batches, iterate
+    from resprobe.distributed import shard_source
+    from resprobe.recorder import NonfiniteTally, Recorder, concat_batches, gather_batches, iterate
 
     _check_option_values(options)
     options = options.with_defaults()
     probe, source, readout = open_for_recording(options, device, trust_checkpoint, offline)
-    loader = probe.loader(source, int(options.batch_size), workers)
+    # torchrun: each rank records its batches, gathered back in one-process order below
+    loader = probe.loader(shard_source(source, int(options.batch_size)), int(options.batch_size), workers)
     done = [0]
 
     def advance(n: int) -> None:
@@ -1071,7 +1209,7 @@ def record_in_memory(
             progress(done[0], len(source))
 
     with Recorder(probe.anatomy, probe.runtime, str(options.target), readout=readout) as recorder:
-        batches = list(iterate(recorder, loader, advance))
+        batches = gather_batches(list(iterate(recorder, loader, advance)))
     blocks = [b.to_dict() for b in probe.anatomy.blocks]
     tally = NonfiniteTally([b["name"] for b in blocks], [b["kind"] == "identity" for b in blocks])
     for batch in batches:

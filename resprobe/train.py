@@ -17,8 +17,9 @@ normalized batch in the loop, so in-memory arrays are augmented too).
 epoch, the RNG states — as tensors and plain containers (``torch.load(weights_only=True)`` reads it).
 A run resumed from it continues exactly where it stopped: on the CPU, the result equals an
 uninterrupted run bit for bit. The data order of epoch e is a permutation seeded by (seed, e), and
-``timm`` augmentation is seeded per (seed, epoch, sample), so neither depends on worker processes
-or on where a run was interrupted.
+both augmentations are drawn per (seed, epoch, sample), so neither depends on worker processes,
+on where a run was interrupted, or on how a step's samples are split between processes (torchrun:
+DistributedDataParallel, ``batch_size`` per process; see :mod:`resprobe.distributed`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset, Subset
 
+from resprobe import distributed
 from resprobe.data import DataSource, IndexedDataset, Preprocessing, TensorImages, limit_source, make_loader
 from resprobe.errors import BadValue
 from resprobe.evaluate import EvalResult, evaluate
@@ -82,6 +84,8 @@ class FinetuneOptions:
     resume: bool = False
     overwrite: bool = False
     compile: bool = False  # torch.compile the training forward/backward (eager on failure)
+    sync_bn: bool = False  # torchrun: BatchNorm statistics over the global batch
+    accum_steps: int = 1  # micro-batches of batch_size per optimizer step (gradient accumulation)
 
     @property
     def learning_rate(self) -> float:
@@ -115,6 +119,8 @@ class FinetuneOptions:
         check_recalibrate_scope(self.recalibrate_scope)
         if self.batch_size < 1:
             raise BadValue(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.accum_steps < 1:
+            raise BadValue(f"--accum-steps must be at least 1, got {self.accum_steps}")
         if self.resume and self.overwrite:
             raise BadValue("give --resume or --overwrite, not both")
         return self
@@ -124,7 +130,12 @@ class FinetuneOptions:
         return {"epochs": self.epochs, "max_steps": self.max_steps, "lr": self.learning_rate,
                 "optimizer": self.optimizer, "momentum": self.momentum, "weight_decay": self.decay,
                 "warmup_steps": self.warmup_steps, "augment": self.augment, "recalibrate": self.recalibrate,
-                "recalibrate_scope": self.recalibrate_scope, "batch_size": self.batch_size, "seed": self.seed}
+                "recalibrate_scope": self.recalibrate_scope, "batch_size": self.batch_size, "seed": self.seed,
+                "accum_steps": self.accum_steps, "sync_bn": self.sync_bn}
+
+
+# Keys added to the resume fingerprint later: a checkpoint without them ran with these values.
+_FINGERPRINT_DEFAULTS = {"accum_steps": 1, "sync_bn": False, "world_size": 1}
 
 
 @dataclass
@@ -153,6 +164,8 @@ class FinetuneResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     complete: bool = True
     recalibrated: int = 0
+    world_size: int = 1  # processes (torchrun); each took --batch-size samples per micro-step
+    global_batch_size: int | None = None  # samples per optimizer step: world_size × batch_size × accum_steps
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -223,6 +236,36 @@ def light_augment(images: Tensor, generator: torch.Generator) -> Tensor:
     flips = torch.rand(b, generator=generator) < 0.5
     dy = torch.randint(0, 2 * pad_h + 1, (b,), generator=generator)
     dx = torch.randint(0, 2 * pad_w + 1, (b,), generator=generator)
+    return _flip_and_shift(images, flips, dy, dx)
+
+
+def _sample_keys(seed: int, epoch: int, indices: Tensor) -> np.ndarray:
+    """64 random bits per sample from (seed, epoch, sample index) alone (splitmix64): the same draws
+    whichever process, batch or position a sample lands in."""
+    with np.errstate(over="ignore"):
+        golden = np.array([0x9E3779B97F4A7C15], dtype=np.uint64)
+        x = indices.cpu().numpy().astype(np.uint64) * golden + np.array([_epoch_seed(seed, epoch)], np.uint64)
+        x = x + golden
+        x = (x ^ (x >> np.uint64(30))) * np.array([0xBF58476D1CE4E5B9], np.uint64)
+        x = (x ^ (x >> np.uint64(27))) * np.array([0x94D049BB133111EB], np.uint64)
+        return x ^ (x >> np.uint64(31))
+
+
+def light_augment_samples(images: Tensor, seed: int, epoch: int, indices: Tensor) -> Tensor:
+    """:func:`light_augment` with each sample's flip and shift drawn from (seed, epoch, its index), so
+    N processes with batch B augment exactly as one process with batch N·B (``finetune``'s way)."""
+    _b, _c, h, w = images.shape
+    keys = _sample_keys(seed, epoch, indices)
+    flips = torch.from_numpy((keys & np.uint64(1)).astype(np.int64)) == 1
+    dy = torch.from_numpy(((keys >> np.uint64(8)) % np.uint64(2 * (h // 8) + 1)).astype(np.int64))
+    dx = torch.from_numpy(((keys >> np.uint64(32)) % np.uint64(2 * (w // 8) + 1)).astype(np.int64))
+    return _flip_and_shift(images, flips, dy, dx)
+
+
+def _flip_and_shift(images: Tensor, flips: Tensor, dy: Tensor, dx: Tensor) -> Tensor:
+    """Flip the samples marked in ``flips``, then crop each at (dy, dx) from the zero-padded batch."""
+    b, _c, h, w = images.shape
+    pad_h, pad_w = h // 8, w // 8
     images = torch.where(flips.view(b, 1, 1, 1).to(images.device), images.flip(3), images)
     if pad_h == 0 and pad_w == 0:
         return images
@@ -400,7 +443,7 @@ def _read_resume_state(out: Path, options: FinetuneOptions, data: dict[str, Any]
     if int(training.get("version", 0)) > STATE_VERSION:
         raise BadValue(f"--resume: {out} was written by a newer resprobe")
     for key, value in {**options.fingerprint(), **data}.items():
-        old = {**training["options"], **training["data"]}.get(key)
+        old = {**training["options"], **training["data"]}.get(key, _FINGERPRINT_DEFAULTS.get(key))
         if key in ("train", "val") and _same_path(old, value, training.get("cwd")):
             continue
         if old != value:
@@ -451,13 +494,15 @@ def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
 # The loop
 
 
-def _result(run: _Run, out: Path, best_file: Path) -> FinetuneResult:
+def _result(run: _Run, out: Path, best_file: Path, world_size: int = 1,
+            global_batch_size: int | None = None) -> FinetuneResult:
     last = run.history[-1] if run.history else None
     return FinetuneResult(
         steps=run.state.step, epochs=run.state.epoch,
         train_loss=last["train_loss"] if last else None,
         val=run.last_val, out=str(out), best=str(best_file) if run.best else None, best_val=run.best,
         history=run.history, complete=run.complete, recalibrated=run.recalibrated,
+        world_size=world_size, global_batch_size=global_batch_size,
     )
 
 
@@ -486,15 +531,23 @@ def finetune(
     n_train = len(train)
     if n_train == 0:
         raise BadValue(f"--data {train.spec} holds no samples")
+    world = distributed.world()
     data_info = {"train": train.spec, "n_train": n_train, "val": val.spec if val else None,
-                 "n_val": len(val) if val else None}
+                 "n_val": len(val) if val else None, "world_size": world.size}
+    # torchrun: --batch-size per process (timm's convention); one step takes the global batch.
+    global_batch = options.batch_size * options.accum_steps * world.size
+    if global_batch > n_train and global_batch != options.batch_size:
+        raise BadValue(f"--data {train.spec} holds {n_train} samples, fewer than one step's {global_batch} "
+                       f"({world.size} processes × --batch-size {options.batch_size} × --accum-steps "
+                       f"{options.accum_steps})")
     resumed = _read_resume_state(out, options, data_info) if options.resume else None
     if resumed is None:
         check_out_path(out, options.overwrite)
         check_out_path(best_file, options.overwrite, option="the best checkpoint")
-        best_file.unlink(missing_ok=True)  # a stale best from an earlier run would be misleading
+        if world.main:
+            best_file.unlink(missing_ok=True)  # a stale best from an earlier run would be misleading
 
-    per_epoch = steps_per_epoch(n_train, options.batch_size)
+    per_epoch = steps_per_epoch(n_train, global_batch)
     total = options.max_steps or per_epoch * (options.epochs or 1)
     # Loss sums stay on the device (no sync per step), in float64 where the device has it.
     sum_dtype = torch.float32 if runtime.device.type == "mps" else torch.float64
@@ -520,7 +573,7 @@ def finetune(
         run.recalibrated, run.complete = int(resumed["recalibrated"]), bool(resumed["complete"])
         if run.complete:
             model.eval()
-            return _result(run, out, best_file)
+            return _result(run, out, best_file, world.size, min(global_batch, n_train))
     else:
         torch.manual_seed(options.seed)  # dropout and drop-path draw from the global generator
         aug_generator.manual_seed(options.seed)
@@ -531,10 +584,14 @@ def finetune(
                                            recalibrate_progress)
 
     dataset = _training_dataset(train, options, probe.preprocessing)
-    val_loader = (make_loader(val, options.batch_size, options.workers, runtime.device, generator=torch.Generator())
+    # torchrun: each rank validates its share of the batches; evaluate() sums over the ranks.
+    val_loader = (make_loader(distributed.shard_source(val, options.batch_size), options.batch_size, options.workers,
+                              runtime.device, generator=torch.Generator())
                   if val else None)
 
     def save_last() -> None:
+        if not world.main:  # rank 0 writes the checkpoints
+            return
         save_resprobe_checkpoint(
             out, probe.loaded, model, recipes=probe.loaded.recipes, preprocessing=probe.preprocessing_used.to_dict(),
             meta={"finetune": {"steps": run.state.step, "epochs": run.state.epoch, "complete": run.complete}},
@@ -553,13 +610,14 @@ def finetune(
         record.update(val_loss=result.loss, val_acc=result.acc)
         if run.best is None or result.loss < run.best["loss"]:
             run.best = {"epoch": s.epoch, "step": s.step, "loss": result.loss, "acc": result.acc}
-            save_resprobe_checkpoint(best_file, probe.loaded, model, recipes=probe.loaded.recipes,
-                                     preprocessing=probe.preprocessing_used.to_dict(),
-                                     meta={"finetune_best": run.best})
+            if world.main:  # rank 0 writes the checkpoints
+                save_resprobe_checkpoint(best_file, probe.loaded, model, recipes=probe.loaded.recipes,
+                                         preprocessing=probe.preprocessing_used.to_dict(),
+                                         meta={"finetune_best": run.best})
 
     def end_epoch() -> None:
         s = run.state
-        train_loss = float(run.loss_sum) / max(run.loss_count, 1)
+        train_loss = _global_mean_loss(run)
         record: dict[str, Any] = {"epoch": s.epoch, "step": s.step, "train_loss": train_loss, "lr": s.lr}
         validate(record)
         run.history.append(record)
@@ -577,47 +635,80 @@ def finetune(
         validate(start)
         run.history.append(start)
 
-    forward = compiled_forward(model) if options.compile else model
-    with _deferred_interrupt() as interrupted:
-        while run.state.step < total:
-            stopped = _train_epoch(model, forward, dataset, train, options, runtime, run, optimizer, scheduler,
-                                   scaler, aug_generator, end_epoch, on_step, stop, interrupted)
-            if stopped:
-                save_last()
-                model.eval()
-                if interrupted():
-                    raise KeyboardInterrupt
-                return _result(run, out, best_file)
+    trained: nn.Module = model
+    if world.distributed:
+        if options.sync_bn:
+            model = distributed.convert_sync_batchnorm(model, runtime.device)
+        # DDP broadcasts rank 0's parameters and buffers and averages gradients over the ranks.
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda"
+                                          else None)
+    forward = compiled_forward(trained) if options.compile else trained
+    try:
+        with _deferred_interrupt() as interrupted:
+            while run.state.step < total:
+                stopped = _train_epoch(model, forward, dataset, train, options, runtime, run, optimizer, scheduler,
+                                       scaler, aug_generator, end_epoch, on_step, stop, interrupted, world)
+                if stopped:
+                    save_last()
+                    model.eval()
+                    if interrupted():
+                        raise KeyboardInterrupt
+                    return _result(run, out, best_file, world.size, min(global_batch, n_train))
+    finally:
+        if options.sync_bn and world.distributed:
+            distributed.revert_sync_batchnorm(model)
     model.eval()
-    return _result(run, out, best_file)
+    return _result(run, out, best_file, world.size, min(global_batch, n_train))
 
 
 def _train_epoch(model: nn.Module, forward: Callable[[Tensor], Tensor], dataset: Dataset, train: DataSource,
                  options: FinetuneOptions, runtime: Any, run: _Run, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
                  aug_generator: torch.Generator, end_epoch: Callable[[], None],
                  on_step: Callable[[TrainState], None] | None, stop: Callable[[TrainState], bool] | None,
-                 interrupted: Callable[[], bool]) -> bool:
-    """Run the rest of the current epoch; True when asked to stop before the end."""
+                 interrupted: Callable[[], bool], world: distributed.World | None = None) -> bool:
+    """Run the rest of the current epoch; True when asked to stop before the end.
+
+    Step t of an epoch takes the samples ``order[t·G : (t+1)·G]`` of the epoch's permutation, G the
+    global batch (processes × --batch-size × --accum-steps); micro-step a of rank r takes the B
+    samples at ``t·G + (a·N + r)·B``. So the samples of each step, and (augmentation drawn per sample)
+    their images, are the same whatever N and B: N processes × B equal one process × N·B.
+    """
+    world = world or distributed.World()
     s = run.state
     n = len(train)
-    batch_size = min(options.batch_size, n)
-    order = epoch_order(n, options.seed, s.epoch)[s.position * batch_size:]
+    accum = options.accum_steps
+    batch_size = min(options.batch_size, n) if world.size * accum == 1 else options.batch_size
+    step_size = batch_size * accum * world.size
+    order = epoch_order(n, options.seed, s.epoch)
+    mine = [order[t * step_size + (a * world.size + world.rank) * batch_size + i]
+            for t in range(s.position, s.steps_per_epoch) for a in range(accum) for i in range(batch_size)]
     if isinstance(dataset, SeededTrainTransform):
         dataset.epoch = s.epoch
     # The loader gets its own generator so creating it never draws from the global RNG.
-    loader = make_loader(replace(train, dataset=Subset(dataset, order)), batch_size, options.workers,
+    loader = make_loader(replace(train, dataset=Subset(dataset, mine)), batch_size, options.workers,
                          runtime.device, generator=torch.Generator().manual_seed(_epoch_seed(options.seed, s.epoch)),
                          drop_last=True)
     model.train()
-    for images, labels, _index in loader:
+    micro: list[tuple[Tensor, Tensor]] = []
+    for images, labels, index in loader:
         if options.augment == "light":
             # On the device: the same result as on the host (index arithmetic only), no host work.
             # train_step then lays the augmented batch out for the device (channels_last on CUDA).
-            images = light_augment(images.to(runtime.device, non_blocking=True), aug_generator)
+            images = light_augment_samples(images.to(runtime.device, non_blocking=True), options.seed, s.epoch,
+                                           index)
+        micro.append((images, labels))
+        if len(micro) < accum:
+            continue
         s.lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it on)
-        loss = train_step(forward, images, labels, runtime, optimizer, scheduler, scaler)
-        run.loss_sum += loss.detach().to(run.loss_sum.dtype) * len(labels)
-        run.loss_count += len(labels)
+        if accum == 1:
+            loss = train_step(forward, images, labels, runtime, optimizer, scheduler, scaler)
+        else:
+            loss = accumulated_step(forward, micro, runtime, optimizer, scheduler, scaler)
+        micro = []
+        run.loss_sum += loss.detach().to(run.loss_sum.dtype) * (len(labels) * accum)
+        run.loss_count += len(labels) * accum
         s.step += 1
         s.position += 1
         epoch_done = s.position >= s.steps_per_epoch or s.step >= s.total_steps
@@ -629,7 +720,10 @@ def _train_epoch(model: nn.Module, forward: Callable[[Tensor], Tensor], dataset:
             end_epoch()
             if s.step >= s.total_steps:
                 return False
-        if (stop is not None and stop(s)) or interrupted():
+        asked = (stop is not None and stop(s)) or interrupted()
+        if world.distributed:  # every rank stops at the same step (one asked: all stop)
+            asked = distributed.all_reduce_sums([1.0 if asked else 0.0])[0] > 0
+        if asked:
             return True
         if epoch_done:
             return False
@@ -656,6 +750,36 @@ def train_step(model: Callable[[Tensor], Tensor], images: Tensor, labels: Tensor
     return loss
 
 
+def accumulated_step(model: Callable[[Tensor], Tensor], micro: list[tuple[Tensor, Tensor]], runtime: Any,
+                     optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any) -> Tensor:
+    """One optimizer step from several micro-batches (``--accum-steps``): their gradients add up, each
+    loss scaled by 1/len(micro), so the step equals one on their union (for BatchNorm models up to
+    the per-micro-batch statistics). Under DDP only the last backward all-reduces (``no_sync``)."""
+    optimizer.zero_grad(set_to_none=True)
+    total = None
+    with runtime.numerics():
+        for i, (images, labels) in enumerate(micro):
+            images, labels = runtime.batch(images), labels.to(runtime.device, non_blocking=True)
+            last = i == len(micro) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                with runtime.autocast():
+                    logits = model(images)
+                loss = F.cross_entropy(logits.float(), labels) / len(micro)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+    scheduler.step()
+    return total  # the mean loss over the micro-batches
+
+
 def compiled_forward(model: nn.Module, warn: Callable[[str], None] | None = None) -> CompiledOrEager:
     """``model(x)`` through ``torch.compile`` (``finetune --compile``), eager if compiling fails.
 
@@ -665,8 +789,14 @@ def compiled_forward(model: nn.Module, warn: Callable[[str], None] | None = None
     return CompiledOrEager(model, "--compile", "training continues eagerly", warn)
 
 
+def _global_mean_loss(run: _Run) -> float:
+    """The epoch's mean training loss so far, over every rank's samples (torchrun)."""
+    total, count = distributed.all_reduce_sums([float(run.loss_sum), run.loss_count])
+    return total / max(count, 1)
+
+
 def _check_finite(run: _Run, step: int) -> float:
-    mean = float(run.loss_sum) / max(run.loss_count, 1)
+    mean = _global_mean_loss(run)
     if not math.isfinite(mean):
         raise BadValue(f"training diverged: the loss is {mean} by step {step}; lower --lr")
     return mean

@@ -1,0 +1,374 @@
+"""Several processes (``torchrun``): who this process is, the process group, and the few collective
+operations resprobe needs so that a run on N processes gives what one process gives.
+
+Started by ``torchrun --nproc-per-node N -m resprobe COMMAND ...`` (or ``srun torchrun ...``), a
+process finds ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` in its environment (read, never set). With
+``WORLD_SIZE`` above 1 the command joins the process group (gloo for CPU tensors, NCCL for CUDA
+tensors on ``cuda:LOCAL_RANK``); otherwise nothing here does anything: no process group, no
+communication, no overhead.
+
+How work is split: samples go to ranks by whole batches, batch k (samples ``k·B .. k·B+B-1`` of the
+one-process order) to rank ``k mod N``, so every batch holds the same samples as in a one-process
+run and merged results come back in one-process order. Sums (losses, hits, moments) are all-reduced
+in float64; per-sample results are gathered and put back in that order.
+
+Errors: the rank that fails prints its one line and exits 1; ``torchrun`` then ends the other ranks
+(within its monitor interval, 0.1 s by default). A rank that finds a peer gone in a collective
+(:class:`PeerFailed`) exits 1 without a line of its own, unless it is rank 0 and no one ended it
+within :data:`PEER_GRACE_SECONDS`. The process group's :data:`TIMEOUT` bounds any wait for a rank
+that hangs without exiting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from resprobe.errors import ResprobeError
+
+if TYPE_CHECKING:  # torch is imported where it is used: `resprobe --help` stays fast
+    import torch
+
+TIMEOUT = datetime.timedelta(minutes=30)  # the longest a rank waits for the others in a collective
+PEER_GRACE_SECONDS = 10.0  # how long a rank that lost a peer waits to be ended by torchrun
+
+T = TypeVar("T")
+
+
+class PeerFailed(ResprobeError):
+    """Another process of the run stopped (its own error is what it printed)."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the run: ``rank`` of ``size`` processes, ``local_rank`` on its machine."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def world_from_env(environ: Any = None) -> World:
+    """The run torchrun (or SLURM with torchrun, or any launcher that sets the same variables) started."""
+    env = os.environ if environ is None else environ
+    try:
+        size = int(env.get("WORLD_SIZE", "1"))
+        rank = int(env.get("RANK", "0"))
+        local = int(env.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise ResprobeError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (set by torchrun)") from None
+    if size < 1 or not 0 <= rank < size:
+        raise ResprobeError(f"RANK {rank} is outside WORLD_SIZE {size} (set by torchrun)")
+    return World(rank, size, local)
+
+
+def world() -> World:
+    """This process's place: from the process group when one is up, else a run of one."""
+    if _group_is_up():
+        import torch.distributed as dist
+
+        return World(dist.get_rank(), dist.get_world_size(), world_from_env().local_rank)
+    return World()
+
+
+def _group_is_up() -> bool:
+    import sys
+
+    if "torch" not in sys.modules:  # no torch yet, so no process group either
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_distributed() -> bool:
+    return world().distributed
+
+
+def is_main() -> bool:
+    return world().main
+
+
+def launched() -> World:
+    """What the environment says, before the group is up (only rank 0 writes output from the start)."""
+    try:
+        return world_from_env()
+    except ResprobeError:
+        return World()
+
+
+def backend() -> str:
+    """gloo for CPU tensors; with CUDA also NCCL for CUDA tensors (float64 sums stay on the CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cpu:gloo,cuda:nccl"
+    return "gloo"
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[World]:
+    """Join the run's process group for the duration of a command (nothing outside torchrun)."""
+    here = world_from_env()
+    if not here.distributed:
+        yield here
+        return
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise ResprobeError("this PyTorch build has no torch.distributed: run resprobe without torchrun")
+    if dist.is_initialized():  # set up by the caller (a script running several commands): used as it is
+        yield world()
+        return
+    if torch.cuda.is_available():
+        # NCCL and every `cuda` device of this process mean this process's own GPU.
+        torch.cuda.set_device(here.local_rank % max(1, torch.cuda.device_count()))
+    try:
+        dist.init_process_group(backend(), timeout=TIMEOUT)
+    except Exception as exc:  # noqa: BLE001 - a rendezvous failure is one line
+        raise ResprobeError(f"cannot join the torchrun process group ({type(exc).__name__}: "
+                            f"{(str(exc).splitlines() or [''])[0]})") from None
+    try:
+        yield world()
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+def local_device(device: torch.device) -> torch.device:
+    """``cuda`` (without an index) means this process's GPU, ``cuda:LOCAL_RANK``, in a run of several."""
+    import torch
+
+    here = launched()
+    if device.type == "cuda" and device.index is None and here.distributed and torch.cuda.is_available():
+        return torch.device("cuda", here.local_rank % torch.cuda.device_count())
+    return device
+
+
+# --------------------------------------------------------------------------------------------------
+# Collectives (each a no-op in a run of one)
+
+
+@contextlib.contextmanager
+def _collective(what: str) -> Iterator[None]:
+    """A peer that stopped makes a collective fail: that is :class:`PeerFailed`, not an error of ours."""
+    try:
+        yield
+    except ResprobeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - gloo/NCCL raise RuntimeError and DistError subclasses
+        raise PeerFailed(f"another process of the run stopped during {what} ({type(exc).__name__})") from exc
+
+
+def barrier() -> None:
+    if not is_distributed():
+        return
+    import torch.distributed as dist
+
+    with _collective("a barrier"):
+        dist.barrier()
+
+
+def all_reduce_sums(values: Sequence[float]) -> list[float]:
+    """Element-wise sums over all ranks, in float64 (on the CPU: gloo)."""
+    if not is_distributed():
+        return [float(v) for v in values]
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    with _collective("a sum over processes"):
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def all_reduce_tensor_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks in place (float64 on the CPU; results copied back)."""
+    if not is_distributed():
+        return tensor
+    import torch
+    import torch.distributed as dist
+
+    work = tensor.detach().to("cpu", torch.float64)
+    with _collective("a sum over processes"):
+        dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    tensor.copy_(work.to(tensor.device, tensor.dtype))
+    return tensor
+
+
+def all_gather(obj: T) -> list[T]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a run of one."""
+    if not is_distributed():
+        return [obj]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * dist.get_world_size()
+    with _collective("a gather"):
+        dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast(obj: T, src: int = 0) -> T:
+    """Rank ``src``'s ``obj`` on every rank."""
+    if not is_distributed():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    with _collective("a broadcast"):
+        dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def agree(ok: bool, message: str = "") -> tuple[bool, str]:
+    """Whether every rank is ``ok``; when not, the first failing rank's ``message``. Use it where a
+    check can fail on one rank only (a file, an option) so that all ranks stop together."""
+    if not is_distributed():
+        return ok, message
+    results = all_gather((ok, message))
+    for good, text in results:
+        if not good:
+            return False, text
+    return True, ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharding: whole batches, batch k on rank k mod N
+
+
+def batch_ranges(n: int, batch_size: int) -> list[range]:
+    """The batches of a one-process pass over ``n`` samples, as position ranges."""
+    return [range(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+
+
+def my_batches(numbers: Sequence[int], here: World | None = None) -> list[int]:
+    """This rank's share of batch ``numbers``: every N-th, starting at its rank."""
+    here = here or world()
+    return list(numbers)[here.rank::here.size]
+
+
+def shard_positions(n: int, batch_size: int, here: World | None = None) -> list[int]:
+    """The sample positions this rank takes in a pass over ``n`` samples in batches of ``batch_size``:
+    batch k whole on rank k mod N (a loader with that batch size over them yields exactly those batches)."""
+    here = here or world()
+    if not here.distributed:
+        return list(range(n))
+    ranges = batch_ranges(n, batch_size)
+    return [p for k in my_batches(range(len(ranges)), here) for p in ranges[k]]
+
+
+def shard_source(source: Any, batch_size: int) -> Any:
+    """``source`` (a :class:`resprobe.data.DataSource`) restricted to this rank's batches."""
+    if not is_distributed():
+        return source
+    from dataclasses import replace
+
+    from torch.utils.data import Subset
+
+    return replace(source, dataset=Subset(source.dataset, shard_positions(len(source), batch_size)))
+
+
+def merge_in_order(parts: Sequence[Sequence[T]], n_batches: int) -> list[T]:
+    """Per-rank lists of per-batch results (rank r holds batches r, r+N, ...) back in batch order."""
+    size = len(parts)
+    merged: list[T] = []
+    for k in range(n_batches):
+        part = parts[k % size]
+        merged.append(part[k // size])
+    return merged
+
+
+# --------------------------------------------------------------------------------------------------
+# BatchNorm over the global batch (finetune --sync-bn)
+
+
+@functools.lru_cache(maxsize=None)
+def _global_batch_norm_class() -> type:
+    """BatchNorm whose training statistics are those of the global batch (every rank's samples),
+    for the CPU, where ``torch.nn.SyncBatchNorm`` does not run. Sums and sums of squares are taken
+    in float64 and all-reduced with autograd (``torch.distributed.nn.functional.all_reduce``), so
+    the gradient flows through the global statistics exactly as in one process with the whole batch."""
+    import torch
+    from torch import nn
+    from torch.distributed.nn.functional import all_reduce
+
+    class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+        def _check_input_dim(self, input: torch.Tensor) -> None:
+            if input.dim() < 2:
+                raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+        def forward(self, input: torch.Tensor) -> torch.Tensor:
+            if not (self.training and is_distributed()):
+                return super().forward(input)
+            self._check_input_dim(input)
+            dims = [0, *range(2, input.dim())]
+            x = input.double()
+            count = torch.full((1,), float(input.numel() // input.shape[1]), dtype=torch.float64,
+                               device=input.device)
+            sums = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+            c = input.shape[1]
+            n = sums[-1]
+            mean = sums[:c] / n
+            var = (sums[c:2 * c] / n - mean * mean).clamp_min(0)  # biased, as BatchNorm normalizes
+            shape = [1, c, *[1] * (input.dim() - 2)]
+            out = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
+            if self.affine:
+                out = out * self.weight.double().view(shape) + self.bias.double().view(shape)
+            if self.track_running_stats and self.running_mean is not None:
+                with torch.no_grad():
+                    self.num_batches_tracked.add_(1)
+                    factor = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
+                    unbiased = var * n / (n - 1).clamp_min(1)
+                    self.running_mean.mul_(1 - factor).add_(factor * mean.to(self.running_mean.dtype))
+                    self.running_var.mul_(1 - factor).add_(factor * unbiased.to(self.running_var.dtype))
+            return out.to(input.dtype)
+
+    return GlobalBatchNorm
+
+
+def convert_sync_batchnorm(model: Any, device: torch.device) -> Any:
+    """``finetune --sync-bn``: BatchNorm statistics over the global batch. On CUDA timm's converter
+    (``torch.nn.SyncBatchNorm``, and timm's BatchNorm+activation layers); on the CPU the torch
+    BatchNorm1d/2d/3d layers become :func:`_global_batch_norm_class` layers with the same parameters
+    and buffers (other BatchNorm variants are refused there)."""
+    from torch import nn
+
+    if device.type == "cuda":
+        from timm.layers import convert_sync_batchnorm as timm_convert
+
+        return timm_convert(model)
+    plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    others = sorted({type(m).__name__ for m in model.modules()
+                     if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m) not in plain})
+    if others:
+        raise ResprobeError(f"--sync-bn on the CPU converts torch BatchNorm layers only; this model also has "
+                            f"{', '.join(others)} (run on CUDA, or without --sync-bn)")
+    cls = _global_batch_norm_class()
+    for module in model.modules():
+        if type(module) in plain:
+            module._resprobe_plain_class = type(module)
+            module.__class__ = cls  # same parameters, buffers and hyper-parameters; training forward global
+    return model
+
+
+def revert_sync_batchnorm(model: Any) -> Any:
+    """Undo :func:`convert_sync_batchnorm` on the CPU: the layers become their own classes again."""
+    for module in model.modules():
+        plain = module.__dict__.pop("_resprobe_plain_class", None)
+        if plain is not None:
+            module.__class__ = plain
+    return model

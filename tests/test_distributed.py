@@ -1,0 +1,272 @@
+"""torchrun: two gloo processes on the CPU give what one process gives (record, align, ablate, eval,
+finetune), resume with another number of processes, one line and exit 1 when one rank fails.
+
+The two-process runs are real ``torchrun`` launches (``python -m torch.distributed.run``), one
+thread per process; several commands share a launch (tests/distributed_worker.py) because starting
+processes that import torch is the main cost. The one-process references run in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DATA, HERE, MODEL, ROOT, invoke
+from resprobe import distributed
+from resprobe.store import RecordOptions, open_recording, partial_dir, record
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+LAUNCH_TIMEOUT = 300  # seconds; a hang fails the test instead of the suite
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def torchrun(*args: str, cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node N ARGS`` with this Python, each process one thread."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    return subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+
+
+def run_jobs(jobs: list[tuple[str, list[str]]], tmp: Path, nproc: int = 2) -> dict[str, str]:
+    """Several CLI commands in one two-process launch; each job's rank-0 stdout by name (asserting that
+    every rank exited 0 and that no other rank wrote to stdout)."""
+    spec = tmp / "jobs.json"
+    spec.write_text(json.dumps({"dir": str(tmp), "jobs": [[n, [str(a) for a in args]] for n, args in jobs]}))
+    done = torchrun(str(HERE / "distributed_worker.py"), str(spec), cwd=tmp, nproc=nproc)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outputs = {}
+    for name, _ in jobs:
+        for rank in range(nproc):
+            code = (tmp / f"{name}.rank{rank}.code").read_text()
+            assert code == "0", (name, rank, done.stderr[-3000:])
+            if rank:
+                assert (tmp / f"{name}.rank{rank}.out").read_text() == "", name
+        outputs[name] = (tmp / f"{name}.rank0.out").read_text()
+    return outputs
+
+
+def one_json(text: str) -> dict:
+    """stdout holds exactly one JSON document."""
+    decoder = json.JSONDecoder()
+    payload, end = decoder.raw_decode(text.strip())
+    assert text.strip()[end:].strip() == "", "more than one report on stdout"
+    return payload
+
+
+def assert_close(a, b, tol: float, path: str = "") -> None:
+    """Equal structures; numbers equal to ``tol`` relative (and absolute)."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), (path, set(a) ^ set(b))
+        for k in a:
+            assert_close(a[k], b[k], tol, f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_close(x, y, tol, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, (int, float)):
+        assert abs(a - b) <= tol * max(1.0, abs(a)), (path, a, b)
+    else:
+        assert a == b, (path, a, b)
+
+
+COMMON = ["--limit", "120", "--seed", "3", "-b", "16", "--device", "cpu"]
+ABLATE = ["ablate", MODEL, "--data", DATA, *COMMON, "--cumulative", "3", "--proxies", "--unroll", "layer4.1:1:0.5",
+          "-f", "json"]
+FINETUNE = ["finetune", MODEL, "--data", DATA, "--val-data", DATA, "--limit", "128", "--val-limit", "64",
+            "--max-steps", "4", "--sync-bn", "--device", "cpu", "-f", "json", "--overwrite"]
+
+
+def partial_run(tmp: Path, name: str, batches: int) -> Path:
+    """A one-process recording interrupted after ``batches`` batches (the partial folder kept)."""
+    out = tmp / name
+    seen = []
+
+    def stop_after(done: int, total: int) -> None:
+        seen.append(done)
+        if len(seen) > batches:
+            raise KeyboardInterrupt
+
+    options = RecordOptions(model=MODEL, data=DATA, limit=120, seed=3, batch_size=16)
+    with pytest.raises(KeyboardInterrupt):
+        record(options, out, device="cpu", progress=stop_after)
+    assert partial_dir(out).is_dir() and not out.exists()
+    return out
+
+
+def test_two_processes_equal_one(tmp_path):
+    """record, align MODEL, ablate (single removals, greedy order, proxies, unrolling, a pruned
+    checkpoint), eval and finetune --sync-bn on two processes against one process; record resumed
+    by two processes from one process's interrupted run (with a gap)."""
+    resumed = partial_run(tmp_path, "resumed.h5", batches=3)
+    (partial_dir(resumed) / "batch-000001.npz").unlink()  # a gap: batches 0 and 2 are kept
+    jobs = [
+        ("record", ["record", MODEL, "--data", DATA, *COMMON, "--out", tmp_path / "two.h5", "-f", "json"]),
+        ("resume", ["record", "--out", resumed, "--resume", "--device", "cpu", "-f", "json"]),
+        ("align", ["align", MODEL, "--data", DATA, *COMMON, "-f", "json"]),
+        ("ablate", [*ABLATE, "--save-pruned", tmp_path / "pruned2.pt", "--remove", "2"]),
+        ("eval", ["eval", MODEL, "--data", DATA, *COMMON, "-f", "json"]),
+        ("finetune", [*FINETUNE, "-b", "16", "--out", tmp_path / "ft2.pt"]),
+    ]
+    two = run_jobs(jobs, tmp_path)
+
+    # record: same samples in the same order, statistics equal to 1e-5 (here: the same batches)
+    ref_path = tmp_path / "one.h5"
+    invoke("record", MODEL, "--data", DATA, *COMMON, "--out", ref_path)
+    ref, got, res = open_recording(ref_path), open_recording(tmp_path / "two.h5"), open_recording(resumed)
+    assert one_json(two["record"])["n_samples"] == 120 and one_json(two["resume"])["complete"]
+    for other in (got, res):
+        assert other.complete and np.array_equal(other.index, ref.index) and np.array_equal(other.label, ref.label)
+        np.testing.assert_array_equal(other.pred, ref.pred)
+        np.testing.assert_allclose(other.loss, ref.loss, rtol=1e-5, atol=1e-6)
+        for name, values in ref.stats.items():
+            np.testing.assert_allclose(other.stats[name], values, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+    # align MODEL (in memory): every figure
+    assert_close(one_json(two["align"]), one_json(invoke("align", MODEL, "--data", DATA, *COMMON, "-f", "json").stdout),
+                 1e-6)
+
+    # ablate: every figure, the greedy order, the correlations, the pruned checkpoint
+    ablate_one = one_json(invoke(*ABLATE, "--save-pruned", tmp_path / "pruned1.pt", "--remove", "2").stdout)
+    ablate_two = one_json(two["ablate"])
+    assert [p["removed"] for p in ablate_two["cumulative"]] == [p["removed"] for p in ablate_one["cumulative"]]
+    ablate_one["pruned"]["path"] = ablate_two["pruned"]["path"] = None
+    assert_close(ablate_two, ablate_one, 1e-9)
+    a = torch.load(tmp_path / "pruned1.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "pruned2.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # eval
+    assert_close(one_json(two["eval"]), one_json(invoke("eval", MODEL, "--data", DATA, *COMMON, "-f", "json").stdout),
+                 1e-12)
+
+    # finetune: 2 processes × 16 with --sync-bn = 1 process × 32 (train and validation loss)
+    ft_two = one_json(two["finetune"])
+    ft_one = one_json(invoke(*FINETUNE, "-b", "32", "--out", tmp_path / "ft1.pt").stdout)
+    assert (ft_two["world_size"], ft_two["global_batch_size"]) == (2, 32)
+    assert (ft_one["world_size"], ft_one["global_batch_size"]) == (1, 32)
+    assert ft_two["train_loss"] == pytest.approx(ft_one["train_loss"], rel=1e-4)
+    assert ft_two["val"]["loss"] == pytest.approx(ft_one["val"]["loss"], rel=1e-4)
+    w1 = torch.load(tmp_path / "ft1.pt", weights_only=True)["state_dict"]
+    w2 = torch.load(tmp_path / "ft2.pt", weights_only=True)["state_dict"]
+    for key in w1:
+        if w1[key].is_floating_point():
+            torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-5)
+
+
+def test_cli_reports_once_and_one_process_resumes_a_two_process_run(tmp_path):
+    """The command line itself (``torchrun -m resprobe``): exactly one JSON report on stdout, no
+    warnings twice; then one process finishes a two-process run that stopped with gaps."""
+    out = tmp_path / "run.h5"
+    done = torchrun("-m", "resprobe", "align", MODEL, "--data", DATA, *COMMON, "--out", out, "-f", "json",
+                    cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = one_json(done.stdout)
+    one = one_json(invoke("align", MODEL, "--data", DATA, *COMMON, "-f", "json").stdout)
+    assert_close(two, one, 1e-6)
+    warnings_seen = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings_seen) == len(set(warnings_seen))
+
+    # A run stopped with gaps, as a two-process run leaves one (batches 1, 4 and 7 missing).
+    ref = open_recording(out)
+    partial = partial_run(tmp_path, "again.h5", batches=6)
+    for k in (1, 4):
+        (partial_dir(partial) / f"batch-{k:06d}.npz").unlink()
+    invoke("record", "--out", partial, "--resume", "--device", "cpu")
+    again = open_recording(partial)
+    assert again.complete and np.array_equal(again.index, ref.index)
+    for name, values in ref.stats.items():
+        np.testing.assert_allclose(again.stats[name], values, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_a_failing_rank_ends_every_rank_with_one_line(tmp_path):
+    """A corrupt image in rank 1's batch: exit status 1, one ``error:`` line, no hang."""
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (32, 32), (40 * i, 80, 120)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    (tmp_path / "imgs" / "b" / "3.png").write_bytes(b"not a png")  # sample 7: batch 3 of 2, on rank 1
+    start = time.monotonic()
+    done = torchrun("-m", "resprobe", "record", MODEL, "--data", tmp_path / "imgs", "-b", "2", "--workers", "0",
+                    "--device", "cpu", "--out", tmp_path / "bad.h5", cwd=tmp_path)
+    assert done.returncode == 1
+    ours = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and "3.png" in ours[0], done.stderr[-3000:]
+    assert done.stdout == ""
+    assert time.monotonic() - start < LAUNCH_TIMEOUT
+
+
+# --------------------------------------------------------------------------------------------------
+# The pieces, without processes
+
+
+def test_batches_go_whole_to_ranks_and_merge_back_in_order():
+    n, b = 103, 10
+    worlds = [distributed.World(r, 3) for r in range(3)]
+    shards = [distributed.shard_positions(n, b, w) for w in worlds]
+    assert sorted(p for s in shards for p in s) == list(range(n))
+    assert shards[1][:10] == list(range(10, 20)) and shards[0][10:20] == list(range(30, 40))
+    batches = [[list(range(n))[r.start:r.stop] for r in distributed.batch_ranges(n, b)][k::3] for k in range(3)]
+    merged = distributed.merge_in_order(batches, 11)
+    assert [p for batch in merged for p in batch] == list(range(n))
+    assert distributed.world_from_env({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"}) == distributed.World(2, 4, 0)
+    assert distributed.world_from_env({}) == distributed.World()
+    assert not distributed.World().distributed and distributed.all_reduce_sums([1.5, 2]) == [1.5, 2.0]
+
+
+def test_light_augmentation_depends_on_the_sample_not_the_batch():
+    """Each sample's flip and padded crop come from (seed, epoch, index): the same in any batch, and
+    always one of the flips/shifts of the light augmentation (checked against numpy)."""
+    from resprobe.train import light_augment_samples
+
+    images = torch.randn(8, 3, 16, 16)
+    index = torch.arange(100, 108)
+    together = light_augment_samples(images, seed=5, epoch=2, indices=index)
+    apart = torch.cat([light_augment_samples(images[i:i + 1], 5, 2, index[i:i + 1]) for i in range(8)])
+    assert torch.equal(together, apart)
+    assert not torch.equal(together, light_augment_samples(images, 5, 3, index))  # another epoch, other draws
+    pad = 16 // 8
+    for x, y in zip(images.numpy(), together.numpy()):
+        candidates = []
+        for flipped in (x, x[:, :, ::-1]):
+            padded = np.pad(flipped, ((0, 0), (pad, pad), (pad, pad)))
+            candidates += [padded[:, dy:dy + 16, dx:dx + 16] for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)]
+        assert any(np.array_equal(y, c) for c in candidates)
+
+
+def test_accumulated_step_equals_one_step_on_the_union():
+    """--accum-steps: gradients of A micro-batches, each loss over A, equal one step on all of them
+    (a model without BatchNorm; checked against the one-batch train_step)."""
+    from resprobe.runtime import make_runtime
+    from resprobe.train import accumulated_step, make_scheduler, train_step
+
+    torch.manual_seed(0)
+    images, labels = torch.randn(12, 3, 4, 4), torch.randint(0, 5, (12,))
+    models = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+              for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    runtime = make_runtime("cpu")
+    steps = []
+    for model in models:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        steps.append((opt, make_scheduler(opt, 10, 0)))
+    whole = train_step(models[0], images, labels, runtime, *steps[0], None)
+    parts = accumulated_step(models[1], [(images[i:i + 4], labels[i:i + 4]) for i in (0, 4, 8)], runtime, *steps[1],
+                             None)
+    assert float(parts) == pytest.approx(float(whole.detach()), rel=1e-6)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
