@@ -150,8 +150,8 @@ def test_slow_disk_keeps_at_most_one_batch_pending(tmp_path, monkeypatch, one_th
         time.sleep(0.3)  # a slow disk: much slower than computing a batch of the tiny model
         write_file(self, number, batch)
 
-    def counting(self, batch):
-        write_batch(self, batch)
+    def counting(self, batch, number=None):
+        write_batch(self, batch, number)
         outstanding.append(sum(not future.done() for future in self._pending))
 
     monkeypatch.setattr(RunWriter, "_write_batch_file", slow_file)
