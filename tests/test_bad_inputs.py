@@ -372,6 +372,7 @@ def run(*args: object, env_extra: dict[str, str] | None = None) -> subprocess.Co
                           env=env, timeout=120)
 
 
+@pytest.mark.slow  # real processes
 @pytest.mark.parametrize("args,expect", [
     (["blocks", "{bad}/truncated.pt"], "corrupt or truncated"),
     (["blocks", "tinymodels:plain_net"], "no residual blocks"),
