@@ -20,7 +20,17 @@ MODEL_KWARGS = json.dumps({"layers": [3, 3, 2, 2], "channels": [16, 24, 32, 48],
 
 sys.path.insert(0, str(HERE))  # tinymodels importable, also as MODEL "tinymodels:timm_basic"
 
-torch.set_num_threads(2)
+# One intra-op thread for the whole suite. The tensors are tiny, so a second thread gains little, and
+# on a shared, busy machine OpenMP threads spinning for a core cost far more: on 2 busy cores a
+# recording test took 90 s with two threads and 11 s with one (2026-12-01). Subprocesses get
+# OMP_NUM_THREADS=1 for the same reason. Tests that need several threads say so themselves.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Every test starts with one thread, whatever an earlier test left behind."""
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
@@ -68,8 +78,20 @@ def run():
 def one_thread():
     """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): the
     same arithmetic as subprocesses run with one thread, and no OpenMP threads spinning on a shared,
-    busy machine (two threads on two busy cores run ~100× slower)."""
+    busy machine (two threads on two busy cores run ~100× slower). The whole suite now runs with one
+    thread; modules keep saying so where their arithmetic depends on it."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def fixture_run(tmp_path_factory) -> tuple[Path, dict]:
+    """One recording of the shipped model, made once per test run and shared: 64 samples with the
+    last-stage readout (``align --readout --out``), and that align JSON. Read it or copy it; never
+    change it in place."""
+    out = tmp_path_factory.mktemp("fixture_run") / "run.h5"
+    payload = json.loads(invoke("align", MODEL, "--data", DATA, "--limit", "64", "--readout", "--out", str(out),
+                                "-f", "json", "-q").stdout)
+    return out, payload

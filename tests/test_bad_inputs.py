@@ -88,11 +88,9 @@ def bad(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def recording(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("run") / "run.h5"
-    result = CliRunner().invoke(app, ["record", MODEL, "--data", DATA, "--limit", "16", "--out", str(out), "-q"])
-    assert result.exit_code == 0, result.stderr
-    return out
+def recording(fixture_run) -> Path:
+    """A complete recording (conftest's ``fixture_run``, made once per test run); tests copy it."""
+    return fixture_run[0]
 
 
 def fails(*args: object, expect: str | tuple[str, ...] = ()) -> str:
@@ -443,6 +441,7 @@ def run(*args: object, env_extra: dict[str, str] | None = None) -> subprocess.Co
                           env=env, timeout=120)
 
 
+@pytest.mark.slow  # real processes
 @pytest.mark.parametrize("args,expect", [
     (["blocks", "{bad}/truncated.pt"], "corrupt or truncated"),
     (["blocks", "tinymodels:plain_net"], "no residual blocks"),

@@ -104,7 +104,7 @@ app(prog_name="resprobe")
 '''
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # real processes, killed and resumed
 
 
 @pytest.fixture(scope="module")

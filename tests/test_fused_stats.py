@@ -45,6 +45,7 @@ def stand_in_kernel(*tensors) -> torch.Tensor:
     return float64_sums(*tensors).float()
 
 
+@pytest.mark.slow  # a subprocess running the kernel in Triton's interpreter: ~30 s on 2 busy cores
 def test_kernel_arithmetic_in_triton_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")

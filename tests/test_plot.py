@@ -24,12 +24,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def recording(tmp_path_factory) -> tuple[Path, dict]:
-    """A real recording with readout (64 samples of the fixture), and its align JSON."""
-    out = tmp_path_factory.mktemp("rec") / "run.h5"
-    payload = json.loads(invoke("align", MODEL, "--data", DATA, "--limit", "64", "--readout", "--out", str(out),
-                                "-f", "json").stdout)
-    return out, payload
+def recording(fixture_run) -> tuple[Path, dict]:
+    """A real recording with readout (64 samples of the fixture), and its align JSON (made once per
+    test run: conftest's ``fixture_run``)."""
+    return fixture_run
 
 
 def ablate_payload(cumulative: bool = True, proxies: bool = True) -> dict:

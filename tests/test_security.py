@@ -170,6 +170,7 @@ def test_local_model_code_in_a_checkpoint_still_loads(tmp_path):
     assert isinstance(load_model(str(path)).model, torch.nn.Module)
 
 
+@pytest.mark.slow  # a real process
 def test_real_process_never_runs_the_payload(tmp_path, marker):
     evil = tmp_path / "weights.pt"
     torch.save({"state_dict": fixture_checkpoint()["state_dict"], "payload": RunsCode(marker)}, evil)

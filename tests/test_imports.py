@@ -1,0 +1,52 @@
+"""timm and torchvision are imported only when the model needs them (import time is most of a short
+command's wall time). Each check runs the command line in a fresh interpreter and lists the heavy
+packages it ended up importing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import DATA, ROOT
+
+pytestmark = pytest.mark.slow  # each check starts an interpreter and imports torch: 20-35 s on 2 busy cores
+
+# Runs the CLI like `python -m resprobe ...`, then prints which of these packages were imported.
+PROBE = """
+import json, sys
+from resprobe.cli import main
+sys.argv = ["resprobe", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code
+else:
+    code = 0
+print(json.dumps({"code": code, "imported": sorted(m for m in ("timm", "torchvision") if m in sys.modules)}),
+      file=sys.stderr)
+"""
+
+
+def imported_by(*args: object) -> list[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", PROBE, *map(str, args)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env=env)
+    verdict = json.loads(result.stderr.strip().splitlines()[-1])
+    assert verdict["code"] in (0, None), result.stderr
+    return verdict["imported"]
+
+
+def test_align_of_a_recording_imports_neither_timm_nor_torchvision(fixture_run, tmp_path):
+    out, _ = fixture_run
+    assert imported_by("align", out, "-f", "json", "-q") == []
+    assert imported_by("plot", out, "--out", tmp_path / "a.png", "-f", "json", "-q") == []
+
+
+def test_a_torchvision_model_on_arrays_does_not_import_timm():
+    # Also shows that the probe sees imports: torchvision is there.
+    assert imported_by("eval", "torchvision:resnet18", "--num-classes", "4", "--data", DATA, "--limit", "8",
+                       "--device", "cpu", "-f", "json", "-q") == ["torchvision"]
