@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +48,18 @@ class Measurement:
     stdout: str
 
 
-def measure(cmd: list[str], env: dict[str, str] | None = None) -> Measurement:
+class ProcessFailed(SystemExit):
+    """A measured process that failed, was killed, or ran past its time limit (``timed_out``)."""
+
+    def __init__(self, message: str, timed_out: bool = False):
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+def measure(cmd: list[str], env: dict[str, str] | None = None, timeout: float | None = None) -> Measurement:
     """One whole process: wall time, and from its own rusage (``os.wait4``) CPU time and peak resident
     memory. Output goes to temporary files, which unlike pipes can never fill up and stall the child.
+    A process still running after ``timeout`` seconds is killed (:class:`ProcessFailed`, ``timed_out``).
 
     ``ru_maxrss`` also counts the resident set the child inherited at fork, before its exec: a peak
     below this process's own (about 0.5 GB once torch is imported) would read as that. The processes
@@ -57,11 +67,21 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> Measurement:
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, **(env or {})})
-        _, status, usage = os.wait4(proc.pid, 0)
+        timer = threading.Timer(timeout, proc.kill) if timeout else None
+        if timer:
+            timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            if timer:
+                timer.cancel()
         seconds = time.perf_counter() - start
-        if os.waitstatus_to_exitcode(status) != 0:
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
             err.seek(0)
-            raise SystemExit(f"{' '.join(cmd)} failed: {err.read().decode()[-2000:]}")
+            timed_out = timeout is not None and seconds >= timeout
+            what = f"ran past {timeout:.0f} s" if timed_out else f"failed (exit {code})"
+            raise ProcessFailed(f"{' '.join(cmd)} {what}: {err.read().decode()[-2000:]}", timed_out)
         out.seek(0)
         return Measurement(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, out.read().decode())
 
