@@ -327,7 +327,7 @@ def test_cli_recalibrate_and_table(tmp_path, run):
     assert payload["eval_shared_recalibrated"]["loss"] != payload["eval_shared"]["loss"]
     table = run("share", MODEL, "--out", out, "--overwrite", "--iterations", 2, "--device", "cpu").stdout
     assert "layer1.0, layer1.1, layer1.2" in table
-    rows = list(csv.DictReader(io.StringIO(run("share", MODEL, "--out", out, "--overwrite", "--stages", "0",
+    rows = list(csv.DictReader(io.StringIO(run("share", MODEL, "--out", tmp_path / "csv.pt", "--stages", "0",
                                                "--device", "cpu", "-f", "csv").stdout)))
     assert [r["blocks"] for r in rows] == ["layer1.0;layer1.1;layer1.2"]  # a list of names, not a shape
     listed = json.loads(run("blocks", out, "-f", "json").stdout)
