@@ -540,3 +540,16 @@ def test_blocks_on_the_224_architectures_without_a_glob():
         anatomy = discover_blocks(model.eval(), (3, 224, 224))
         assert [(b.name, b.kind) for b in anatomy.blocks] == reference_blocks(model, 224), spec
         assert anatomy.head is not None or "csp" in name, spec
+
+
+def test_discovering_a_torchvision_model_does_not_import_timm():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, torchvision; from resprobe.blocks import discover_blocks; "
+            "discover_blocks(torchvision.models.resnet18(num_classes=3), (3, 32, 32)); "
+            "print('timm' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
