@@ -194,7 +194,8 @@ def layer_scale_names(block: nn.Module) -> list[str]:
 def _config(module: nn.Module) -> dict[str, dict[str, Any]]:
     """Plain settings of every submodule (``shift_size``, ...): what a block's forward reads besides tensors."""
     plain = (int, float, bool, str, tuple, list, type(None))
-    return {path: {k: v for k, v in vars(m).items() if not k.startswith("_") and isinstance(v, plain)}
+    return {path: {k: v for k, v in vars(m).items()
+                   if not k.startswith("_") and k != "training" and isinstance(v, plain)}
             for path, m in module.named_modules()}
 
 
@@ -206,13 +207,21 @@ def _differing_config(originals: Sequence[nn.Module]) -> list[tuple[str, str]]:
             if any(c.get(path, {}).get(attr, value) != value for c in configs[1:])]
 
 
+def _non_persistent_buffers(block: nn.Module) -> dict[str, Tensor]:
+    return {f"{path}.{name}" if path else name: value for path, m in block.named_modules()
+            for name, value in m._buffers.items() if value is not None and name in m._non_persistent_buffers_set}
+
+
 def _differing_buffers(originals: Sequence[nn.Module], skip: Sequence[str]) -> list[str]:
-    """Buffers outside the per-iteration modules whose values differ between the replaced blocks (a
-    Swin block's shifted-window ``attn_mask``): each iteration keeps its block's."""
-    buffers = [dict(o.named_buffers()) for o in originals]
+    """Non-persistent buffers outside the norms whose values differ between the replaced blocks (a
+    Swin block's shifted-window ``attn_mask``): each iteration keeps its block's. Only buffers a
+    block computes when it is built, so that rebuilding a shared model from its checkpoint finds
+    the same ones; trained state (running statistics) lives in the norms."""
+    buffers = [_non_persistent_buffers(o) for o in originals]
     return [name for name, value in buffers[0].items()
             if not any(name.startswith(p + ".") for p in skip)
-            and any(b[name].shape != value.shape or not torch.equal(b[name], value) for b in buffers[1:])]
+            and any(name not in b or b[name].shape != value.shape or not torch.equal(b[name], value)
+                    for b in buffers[1:])]
 
 
 def _buffer_key(path: str) -> str:
@@ -633,7 +642,7 @@ def build_shared_stage(model: nn.Module, plan: StagePlan, settings: _Settings,
     for name in scale_names:  # each iteration holds its own; the shared block borrows it while running
         del shared._parameters[name]
     config_keys = _differing_config(originals)
-    buffer_paths = _differing_buffers(originals, per_iteration)
+    buffer_paths = _differing_buffers(originals, norms)
     if initialize:
         _initialize_shared(shared, originals, settings.init, skip=per_iteration)
         if settings.norm == "shared" and settings.gamma_init == "0.1":
@@ -672,7 +681,7 @@ def build_shared_stage(model: nn.Module, plan: StagePlan, settings: _Settings,
         for path in buffer_paths:
             parent, _, name = path.rpartition(".")
             module = source.get_submodule(parent)
-            buffers[path] = (module._buffers[name].detach().clone(), name not in module._non_persistent_buffers_set)
+            buffers[path] = (module._buffers[name].detach().clone(), False)
         iterations.append(cls(shared, inner, t, own, lora, scales, offsets, config, buffers))
 
     holder = _shared_holder(model)

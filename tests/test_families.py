@@ -553,3 +553,19 @@ def test_discovering_a_torchvision_model_does_not_import_timm():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.parametrize("model,kwargs", [
+    ("timm:swin_tiny_patch4_window7_224", {"img_size": SIZE, "patch_size": 2, "window_size": 4, "embed_dim": 12,
+                                           "depths": [2, 2], "num_heads": [2, 2]}),
+    ("timm:convnext_atto", {"depths": [1, 2, 1, 1], "dims": [8, 16, 24, 32], "ls_init_value": 0.5}),
+])
+def test_shared_checkpoint_round_trip_with_full_rank_lora(model, kwargs, run, arrays_file, tmp_path):
+    import json
+
+    data, out = arrays_file(12), tmp_path / "shared.pt"
+    common = ["--num-classes", 5, "--model-kwargs", json.dumps(kwargs), "--data", data, "-f", "json", "-q"]
+    payload = json.loads(run("share", model, "--out", out, "--lora-rank", 1000, *common).stdout)
+    assert payload["eval_shared"]["loss"] == pytest.approx(payload["eval_original"]["loss"], rel=1e-4)  # float32 rounding of W + BA
+    evaluated = json.loads(run("eval", out, "--data", data, "-f", "json", "-q").stdout)
+    assert evaluated["loss"] == pytest.approx(payload["eval_shared"]["loss"], abs=1e-6)
