@@ -331,8 +331,9 @@ def discover_blocks(
     for name, module in watched:
         handles.append(module.register_forward_pre_hook(pre_hook(name)))
         handles.append(module.register_forward_hook(post_hook(name)))
-    # Glue candidates: modules neither inside a block nor holding one.
-    block_names = [n for n, _ in watched]
+    # Glue candidates: modules neither inside a block nor holding one (a removed block's placeholder
+    # is glue: it runs between the blocks that remain).
+    block_names = [n for n, _ in candidates]
     calls, call_handles = _calls_recorder(model, lambda n: any(
         n == b or n.startswith(b + ".") or b.startswith(n + ".") for b in block_names))
     handles += call_handles

@@ -393,6 +393,13 @@ def test_pruned_model_equals_the_lesion(key, built):
         prune_model(model, names)
         got = naive(model, [(x, y)])
     assert abs(got.loss - expected.loss) < 1e-6
+    # the pruned model: removed blocks run as modules between the remaining ones, from cached inputs
+    pruned = discover_blocks(model, (3, SIZE, SIZE))
+    engine = AblationEngine(model, pruned, CPU, [(x, y)])
+    assert engine.fast
+    result = evaluate_pass(engine, [lesion_variant(pruned, [p]) for p in range(len(pruned.blocks))])
+    for block, r in zip(pruned.blocks, result.variants):
+        assert abs(r.loss - naive(model, [(x, y)], [block]).loss) < 1e-5
 
 
 def test_silu_post_activation_lesion_applies_the_activation():
