@@ -506,7 +506,7 @@ def test_layer_scales_and_norms_are_per_iteration(key, stage, built):
 def test_vit_share_init_rules(init, built):
     import copy
 
-    model = copy.deepcopy(built("timm_vit"))
+    model = copy.deepcopy(built("timm_vit")).requires_grad_(True)  # the record test froze the shared one
     anatomy = discover_blocks(model, (3, SIZE, SIZE))
     weights = [b.module.attn.qkv.weight.detach().clone() for b in anatomy.blocks]
     share_stages(model, anatomy, ShareOptions(stages=[0], init=init))
