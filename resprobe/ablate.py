@@ -730,8 +730,8 @@ def _figures(result: EvalResult) -> dict[str, float | None]:
 
 
 class RemovedBlock(nn.Module):
-    """What a removed block without a shortcut module becomes: its input, unchanged (the lesion of an
-    identity block, DESIGN.md §1). Block discovery skips it (``_resprobe_removed``)."""
+    """What a removed identity block becomes when its lesion is its input, unchanged (pre-activation and
+    transformer blocks, DESIGN.md §1). Block discovery skips it (``_resprobe_removed``)."""
 
     _resprobe_removed = True
 
@@ -740,19 +740,22 @@ class RemovedBlock(nn.Module):
 
 
 class LesionedBlock(nn.Module):
-    """A removed block that keeps its shortcut: ``post(shortcut(h))``, pre-activation
-    ``shortcut(norm1(h))``. The kept modules sit under their original attribute names, so their
-    weights keep their checkpoint keys (``layer2.0.downsample.0.weight``)."""
+    """A removed block that keeps what its lesion computes: ``post(shortcut(h))`` (identity blocks
+    ``post(h)``: a SiLU post-activation is applied), pre-activation ``shortcut(norm1(h))``. The kept
+    modules sit under their original attribute names, so their weights keep their checkpoint keys
+    (``layer2.0.downsample.0.weight``)."""
 
     _resprobe_removed = True
 
     def __init__(self, block: nn.Module, family: BlockFamily):
         super().__init__()
         self.family = family  # a plain attribute: not a module, no state
-        for attr in (family.shortcut, family.shortcut_input, family.post):
-            module = getattr(block, attr, None) if attr else None
-            if isinstance(module, nn.Module):
-                setattr(self, attr, module)
+        for attr in family.lesion_attrs():
+            value = getattr(block, attr, None)
+            if isinstance(value, nn.Module):
+                setattr(self, attr, value)
+            elif isinstance(value, (int, float)):  # NFNet's beta
+                object.__setattr__(self, attr, value)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.family.lesion(self, x)
@@ -760,7 +763,9 @@ class LesionedBlock(nn.Module):
 
 def _replacement_for(module: nn.Module) -> nn.Module:
     family = family_of(module) or GENERIC
-    return LesionedBlock(module, family) if family.shortcut_module(module) is not None else RemovedBlock()
+    if family.shortcut_module(module) is None and family.lesion_is_identity_map:
+        return RemovedBlock()
+    return LesionedBlock(module, family)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -1,19 +1,21 @@
-"""Residual block discovery, kinds, lesions and per-block-class knowledge.
+"""Residual block discovery, kinds, stages, and how to run a model on from one block.
 
 A block is one residual unit (DESIGN.md §1)::
 
-    post-activation:  out = post(shortcut(h) + F(h))   torchvision/timm BasicBlock, Bottleneck, ...
-    pre-activation:   out = shortcut(h) + F(h)          timm PreActBasic, PreActBottleneck
+    post-activation:  out = post(shortcut(h) + F(h))   torchvision/timm BasicBlock, Bottleneck, RegNet, ...
+    pre-activation:   out = shortcut(h) + F(h)          PreAct ResNets, ConvNeXt, inverted residuals, NFNet
+    transformer:      out = h + A(h) + M(·)             ViT/DeiT, Swin (one unit, F = U = out − h)
 
-What resprobe needs to know about a block is keyed on its **class** (:class:`BlockFamily`): which
-submodule's output is F (the "branch end"), which module is the shortcut, which activation follows
-the sum. From that follow the lesion (branch removed, shortcut kept) and the recorder's hooks.
+What resprobe needs to know about a block is keyed on its **class** (:mod:`resprobe.families`,
+re-exported here). This module finds the blocks of a model, their stages, and the modules that run
+between them (so that the model can be run on from any block's input: :meth:`Anatomy.run_from`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,124 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from resprobe.errors import ModelError
-
-# --------------------------------------------------------------------------------------------------
-# Per-block-class knowledge
-
-
-@dataclass(frozen=True)
-class BlockFamily:
-    """How one block class computes ``out`` from ``h``.
-
-    ``branch_end`` lists attribute names in priority order: the first that exists and is not
-    ``None`` is the module whose output is F (e.g. ``drop_path``, else ``se``, else ``bn3``).
-    ``post`` is the activation after the sum (``None`` for pre-activation blocks). ``shortcut`` is
-    the projection used by transition blocks; ``shortcut_input`` is the attribute of the module whose
-    output feeds it (pre-activation blocks project ``norm1(h)``), ``None`` for ``h`` itself.
-    """
-
-    name: str
-    preact: bool
-    branch_end: tuple[str, ...] = ()
-    shortcut: str | None = "downsample"
-    post: str | None = None
-    shortcut_input: str | None = None
-
-    def branch_end_module(self, block: nn.Module) -> nn.Module | None:
-        for attr in self.branch_end:
-            module = getattr(block, attr, None)
-            if isinstance(module, nn.Module):
-                return module
-        return None
-
-    def shortcut_module(self, block: nn.Module) -> nn.Module | None:
-        module = getattr(block, self.shortcut, None) if self.shortcut else None
-        return module if isinstance(module, nn.Module) else None
-
-    def lesion(self, block: nn.Module, h: Tensor) -> Tensor:
-        """The block with its residual branch output replaced by zero (DESIGN.md §1, "Removing a block")."""
-        shortcut = self.shortcut_module(block)
-        if shortcut is None:
-            out = h
-        else:
-            source = getattr(block, self.shortcut_input) if self.shortcut_input else None
-            out = shortcut(source(h) if source is not None else h)
-        post = getattr(block, self.post, None) if self.post else None
-        if post is not None and shortcut is not None:
-            out = post(out)
-        # Identity blocks: post-activation blocks follow a ReLU, so post(h) = h (DESIGN.md §1).
-        return out
-
-
-GENERIC = BlockFamily("generic", preact=True, branch_end=(), shortcut=None)
-
-_FAMILIES: dict[type, BlockFamily] = {}
-_LAZY_FAMILIES: list[tuple[str, str, BlockFamily]] = [
-    ("torchvision.models.resnet", "BasicBlock",
-     BlockFamily("torchvision.BasicBlock", False, ("bn2",), "downsample", "relu")),
-    ("torchvision.models.resnet", "Bottleneck",
-     BlockFamily("torchvision.Bottleneck", False, ("bn3",), "downsample", "relu")),
-    ("timm.models.resnet", "BasicBlock",
-     BlockFamily("timm.BasicBlock", False, ("drop_path", "se", "bn2"), "downsample", "act2")),
-    ("timm.models.resnet", "Bottleneck",
-     BlockFamily("timm.Bottleneck", False, ("drop_path", "se", "bn3"), "downsample", "act3")),
-    ("timm.models.sknet", "SelectiveKernelBasic",
-     BlockFamily("timm.SelectiveKernelBasic", False, ("drop_path", "se", "conv2"), "downsample", "act")),
-    ("timm.models.sknet", "SelectiveKernelBottleneck",
-     BlockFamily("timm.SelectiveKernelBottleneck", False, ("drop_path", "se", "conv3"), "downsample", "act")),
-    # ResNeSt applies its drop_path to the block input, not the branch: F ends at bn3.
-    ("timm.models.resnest", "ResNestBottleneck",
-     BlockFamily("timm.ResNestBottleneck", False, ("bn3",), "downsample", "act3")),
-    ("timm.models.res2net", "Bottle2neck",
-     BlockFamily("timm.Bottle2neck", False, ("drop_path", "se", "bn3"), "downsample", "relu")),
-    ("timm.models.resnetv2", "PreActBasic",
-     BlockFamily("timm.PreActBasic", True, ("drop_path", "conv2"), "downsample", None, "norm1")),
-    ("timm.models.resnetv2", "PreActBottleneck",
-     BlockFamily("timm.PreActBottleneck", True, ("drop_path", "conv3"), "downsample", None, "norm1")),
-    ("timm.models.resnetv2", "Bottleneck",
-     BlockFamily("timm.resnetv2.Bottleneck", False, ("drop_path", "norm3"), "downsample", "act3")),
-]
-
-
-def register_block_family(cls: type, family: BlockFamily) -> None:
-    """Teach resprobe a block class (custom models, or resprobe's own shared iterations)."""
-    _FAMILIES[cls] = family
-
-
-def _load_lazy_families() -> None:
-    """Resolve the built-in families of libraries already imported.
-
-    A model can only hold blocks of a library that is imported, so a torchvision model never pays
-    for importing timm (about a second).
-    """
-    import importlib
-    import sys
-
-    for entry in list(_LAZY_FAMILIES):
-        module_name, class_name, family = entry
-        if module_name.split(".")[0] not in sys.modules:
-            continue
-        _LAZY_FAMILIES.remove(entry)
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError):  # an older timm without that family
-            continue
-        _FAMILIES.setdefault(cls, family)
-
-
-def family_of(module: nn.Module) -> BlockFamily | None:
-    _load_lazy_families()
-    for cls in type(module).__mro__:
-        if cls in _FAMILIES:
-            return _FAMILIES[cls]
-    return None
-
-
-def known_block_classes() -> list[str]:
-    _load_lazy_families()
-    # Also the built-in families of libraries not imported in this process.
-    return sorted({f.name for f in _FAMILIES.values()} | {f.name for _, _, f in _LAZY_FAMILIES})
-
+from resprobe.families import (  # noqa: F401  (re-exported: other modules import them from here)
+    GENERIC,
+    BlockFamily,
+    block_family,
+    family_of,
+    known_block_classes,
+    register_block_family,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Blocks and the network around them
@@ -170,16 +62,15 @@ class Block:
     @property
     def can_lesion(self) -> bool:
         """Whether resprobe can remove this block: identity blocks always, transitions when their
-        shortcut module is known."""
-        return self.is_identity or self.family.shortcut_module(self.module) is not None
+        shortcut module (or the family's own lesion) is known."""
+        return (self.is_identity or self.family.lesion_fn is not None
+                or self.family.shortcut_module(self.module) is not None)
 
     def lesion(self, h: Tensor) -> Tensor:
-        if self.family.shortcut_module(self.module) is not None:
-            return self.family.lesion(self.module, h)
-        if self.is_identity:
-            return h
-        raise ModelError(f"cannot remove transition block {self.name}: resprobe does not know its shortcut "
-                         f"({type(self.module).__name__}); leave out --include-transitions")
+        if not self.can_lesion:
+            raise ModelError(f"cannot remove transition block {self.name}: resprobe does not know its shortcut "
+                             f"({type(self.module).__name__}); leave out --include-transitions")
+        return self.family.lesion(self.module, h)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "stage": self.stage, "index": self.index, "kind": self.kind,
@@ -199,6 +90,10 @@ class Anatomy:
     blocks: list[Block]
     head: Callable[[Tensor], Tensor] | None = field(default=None, repr=False)
     chained: bool = False
+    # glue[i]: the modules that run, in order, between block i's output and block i+1's input (a
+    # ConvNeXt/Swin downsample, an inverted residual without skip); for the last block, those before
+    # ``head`` (already part of ``head``). Empty where the blocks follow each other directly.
+    glue: list[tuple[nn.Module, ...]] = field(default_factory=list, repr=False)
 
     def __getitem__(self, name: str) -> Block:
         for block in self.blocks:
@@ -224,39 +119,51 @@ class Anatomy:
 
     def run_from(self, position: int, h: Tensor, replace: dict[int, Callable[[Tensor], Tensor]] | None = None) -> Tensor:
         """Logits from block ``position``'s input ``h``: blocks ``position..end`` (each optionally
-        replaced, e.g. by its lesion), then the head."""
+        replaced, e.g. by its lesion) with the modules between them, then the head."""
         if not self.can_run_suffix:
             raise ModelError("this model's blocks are not a simple chain; resprobe cannot run it from a block")
         replace = replace or {}
+        last = len(self.blocks) - 1
         for i in range(position, len(self.blocks)):
             fn = replace.get(i)
             h = fn(h) if fn is not None else self.blocks[i].module(h)
+            if i < last and i < len(self.glue):
+                for module in self.glue[i]:
+                    h = module(h)
         assert self.head is not None
         return self.head(h)
 
 
-def _head_of(model: nn.Module) -> Callable[[Tensor], Tensor] | None:
-    """The model's own head after its last block (DESIGN.md §1 "Readout"), by model class."""
-    import sys
-
-    import torchvision.models.resnet as tv_resnet
-
-    timm_resnet = sys.modules.get("timm.models.resnet")  # a timm model means timm is imported already
-    timm_resnetv2 = sys.modules.get("timm.models.resnetv2")
-
-    if timm_resnetv2 is not None and isinstance(model, timm_resnetv2.ResNetV2):
-        return lambda x: model.forward_head(model.norm(x))
-    if timm_resnet is not None and isinstance(model, timm_resnet.ResNet):
-        return model.forward_head
-    if isinstance(model, tv_resnet.ResNet):
-        return lambda x: model.fc(torch.flatten(model.avgpool(x), 1))
+def _head_candidates(model: nn.Module) -> list[Callable[[Tensor], Tensor]]:
+    """Ways a model may map its last features to logits (DESIGN.md §1 "Readout"); discovery keeps the
+    first that reproduces the model's own logits. Nothing here imports a library: the attributes
+    tell (timm's ``forward_head``, after its final ``norm`` where ``forward_features`` ends with one;
+    torchvision's ``avgpool`` + ``fc``/``classifier``; a torchvision ViT's class token + ``heads``)."""
+    candidates: list[Callable[[Tensor], Tensor]] = []
     forward_head = getattr(model, "forward_head", None)
-    if callable(forward_head):  # other timm models: forward_features ends at the last block
-        norm = getattr(model, "norm", None)
+    norm = getattr(model, "norm", None)
+    if callable(forward_head):
         if isinstance(norm, nn.Module):
-            return lambda x: forward_head(norm(x))
-        return forward_head
-    return None
+            candidates.append(lambda x: forward_head(norm(x)))
+        candidates.append(forward_head)
+    avgpool = getattr(model, "avgpool", None)
+    for attr in ("fc", "classifier"):
+        layer = getattr(model, attr, None)
+        if isinstance(avgpool, nn.Module) and isinstance(layer, nn.Module):
+            candidates.append(lambda x, layer=layer: layer(torch.flatten(avgpool(x), 1)))
+    classifier = getattr(model, "classifier", None)
+    if isinstance(classifier, nn.Module) and avgpool is None:  # torchvision MobileNetV2: a functional pool
+        candidates.append(lambda x: classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)))
+    heads = getattr(model, "heads", None)
+    if isinstance(heads, nn.Module) and getattr(model, "class_token", None) is not None:
+        candidates.append(lambda x: heads(x[:, 0]))
+    return candidates
+
+
+def _head_of(model: nn.Module) -> Callable[[Tensor], Tensor] | None:
+    """The first head candidate (unchecked; :func:`discover_blocks` checks it against the model)."""
+    candidates = _head_candidates(model)
+    return candidates[0] if candidates else None
 
 
 def _candidate_blocks(model: nn.Module, globs: Sequence[str] | None) -> list[tuple[str, nn.Module]]:
@@ -265,7 +172,7 @@ def _candidate_blocks(model: nn.Module, globs: Sequence[str] | None) -> list[tup
         if not picked:
             raise ModelError(f"--blocks {','.join(globs)} matches no module of the model")
     else:
-        picked = [(n, m) for n, m in model.named_modules() if n and family_of(m) is not None]
+        picked = [(n, m) for n, m in model.named_modules() if n and block_family(m) is not None]
     # Modules marked ``_resprobe_hidden`` (e.g. the one shared block behind a shared stage's
     # iterations) and everything inside them are never blocks of their own.
     # Removed blocks (``_resprobe_removed`` placeholders of a pruned model, see ablate.py) are not
@@ -293,6 +200,99 @@ def require_blocks(model: nn.Module, globs: Sequence[str] | None = None) -> list
     return candidates
 
 
+@dataclass
+class _Call:
+    """One module call of the dummy forward whose only argument is one tensor."""
+
+    module: nn.Module
+    name: str
+    x: Tensor
+    out: Tensor | None = None
+
+
+def _calls_recorder(model: nn.Module, skip: Callable[[str], bool]) -> tuple[list[_Call], list[Any]]:
+    """Hooks that list, in call order (outer modules first), the calls of modules not skipped."""
+    calls: list[_Call] = []
+    handles = []
+    for name, module in model.named_modules():
+        if not name or skip(name):
+            continue
+
+        def pre(m: nn.Module, args: tuple, kwargs: dict, name: str = name) -> None:
+            if len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
+                calls.append(_Call(m, name, args[0]))
+
+        def post(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            if len(args) == 1 and not kwargs and isinstance(out, Tensor):
+                for call in reversed(calls):
+                    if call.module is m and call.x is args[0] and call.out is None:
+                        call.out = out
+                        break
+
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(module.register_forward_hook(post, with_kwargs=True))
+    return calls, handles
+
+
+def _path(calls: list[_Call], start: Tensor, accept: Callable[[Tensor], bool], limit: int = 32
+          ) -> list[_Call] | None:
+    """The module calls that lead from ``start`` to a tensor ``accept`` takes: each step the outermost
+    call that received the current tensor (and nothing else). None when there is no such chain."""
+    t, path, after = start, [], 0
+    for _ in range(limit + 1):
+        if accept(t):
+            return path
+        step = next((i for i in range(after, len(calls)) if calls[i].x is t and calls[i].out is not None), None)
+        if step is None:
+            return None
+        path.append(calls[step])
+        t, after = calls[step].out, step + 1  # type: ignore[assignment]
+    return None
+
+
+def _stages(model: nn.Module, names: list[str]) -> dict[str, tuple[int, int]]:
+    """(stage, index) of each block, the stage being its group's own index (DESIGN.md §1).
+
+    A group is the module holding the blocks (``layer3``, ``stages.2.blocks``, a ViT's ``blocks``).
+    Its index is its position among the model's modules named alike up to numbers (``layer3`` among
+    ``layer1..4`` → 2, ``stages.2.blocks`` → 2), so that naming some stages with ``--blocks`` keeps
+    their indices. A flat container whose blocks are interleaved with other modules (torchvision
+    MobileNet's ``features``) holds one group per run of consecutive blocks. Where these rules give two
+    groups one index, groups are numbered in execution order instead.
+    """
+    modules = dict(model.named_modules())
+    groups: list[tuple[str, int]] = []  # (parent, run) in execution order
+    member: dict[str, tuple[str, int]] = {}
+    last: dict[str, tuple[int, int]] = {}  # parent -> (child position of its latest block, its run)
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        position = list((modules[parent] if parent else model)._modules).index(child)
+        previous = last.get(parent)
+        run = 0 if previous is None else previous[1] + (position != previous[0] + 1)
+        last[parent] = (position, run)
+        member[name] = (parent, run)
+        if (parent, run) not in groups:
+            groups.append((parent, run))
+    pattern_of = {n: re.sub(r"\d+", "#", n) for n in modules if n}
+    own: dict[tuple[str, int], int] = {}
+    for parent, run in groups:
+        if last[parent][1] > 0:  # several runs in one container
+            own[(parent, run)] = run
+        else:
+            pattern = re.sub(r"\d+", "#", parent)
+            siblings = [n for n, p in pattern_of.items() if p == pattern] if parent else [""]
+            own[(parent, run)] = siblings.index(parent)
+    if len(set(own.values())) != len(own):
+        own = {g: i for i, g in enumerate(groups)}
+    counts: dict[tuple[str, int], int] = {}
+    result = {}
+    for name in names:
+        group = member[name]
+        result[name] = (own[group], counts.get(group, 0))
+        counts[group] = counts.get(group, 0) + 1
+    return result
+
+
 def discover_blocks(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -301,7 +301,9 @@ def discover_blocks(
     """Find the residual blocks of ``model`` with one dummy forward of shape ``input_shape`` (C, H, W).
 
     Blocks come in execution order with their stage (index of the group they are in), index within
-    the stage, kind (``identity`` when the output has the input's shape) and shapes.
+    the stage, kind (``identity`` when the output has the input's shape) and shapes. The same pass
+    finds the modules between consecutive blocks and the head, checked against the model's logits,
+    so that :meth:`Anatomy.run_from` reproduces the model from any block.
     """
     candidates = require_blocks(model, globs)
     seen: dict[str, dict[str, Any]] = {}
@@ -325,9 +327,16 @@ def discover_blocks(
     # Removed blocks' placeholders are watched too, only so that the remaining blocks keep the stage
     # and index they had before pruning (reports line up with the original model's).
     placeholders = {n: m for n, m in model.named_modules() if n and getattr(m, "_resprobe_removed", False)}
-    for name, module in [*candidates, *placeholders.items()]:
+    watched = [*candidates, *placeholders.items()]
+    for name, module in watched:
         handles.append(module.register_forward_pre_hook(pre_hook(name)))
         handles.append(module.register_forward_hook(post_hook(name)))
+    # Glue candidates: modules neither inside a block nor holding one (a removed block's placeholder
+    # is glue: it runs between the blocks that remain).
+    block_names = [n for n, _ in candidates]
+    calls, call_handles = _calls_recorder(model, lambda n: any(
+        n == b or n.startswith(b + ".") or b.startswith(n + ".") for b in block_names))
+    handles += call_handles
     was_training = model.training
     model.eval()
     param = next(model.parameters(), None)
@@ -346,42 +355,76 @@ def discover_blocks(
         model.train(was_training)
 
     modules = dict(candidates)
-    stage_of_parent: dict[str, int] = {}
-    index_in_parent: dict[str, int] = {}
+    ran = [name for name in order if "out" in seen[name]]
+    positions = _stages(model, ran)
     blocks: list[Block] = []
-    for name in order:
-        info = seen[name]
-        if "out" not in info:
-            continue
-        parent = name.rpartition(".")[0]
-        stage = stage_of_parent.setdefault(parent, len(stage_of_parent))
-        index = index_in_parent.get(parent, 0)
-        index_in_parent[parent] = index + 1
+    for name in ran:
         if name in placeholders:
             continue
+        info = seen[name]
         module = modules[name]
-        family = family_of(module) or GENERIC
+        family = block_family(module) or family_of(module) or GENERIC
         kind = "identity" if info["in_shape"] == info["out_shape"] else "transition"
+        stage, index = positions[name]
         blocks.append(Block(name=name, module=module, family=family, stage=stage, index=index, kind=kind,
                             in_shape=info["in_shape"], out_shape=info["out_shape"],
                             params=sum(p.numel() for p in module.parameters())))
     if not blocks:
         raise ModelError(f"none of the residual blocks of {type(model).__name__} ran on a dummy input")
 
-    chained = all(seen[b.name]["in"] is seen[a.name]["out"] for a, b in zip(blocks, blocks[1:]))
-    head = _head_of(model)
-    if head is not None and chained:
-        with torch.no_grad():
-            was_training = model.training
-            model.eval()
-            try:
-                ok = torch.allclose(head(seen[blocks[-1].name]["out"]), logits, rtol=1e-4, atol=1e-5)
-            except (RuntimeError, TypeError):
-                ok = False
+    glue: list[tuple[nn.Module, ...]] = []
+    for a, b in zip(blocks, blocks[1:]):
+        target = seen[b.name]["in"]
+        path = _path(calls, seen[a.name]["out"], lambda t, target=target: t is target)
+        if path is None:
+            break
+        glue.append(tuple(c.module for c in path))
+    chained = len(glue) == len(blocks) - 1
+    head = _checked_head(model, calls, seen[blocks[-1].name]["out"], logits) if chained else None
+    return Anatomy(model=model, blocks=blocks, head=head, chained=chained, glue=glue)
+
+
+def _checked_head(model: nn.Module, calls: list[_Call], last: Tensor, logits: Tensor
+                  ) -> Callable[[Tensor], Tensor] | None:
+    """The modules after the last block, then a head candidate, such that their composition gives the
+    model's logits from the last block's output (None when no candidate does)."""
+    candidates = _head_candidates(model)
+    found: list[Callable[[Tensor], Tensor]] = []
+
+    def reproduces(t: Tensor) -> bool:
+        if t is logits:
+            found.append(lambda x: x)
+            return True
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for candidate in candidates:
+                    try:
+                        out = candidate(t)
+                    except (RuntimeError, TypeError, ValueError, IndexError):
+                        continue
+                    if (isinstance(out, Tensor) and out.shape == logits.shape
+                            and torch.allclose(out, logits, rtol=1e-4, atol=1e-5)):
+                        found.append(candidate)
+                        return True
+        finally:
             model.train(was_training)
-        if not ok:
-            head = None
-    return Anatomy(model=model, blocks=blocks, head=head, chained=chained)
+        return False
+
+    path = _path(calls, last, reproduces)
+    if path is None:
+        return None
+    tail, final = tuple(c.module for c in path), found[-1]
+    if not tail:
+        return final
+
+    def head(x: Tensor) -> Tensor:
+        for module in tail:
+            x = module(x)
+        return final(x)
+
+    return head
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ numbers as soon as the block's last ingredient arrives:
   the block's references are dropped: on CUDA by a fused Triton kernel that reads each tensor once
   (:mod:`resprobe.fused_stats`), elsewhere by :func:`identity_block_stats`'s torch operations.
 
-In pre-activation blocks ``F = U = out − h`` (identity blocks), so nothing needs copying. Tensors
+In pre-activation and transformer blocks ``F = U = out − h`` (identity blocks; the family's
+``f_is_u``), so nothing needs copying. Token tensors [B, N, C] and channels-last [B, H, W, C] blocks
+(ViT, Swin, ConvNeXt) need nothing special: every statistic is over the flattened tensor. Tensors
 that are only referenced are checked with their version counters, so an in-place change after the
 hook is an error, never a silent wrong number. Only [B]-sized results leave the device, once per
 batch.
@@ -302,7 +304,7 @@ class Recorder:
                 return
             block = self.blocks[j]
             self._keep_tensor(j, "branch", output)
-            if block.is_identity and not block.preact:
+            if block.is_identity and not block.family.f_is_u:
                 # Post-activation: ``x += shortcut`` and the in-place ReLU will overwrite F. The fused
                 # kernel can recompute F from an eval-mode BatchNorm's input; otherwise F is copied.
                 slot = self._slots[j]
@@ -313,7 +315,9 @@ class Recorder:
                 else:
                     slot.branch = output.detach().clone()
             elif not block.is_identity:  # transitions: ‖F‖ is all that is recorded of F
-                self._put("branch_norm", j, _norm(output))
+                scale = block.family.branch_scale  # a factor the block applies after this point (NFNet)
+                norm = _norm(output)
+                self._put("branch_norm", j, norm * abs(scale(block.module)) if scale is not None else norm)
 
         return hook
 
@@ -344,7 +348,7 @@ class Recorder:
         k = self._keep
         update = slot.out[:k].detach().float() - slot.h[:k].detach().float()
         self._keep_tensor(j, "update", update)
-        if block.preact or slot.branch is None and self._branch_ends[j] is None:
+        if block.family.f_is_u or slot.branch is None and self._branch_ends[j] is None:
             self._keep_tensor(j, "branch", update)  # F = U
 
     @staticmethod

@@ -76,6 +76,9 @@ class ShareOptions:
     norm: str = "unshared"
     gamma_init: str = "copy"
     lora_rank: int | None = None
+    # Library use only (tests, notebooks): allow a one-identity-block stage iterated once, which
+    # rebuilds the original block through the sharing machinery. The command refuses it.
+    allow_single_block: bool = False
 
     def validate(self) -> ShareOptions:
         if self.init not in INITS:
@@ -160,6 +163,8 @@ def is_norm(module: nn.Module) -> bool:
     layer (timm ``RmsNorm``, ``EvoNorm2d*``, torchvision ``FrozenBatchNorm2d``; not ``ConvNormAct``)."""
     if isinstance(module, _NORM_TYPES):
         return True
+    if any(cls.__name__.startswith("LayerScale") for cls in type(module).__mro__):  # timm LayerScale(2d)
+        return True
     if not any("Norm" in cls.__name__ for cls in type(module).__mro__ if cls is not nn.Module):
         return False
     return not any(isinstance(m, _WEIGHT_LAYERS) for m in module.modules())
@@ -180,6 +185,50 @@ def weight_paths(block: nn.Module) -> list[str]:
     return [name for name, module in block.named_modules()
             if isinstance(module, _WEIGHT_LAYERS) and isinstance(getattr(module, "weight", None), nn.Parameter)
             and not any(name == p or name.startswith(p + ".") for p in norms)]
+
+
+def layer_scale_names(block: nn.Module) -> list[str]:
+    """Per-channel layer scales held by the block itself (timm ConvNeXt ``gamma``, torchvision
+    ``CNBlock.layer_scale``, NFNet ``skipinit_gain``): parameters registered on the block, not in a
+    submodule. They stay per iteration like the norms (DESIGN.md §1 "Sharing a stage")."""
+    return [name for name, p in block._parameters.items() if p is not None]
+
+
+def _config(module: nn.Module) -> dict[str, dict[str, Any]]:
+    """Plain settings of every submodule (``shift_size``, ...): what a block's forward reads besides tensors."""
+    plain = (int, float, bool, str, tuple, list, type(None))
+    return {path: {k: v for k, v in vars(m).items()
+                   if not k.startswith("_") and k != "training" and isinstance(v, plain)}
+            for path, m in module.named_modules()}
+
+
+def _differing_config(originals: Sequence[nn.Module]) -> list[tuple[str, str]]:
+    """(module path, attribute) of the plain settings that differ between the replaced blocks (a Swin
+    stage alternates ``shift_size``): each iteration keeps its block's."""
+    configs = [_config(o) for o in originals]
+    return [(path, attr) for path, attrs in configs[0].items() for attr, value in attrs.items()
+            if any(c.get(path, {}).get(attr, value) != value for c in configs[1:])]
+
+
+def _non_persistent_buffers(block: nn.Module) -> dict[str, Tensor]:
+    return {f"{path}.{name}" if path else name: value for path, m in block.named_modules()
+            for name, value in m._buffers.items() if value is not None and name in m._non_persistent_buffers_set}
+
+
+def _differing_buffers(originals: Sequence[nn.Module], skip: Sequence[str]) -> list[str]:
+    """Non-persistent buffers outside the norms whose values differ between the replaced blocks (a
+    Swin block's shifted-window ``attn_mask``): each iteration keeps its block's. Only buffers a
+    block computes when it is built, so that rebuilding a shared model from its checkpoint finds
+    the same ones; trained state (running statistics) lives in the norms."""
+    buffers = [_non_persistent_buffers(o) for o in originals]
+    return [name for name, value in buffers[0].items()
+            if not any(name.startswith(p + ".") for p in skip)
+            and any(name not in b or b[name].shape != value.shape or not torch.equal(b[name], value)
+                    for b in buffers[1:])]
+
+
+def _buffer_key(path: str) -> str:
+    return "buffer__" + path.replace(".", "__")
 
 
 def _set_unregistered(obj: nn.Module, name: str, value: Any) -> None:
@@ -240,6 +289,16 @@ class LowRank(nn.Module):
         return f"rank={self.A.shape[0]}, A={list(self.A.shape)}, B={list(self.B.shape)}"
 
 
+class Offset(nn.Module):
+    """One iteration's additive correction of a shared parameter that is not a conv/linear weight (a
+    bias, a Swin relative position bias table), given with ``--lora-rank`` so that full rank
+    reproduces the original blocks exactly."""
+
+    def __init__(self, delta: Tensor):
+        super().__init__()
+        self.delta = nn.Parameter(delta)
+
+
 class SharedIteration(nn.Module):
     """Iteration t of a shared stage: the shared block run with this iteration's own modules.
 
@@ -249,44 +308,82 @@ class SharedIteration(nn.Module):
     """
 
     def __init__(self, shared_block: nn.Module, inner_family: BlockFamily, iteration: int,
-                 own: dict[str, nn.Module], lora: dict[str, LowRank]):
+                 own: dict[str, nn.Module], lora: dict[str, LowRank], scales: dict[str, Tensor] | None = None,
+                 offsets: dict[str, Offset] | None = None, config: dict[tuple[str, str], Any] | None = None,
+                 buffers: dict[str, tuple[Tensor, bool]] | None = None):
         super().__init__()
         _set_unregistered(self, "shared_block", shared_block)
         self.inner_family = inner_family
         self.iteration = iteration
         self.own_paths = tuple(own)
         self.lora_paths = tuple(lora)
+        self.scale_names = tuple(scales or {})
+        self.offset_paths = tuple(offsets or {})
+        self.config = dict(config or {})  # (module path, attribute) -> this iteration's plain setting
+        self.buffer_paths = tuple(buffers or {})
         for path, module in own.items():
             _place(self, path, module)
-        if lora:
+        for name, value in (scales or {}).items():  # at the block's own names (stages.1.blocks.2.gamma)
+            self.register_parameter(name, nn.Parameter(value))
+        for path, (value, persistent) in (buffers or {}).items():
+            self.register_buffer(_buffer_key(path), value, persistent=persistent)
+        if lora or offsets:
             self.lora = nn.Module()
             for path, factors in lora.items():
                 _place(self.lora, path, factors)
+            for path, offset in (offsets or {}).items():
+                _place(self.lora, path, offset)
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
-        """Within the context, the shared block's slots run this iteration's modules."""
-        slots = [(self.shared_block.get_submodule(p), self.get_submodule(p)) for p in self.own_paths]
+        """Within the context, the shared block's slots run this iteration's modules, with this
+        iteration's layer scales, settings and buffers."""
+        block = self.shared_block
+        slots = [(block.get_submodule(p), self.get_submodule(p)) for p in self.own_paths]
         for slot, own in slots:
             _set_unregistered(slot, "target", own)
+        saved_config = {}
+        for (path, attr), value in self.config.items():
+            module = block.get_submodule(path)
+            saved_config[(path, attr)] = getattr(module, attr)
+            object.__setattr__(module, attr, value)
+        saved_buffers = {}
+        for path in self.buffer_paths:
+            parent, _, name = path.rpartition(".")
+            module = block.get_submodule(parent)
+            saved_buffers[path] = module._buffers[name]
+            module._buffers[name] = self._buffers[_buffer_key(path)]
+        for name in self.scale_names:
+            block._parameters[name] = self._parameters[name]
         try:
             yield
         finally:
+            for name in self.scale_names:
+                block._parameters.pop(name, None)
+            for path, value in saved_buffers.items():
+                parent, _, name = path.rpartition(".")
+                block.get_submodule(parent)._buffers[name] = value
+            for (path, attr), value in saved_config.items():
+                object.__setattr__(block.get_submodule(path), attr, value)
             for slot, _ in slots:
                 _set_unregistered(slot, "target", None)
 
     def relaxed_weights(self) -> dict[str, Tensor]:
-        """``{path.weight: W + B_t A_t}`` for every shared weight with a LoRA correction."""
+        """``{path.weight: W + B_t A_t}`` for every shared weight with a LoRA correction, and
+        ``{path: p + δ_t}`` for every other shared parameter with an offset."""
         weights = {}
         for path in self.lora_paths:
             weight = self.shared_block.get_submodule(path).weight
             factors: LowRank = self.lora.get_submodule(path)  # type: ignore[assignment]
             weights[f"{path}.weight"] = weight + factors.delta(weight)
+        for path in self.offset_paths:
+            offset: Offset = self.lora.get_submodule(path)  # type: ignore[assignment]
+            weights[path] = self.shared_block.get_parameter(path) + offset.delta
         return weights
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self.running():
-            if not self.lora_paths:
+            if not self.lora_paths and not self.offset_paths:
                 return self.shared_block(*args, **kwargs)
             return torch.func.functional_call(self.shared_block, self.relaxed_weights(), args, kwargs)
 
@@ -336,9 +433,12 @@ def iteration_class(inner: BlockFamily) -> type[SharedIteration]:
     if cls is None:
         cls = type(f"SharedIteration_{re.sub(r'[^0-9A-Za-z]', '_', inner.name)}", (SharedIteration,),
                    {"__module__": __name__})
+        scale = inner.branch_scale
         register_block_family(cls, SharedIterationFamily(
             name=f"shared:{inner.name}", preact=inner.preact, branch_end=inner.branch_end, shortcut=inner.shortcut,
-            post=inner.post, shortcut_input=inner.shortcut_input, inner=inner))
+            post=inner.post, shortcut_input=inner.shortcut_input, transformer=inner.transformer,
+            branch_is_update=inner.branch_is_update, lesion_fn=inner.lesion_fn, keep=inner.keep,
+            branch_scale=(lambda it: scale(it.shared_block)) if scale is not None else None, inner=inner))
         _ITERATION_CLASSES[inner] = cls
     return cls
 
@@ -406,9 +506,14 @@ def plan_sharing(anatomy: Anatomy, options: ShareOptions) -> list[StagePlan]:
         for stage in stages:
             if stage not in by_stage:
                 raise BadValue(f"--stages: the model has no stage {stage} (stages 0–{max(by_stage)})")
-            if not by_stage[stage]:
-                raise BadValue(f"--stages: stage {stage} has no identity block to share (stages with identity "
-                               f"blocks: {', '.join(map(str, with_identity)) or 'none'})")
+            # One identity block iterated once is the original block: a no-op checkpoint. With
+            # --iterations K ≥ 2 it is a real change (one block unrolled with per-iteration norms).
+            single = len(by_stage[stage]) < 2 and (options.iterations or 1) < 2 and not options.allow_single_block
+            if not by_stage[stage] or single:
+                shareable = [s for s, names in by_stage.items() if len(names) >= 2]
+                held = f"only one identity block ({by_stage[stage][0]})" if by_stage[stage] else "no identity block"
+                raise BadValue(f"--stages: stage {stage} has {held}; sharing needs two or more, or "
+                               f"--iterations 2 or more (stages that can be shared: {', '.join(map(str, shareable)) or 'none'})")
     plans = []
     for stage in stages:
         names = by_stage[stage]
@@ -558,6 +663,11 @@ def build_shared_stage(model: nn.Module, plan: StagePlan, settings: _Settings,
     shared = copy.deepcopy(originals[0])
     norms = norm_paths(shared)
     per_iteration = list(norms) if settings.norm == "unshared" else []
+    scale_names = layer_scale_names(shared) if settings.norm == "unshared" else []
+    for name in scale_names:  # each iteration holds its own; the shared block borrows it while running
+        del shared._parameters[name]
+    config_keys = _differing_config(originals)
+    buffer_paths = _differing_buffers(originals, norms)
     if initialize:
         _initialize_shared(shared, originals, settings.init, skip=per_iteration)
         if settings.norm == "shared" and settings.gamma_init == "0.1":
@@ -569,6 +679,10 @@ def build_shared_stage(model: nn.Module, plan: StagePlan, settings: _Settings,
     lora_paths = weight_paths(shared) if settings.lora_rank else []
     for path in own_paths:
         _replace(shared, path, _Slot(path))
+    # With LoRA, every other shared parameter (biases, Swin's relative position bias tables) gets a
+    # per-iteration offset, so that full rank reproduces the original blocks exactly.
+    relaxed = {f"{p}.weight" for p in lora_paths}
+    offset_paths = [n for n, _ in shared.named_parameters() if n not in relaxed] if settings.lora_rank else []
 
     cls = iteration_class(inner)
     iterations: list[SharedIteration] = []
@@ -580,7 +694,20 @@ def build_shared_stage(model: nn.Module, plan: StagePlan, settings: _Settings,
         lora = {p: _low_rank(shared.get_submodule(p).weight,
                              source.get_submodule(p).weight if initialize else None, settings.lora_rank or 0)
                 for p in lora_paths}
-        iterations.append(cls(shared, inner, t, own, lora))
+        offsets = {}
+        for path in offset_paths:
+            base = shared.get_parameter(path)
+            delta = (source.get_parameter(path).detach() - base.detach()) if initialize else torch.zeros_like(base)
+            offsets[path] = Offset(delta.clone())
+            offsets[path].requires_grad_(base.requires_grad)
+        scales = {n: source._parameters[n].detach().clone() for n in scale_names}
+        config = {(path, attr): copy.deepcopy(getattr(source.get_submodule(path), attr)) for path, attr in config_keys}
+        buffers = {}
+        for path in buffer_paths:
+            parent, _, name = path.rpartition(".")
+            module = source.get_submodule(parent)
+            buffers[path] = (module._buffers[name].detach().clone(), False)
+        iterations.append(cls(shared, inner, t, own, lora, scales, offsets, config, buffers))
 
     holder = _shared_holder(model)
     key = (plan.container or "root").replace(".", "_")
