@@ -506,14 +506,15 @@ def plan_sharing(anatomy: Anatomy, options: ShareOptions) -> list[StagePlan]:
         for stage in stages:
             if stage not in by_stage:
                 raise BadValue(f"--stages: the model has no stage {stage} (stages 0–{max(by_stage)})")
-            # One identity block iterated once is the original block: a no-op checkpoint. With
-            # --iterations K ≥ 2 it is a real change (one block unrolled with per-iteration norms).
-            single = len(by_stage[stage]) < 2 and (options.iterations or 1) < 2 and not options.allow_single_block
+            # One identity block has nothing to share with: sharing it writes the original block back
+            # (a no-op checkpoint). Unrolling one block is `ablate --unroll`'s job.
+            single = len(by_stage[stage]) < 2 and not options.allow_single_block
             if not by_stage[stage] or single:
                 shareable = [s for s, names in by_stage.items() if len(names) >= 2]
                 held = f"only one identity block ({by_stage[stage][0]})" if by_stage[stage] else "no identity block"
-                raise BadValue(f"--stages: stage {stage} has {held}; sharing needs two or more, or "
-                               f"--iterations 2 or more (stages that can be shared: {', '.join(map(str, shareable)) or 'none'})")
+                raise BadValue(f"--stages: stage {stage} has {held}; sharing needs two or more (stages that can "
+                               f"be shared: {', '.join(map(str, shareable)) or 'none'}; to apply one block "
+                               "repeatedly, see ablate --unroll)")
     plans = []
     for stage in stages:
         names = by_stage[stage]
