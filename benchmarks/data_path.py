@@ -1,5 +1,5 @@
 """The data path at ImageNet sizes: end-to-end ``record`` and ``eval`` on a folder of JPEGs against the
-model-only floor on synthetic tensors, all in one run (DESIGN.md §5: ratios, not absolute times).
+model-only floor on synthetic tensors, all in one run (docs/gpu.md: ratios, not absolute times).
 
     python benchmarks/data_path.py --device cpu --model timm:resnet18 --n 64 --batch-size 16 --workers 1
     python benchmarks/data_path.py --device cuda --model timm:resnet50 --n 4096 --batch-size 256 --workers 14

@@ -1,4 +1,4 @@
-"""Which residual blocks can go, and at what cost (DESIGN.md §1–§2; paper §4.2 and §4.4; Veit et al.
+"""Which residual blocks can go, and at what cost (docs/reference.md; paper §4.2 and §4.4; Veit et al.
 2016 lesions; ShortGPT and Gromov et al. 2024 layer pruning).
 
 The engine
@@ -255,7 +255,7 @@ class AblationEngine:
 
 
 def lesion_variant(anatomy: Anatomy, positions: Iterable[int]) -> dict[int, Fn]:
-    """The model with the blocks at ``positions`` removed (each block's own lesion, DESIGN.md §1)."""
+    """The model with the blocks at ``positions`` removed (each block's own lesion, docs/reference.md)."""
     return {p: anatomy.blocks[p].lesion for p in positions}
 
 
@@ -322,7 +322,7 @@ def harm(result: EvalResult, by: str) -> float:
 
 
 def rank_order(harms: Sequence[float]) -> list[int]:
-    """Indices from most to least harmful; ties in block order (DESIGN.md §1)."""
+    """Indices from most to least harmful; ties in block order (docs/reference.md)."""
     return sorted(range(len(harms)), key=lambda i: (-harms[i], i))
 
 
@@ -731,7 +731,7 @@ def _figures(result: EvalResult) -> dict[str, float | None]:
 
 class RemovedBlock(nn.Module):
     """What a removed identity block becomes when its lesion is its input, unchanged (pre-activation and
-    transformer blocks, DESIGN.md §1). Block discovery skips it (``_resprobe_removed``)."""
+    transformer blocks, docs/reference.md). Block discovery skips it (``_resprobe_removed``)."""
 
     _resprobe_removed = True
 
@@ -789,7 +789,7 @@ def prune_model(model: nn.Module, names: Sequence[str]) -> nn.Module:
 
 @register_recipe("prune")
 def _build_pruned(model: nn.Module, recipe: Mapping[str, Any]) -> nn.Module:
-    """Rebuild a pruned model from a freshly built one (resprobe checkpoints, DESIGN.md §2)."""
+    """Rebuild a pruned model from a freshly built one (resprobe checkpoints, docs/reference.md)."""
     removed = recipe.get("removed")
     if not isinstance(removed, list) or not all(isinstance(n, str) for n in removed):
         raise ModelError("damaged prune recipe: 'removed' must be a list of block names")
@@ -836,7 +836,7 @@ class PrunedResult:
 
 @dataclass
 class AblateOptions:
-    """What ``resprobe ablate`` was asked for (DESIGN.md §2)."""
+    """What ``resprobe ablate`` was asked for (docs/reference.md)."""
 
     by: str = "loss"
     include_transitions: bool = False
@@ -957,7 +957,7 @@ class AblationReport:
 
 
 def warn_non_finite(baseline: EvalResult, ranking: Sequence[BlockRemoval]) -> None:
-    """NaN or inf is a warning that names the blocks, and the run goes on (DESIGN.md §6)."""
+    """NaN or inf is a warning that names the blocks, and the run goes on (docs/reliability.md)."""
     if not math.isfinite(baseline.loss):
         warnings.warn("the intact model's loss is not finite: its outputs hold NaN or inf", stacklevel=3)
     bad = [r.name for r in ranking if not math.isfinite(r.loss)]

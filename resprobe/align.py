@@ -1,4 +1,4 @@
-"""Alignment statistics from a recording (DESIGN.md §1 "Report aggregates"; paper §4.1).
+"""Alignment statistics from a recording (docs/reference.md "Report aggregates"; paper §4.1).
 
 Per block: how well the residual branch output F follows the negative loss gradient (``cos``
 negative = descending the loss), how large it is against its input (``l2_ratio``), the same for the
@@ -80,7 +80,7 @@ def summarize_block(recorded: Recorded, j: int) -> dict[str, Any]:
             update_l2_ratio_mean=_mean(c["update_l2_ratio"]),
         )
     else:
-        # Transition blocks: F and g differ in shape, so only norms are defined (DESIGN.md §1).
+        # Transition blocks: F and g differ in shape, so only norms are defined (docs/reference.md).
         invalid = np.zeros(recorded.n_samples, dtype=bool)
         row.update(cos_mean=None, cos_ci95=[None, None], frac_negative=None, l2_ratio_mean=None,
                    update_cos_mean=None, update_l2_ratio_mean=None)

@@ -1,6 +1,6 @@
 """Residual block discovery, kinds, stages, and how to run a model on from one block.
 
-A block is one residual unit (DESIGN.md §1)::
+A block is one residual unit (docs/reference.md)::
 
     post-activation:  out = post(shortcut(h) + F(h))   torchvision/timm BasicBlock, Bottleneck, RegNet, ...
     pre-activation:   out = shortcut(h) + F(h)          PreAct ResNets, ConvNeXt, inverted residuals, NFNet
@@ -135,7 +135,7 @@ class Anatomy:
 
 
 def _head_candidates(model: nn.Module) -> list[Callable[[Tensor], Tensor]]:
-    """Ways a model may map its last features to logits (DESIGN.md §1 "Readout"); discovery keeps the
+    """Ways a model may map its last features to logits (docs/reference.md "Readout"); discovery keeps the
     first that reproduces the model's own logits. Nothing here imports a library: the attributes
     tell (timm's ``forward_head``, after its final ``norm`` where ``forward_features`` ends with one;
     torchvision's ``avgpool`` + ``fc``/``classifier``; a torchvision ViT's class token + ``heads``)."""
@@ -251,7 +251,7 @@ def _path(calls: list[_Call], start: Tensor, accept: Callable[[Tensor], bool], l
 
 
 def _stages(model: nn.Module, names: list[str]) -> dict[str, tuple[int, int]]:
-    """(stage, index) of each block, the stage being its group's own index (DESIGN.md §1).
+    """(stage, index) of each block, the stage being its group's own index (docs/reference.md).
 
     A group is the module holding the blocks (``layer3``, ``stages.2.blocks``, a ViT's ``blocks``).
     Its index is its position among the model's modules named alike up to numbers (``layer3`` among

@@ -1,4 +1,4 @@
-"""Data specs → datasets and loaders, and the preprocessing a model expects (DESIGN.md §2).
+"""Data specs → datasets and loaders, and the preprocessing a model expects (docs/reference.md).
 
 Specs: an image folder (``ImageFolder`` layout) · ``cifar10:DIR[:train|test]`` / ``cifar100:…``
 (torchvision's format, never downloaded) · an arrays file ``.npz`` / ``.h5`` with ``images`` (uint8
@@ -601,7 +601,7 @@ def check_labels_fit(source: DataSource, model_classes: int | None) -> None:
 
 
 def select_indices(n: int, limit: int | None, seed: int = 0) -> list[int]:
-    """DESIGN.md §2: ``sorted(torch.randperm(n, generator=Generator().manual_seed(seed))[:limit])``."""
+    """docs/reference.md: ``sorted(torch.randperm(n, generator=Generator().manual_seed(seed))[:limit])``."""
     if limit is None:
         return list(range(n))
     if limit < 1:

@@ -1,4 +1,4 @@
-"""Images decoded and resized on the device, so that the CPU does not starve a GPU (DESIGN.md §5).
+"""Images decoded and resized on the device, so that the CPU does not starve a GPU (docs/gpu.md).
 
 On CUDA, loader workers only read files: JPEG bytes go to the GPU in batches and are decoded there
 (``torchvision.io.decode_jpeg(device=...)``), then resized, center-cropped and normalized on the

@@ -92,11 +92,11 @@ def evaluate(
     return tally.result()
 
 
-BORDERLINE_MARGIN = 0.10  # DESIGN.md §1: margin p_y − max_{k≠y} p_k in (−0.10, 0.10)
+BORDERLINE_MARGIN = 0.10  # docs/reference.md: margin p_y − max_{k≠y} p_k in (−0.10, 0.10)
 
 
 def borderline_mask(logits: Tensor, labels: Tensor, margin: float = BORDERLINE_MARGIN) -> Tensor:
-    """Samples whose ``p_y − max_{k≠y} p_k`` lies in (−margin, margin) (DESIGN.md §1 "Borderline")."""
+    """Samples whose ``p_y − max_{k≠y} p_k`` lies in (−margin, margin) (docs/reference.md "Borderline")."""
     probs = torch.softmax(logits.float(), dim=1)
     p_true = probs.gather(1, labels[:, None]).squeeze(1)
     others = probs.scatter(1, labels[:, None], float("-inf"))

@@ -1,4 +1,4 @@
-"""Per-block-class knowledge: one :class:`BlockFamily` entry per residual block class (DESIGN.md §1, §4).
+"""Per-block-class knowledge: one :class:`BlockFamily` entry per residual block class (docs/reference.md).
 
 A family says how its block computes ``out`` from ``h``::
 
@@ -93,7 +93,7 @@ class BlockFamily:
         return self.lesion_fn is None and (self.transformer or self.post is None)
 
     def lesion(self, block: nn.Module, h: Tensor) -> Tensor:
-        """The block with its residual branch output replaced by zero (DESIGN.md §1, "Removing a block"):
+        """The block with its residual branch output replaced by zero (docs/reference.md, "Removing a block"):
         ``post(shortcut(h))`` (identity shortcut: ``post(h)``, with SiLU or leaky ReLU applied),
         pre-activation ``shortcut(norm1(h))``, a transformer block ``h``."""
         if self.lesion_fn is not None:

@@ -1,4 +1,4 @@
-"""Pretrained weights from the model hubs, as timm and torchvision load them (DESIGN.md §2).
+"""Pretrained weights from the model hubs, as timm and torchvision load them (docs/reference.md).
 
 ``--pretrained`` goes through ``timm.create_model(pretrained=True)`` (the Hugging Face hub cache,
 ``HF_HOME``) and torchvision's weights enums (the torch hub cache, ``TORCH_HOME``), downloading

@@ -1,6 +1,6 @@
 """Model specs, model building, safe checkpoint loading and resprobe's own checkpoints.
 
-A MODEL argument (DESIGN.md §2) is one of::
+A MODEL argument (docs/reference.md) is one of::
 
     torchvision:NAME[:WEIGHTS]   timm:NAME   NAME (timm)   hf-hub:ORG/NAME
     PATH (a checkpoint that records its architecture)   package.module:callable
@@ -777,7 +777,7 @@ def _training_model_kwargs(obj: Mapping[str, Any], path: Path) -> dict[str, Any]
 
 
 def load_model(model: str | ModelSpec, opts: LoadOptions | None = None) -> LoadedModel:
-    """Build MODEL and load its weights as DESIGN.md §2 describes; the model is returned in eval mode."""
+    """Build MODEL and load its weights as docs/reference.md describes; the model is returned in eval mode."""
     opts = opts or LoadOptions()
     spec = model if isinstance(model, ModelSpec) else parse_model_spec(model)
     if opts.num_classes is not None and opts.num_classes < 1:

@@ -3,7 +3,7 @@ stage — loss, accuracy and entropy after each block, and how many borderline e
 corrects or breaks.
 
 A borderline example has margin ``p_y − max_{k≠y} p_k`` on the intact model in (−0.10, 0.10)
-(DESIGN.md §1). A block *corrects* one when the readout after it is right and the one before it
+(docs/reference.md). A block *corrects* one when the readout after it is right and the one before it
 wrong, and *breaks* one the other way round. The first block of the stage has no readout before it.
 """
 

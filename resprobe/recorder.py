@@ -1,4 +1,4 @@
-"""The hooked pass: per-sample block statistics, reduced on the device (DESIGN.md §1, §5).
+"""The hooked pass: per-sample block statistics, reduced on the device (docs/reference.md).
 
 One forward and one backward (to the input images; parameters frozen, so no weight gradient is ever
 computed) per batch. Hooks keep references to what each block sees and reduce it to per-sample
@@ -83,7 +83,7 @@ def _cos(dot: Tensor, na: Tensor, nb: Tensor) -> Tensor:
 
 
 def identity_block_stats(h: Tensor, out: Tensor, g: Tensor, g_out: Tensor | None, branch: Tensor | None) -> Tensor:
-    """Every statistic of an identity block, [len(STAT_NAMES), B] float32 (DESIGN.md §1).
+    """Every statistic of an identity block, [len(STAT_NAMES), B] float32 (docs/reference.md).
 
     ``branch`` is the copy of F (post-activation blocks) or None where F = U = out − h. Each tensor is
     read as few times as the formulas allow and converted to float32 at most once (bf16/fp16 runs).
@@ -491,7 +491,7 @@ def nonfinite_blocks(batch: BatchStats, names: list[str]) -> list[tuple[str, int
 class NonfiniteTally:
     """Where NaN or inf appeared in the activations or gradients, over a whole run.
 
-    Not an error (DESIGN.md §6): the statistics of the affected samples are NaN and left out of the
+    Not an error (docs/reliability.md): the statistics of the affected samples are NaN and left out of the
     means; one warning names the blocks where the values first went bad and the samples affected.
     """
 

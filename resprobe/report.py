@@ -1,4 +1,4 @@
-"""Rendering results: a rich table for people, JSON or CSV for scripts (DESIGN.md §2).
+"""Rendering results: a rich table for people, JSON or CSV for scripts (docs/reference.md).
 
 Every command's result is a JSON-able dict. ``emit`` writes it to stdout in the chosen format: JSON
 as is (NaN and infinities become ``null``), CSV as one row per block (:func:`flatten_row` says how

@@ -1,4 +1,4 @@
-"""Shared iterative stages (DESIGN.md §1 "Sharing a stage"; paper §4.5; Relaxed Recursive Transformers).
+"""Shared iterative stages (docs/reference.md "Sharing a stage"; paper §4.5; Relaxed Recursive Transformers).
 
 The identity blocks of a stage become ONE block applied in place, once per replaced block (or
 ``iterations`` times). Everything but the normalization layers is shared; each iteration keeps its own
@@ -190,7 +190,7 @@ def weight_paths(block: nn.Module) -> list[str]:
 def layer_scale_names(block: nn.Module) -> list[str]:
     """Per-channel layer scales held by the block itself (timm ConvNeXt ``gamma``, torchvision
     ``CNBlock.layer_scale``, NFNet ``skipinit_gain``): parameters registered on the block, not in a
-    submodule. They stay per iteration like the norms (DESIGN.md §1 "Sharing a stage")."""
+    submodule. They stay per iteration like the norms (docs/reference.md "Sharing a stage")."""
     return [name for name, p in block._parameters.items() if p is not None]
 
 
@@ -489,7 +489,7 @@ def _extra_names(container: nn.Module, count: int) -> list[str]:
 
 
 def plan_sharing(anatomy: Anatomy, options: ShareOptions) -> list[StagePlan]:
-    """The stages to share (DESIGN.md §1): their identity blocks and where each iteration goes."""
+    """The stages to share (docs/reference.md): their identity blocks and where each iteration goes."""
     by_stage: dict[int, list[str]] = {}
     for block in anatomy.blocks:
         by_stage.setdefault(block.stage, [])

@@ -1,4 +1,4 @@
-"""ImageNet-style data as users hold it (DESIGN.md §2 ``--data``), beside data.py's folders and arrays:
+"""ImageNet-style data as users hold it (docs/reference.md ``--data``), beside data.py's folders and arrays:
 
 - a flat folder of images with ``--labels FILE``: the devkit's ``ILSVRC2012_validation_ground_truth.txt``
   (one 1-based ILSVRC2012_ID a line, in sorted file order; the devkit's ``meta.mat`` beside it maps

@@ -1,4 +1,4 @@
-"""The recording: HDF5 schema 1 (DESIGN.md §3), written so that a kill at any instant loses at most
+"""The recording: HDF5 schema 1 (docs/reference.md), written so that a kill at any instant loses at most
 the batch in flight.
 
 While a run is in progress nothing is written into ``RUN.h5`` in place. Each completed batch becomes

@@ -1,4 +1,4 @@
-"""Fine-tuning any resprobe-loadable model (DESIGN.md §2 ``finetune``): original, pruned, shared, or
+"""Fine-tuning any resprobe-loadable model (docs/reference.md ``finetune``): original, pruned, shared, or
 randomly initialized. From a notebook::
 
     from resprobe.probe import open_probe

@@ -1,4 +1,4 @@
-"""Every bad input ends in one clear line (DESIGN.md §2, §6; issue 6).
+"""Every bad input ends in one clear line (docs/reference.md; issue 6).
 
 Through the real command line: exit status 1, exactly one non-empty line on stderr that starts with
 ``error:`` and names the problem, nothing on stdout, no traceback, and nothing left behind that

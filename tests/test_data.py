@@ -1,4 +1,4 @@
-"""Data specs and the preprocessing rules of DESIGN.md §2."""
+"""Data specs and the preprocessing rules of docs/reference.md."""
 
 from __future__ import annotations
 

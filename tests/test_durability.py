@@ -1,4 +1,4 @@
-"""Interrupted recordings lose nothing (DESIGN.md §3, §6): real processes killed at several points.
+"""Interrupted recordings lose nothing (docs/reference.md): real processes killed at several points.
 
 ``resprobe record`` runs in a subprocess and is stopped with SIGINT (finish the batch, make it durable,
 exit 130, report ``complete: false``) or SIGKILL: from outside at an arbitrary moment of the run, and

@@ -107,7 +107,7 @@ MAKERS = {
     "tv_regnet": _tv_regnet,
 }
 
-# The block classes of DESIGN.md §1, by class name and defining module, written here independently of
+# The block classes of docs/reference.md, by class name and defining module, written here independently of
 # resprobe's family table; and when a module of the class is residual.
 REFERENCE_CLASSES = {
     ("timm.models.vision_transformer", "Block"), ("timm.models.vision_transformer", "ResPostBlock"),
@@ -403,7 +403,7 @@ def test_pruned_model_equals_the_lesion(key, built):
 
 
 def test_silu_post_activation_lesion_applies_the_activation():
-    """DESIGN.md §1: removing an identity block gives post(h), not h, when post is not a ReLU."""
+    """docs/reference.md: removing an identity block gives post(h), not h, when post is not a ReLU."""
     import timm
 
     torch.manual_seed(0)

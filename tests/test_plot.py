@@ -1,7 +1,7 @@
 """``resprobe plot``: every figure kind renders to a valid PNG / SVG; bad inputs end in one line.
 
 The alignment figure comes from a real recording of the shipped tiny ResNet (with the last-stage
-readout); the ablate figure from a hand-made JSON of the documented shape (DESIGN.md §2), with a
+readout); the ablate figure from a hand-made JSON of the documented shape (docs/reference.md), with a
 cumulative curve, proxies and a transition block.
 """
 

@@ -1,4 +1,4 @@
-"""Untrusted checkpoints stay inert (DESIGN.md §6, issue 6).
+"""Untrusted checkpoints stay inert (docs/reliability.md, issue 6).
 
 A pickle whose unpickling would run code (here: a ``__reduce__`` that calls ``exec`` to create a
 marker file) is refused by default, and the code never runs; the refusal names ``--trust-checkpoint``
