@@ -77,6 +77,14 @@ def to_csv(rows: Iterable[Mapping[str, Any]]) -> str:
     return buffer.getvalue()
 
 
+class _ReportConsole(Console):
+    """rich's Console, except that a closed pipe (``resprobe align … | head -1``) is a BrokenPipeError
+    for the caller to handle (the command line ends quietly) instead of rich's own ``exit(1)``."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
 def emit(
     payload: Mapping[str, Any],
     fmt: str,
@@ -93,7 +101,7 @@ def emit(
     else:
         probe = Console(file=out)
         # A pipe or file gets a wide console: tables are never truncated where nobody can resize them.
-        console = Console(file=out, soft_wrap=False, width=probe.width if probe.is_terminal else 220)
+        console = _ReportConsole(file=out, soft_wrap=False, width=probe.width if probe.is_terminal else 220)
         rendered = table(payload)
         for item in rendered if isinstance(rendered, (list, tuple)) else [rendered]:
             console.print(item)

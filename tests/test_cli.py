@@ -142,7 +142,8 @@ def test_ctrl_c_while_importing_is_one_line_and_exit_130(tmp_path, module):
 
 
 @pytest.mark.slow
-def test_closed_stdout_ends_quietly():
+@pytest.mark.parametrize("fmt", ["json", "table"])  # the table goes through rich, which would exit(1) itself
+def test_closed_stdout_ends_quietly(fmt):
     """``resprobe blocks ... | head -c0``: the reader is gone before the report is written. No message,
     exit status 141 (what a shell reports for a tool ended by SIGPIPE)."""
     import os
@@ -152,7 +153,7 @@ def test_closed_stdout_ends_quietly():
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        proc = subprocess.run([sys.executable, "-m", "resprobe", "blocks", MODEL, "-f", "json"], stdout=write_end,
+        proc = subprocess.run([sys.executable, "-m", "resprobe", "blocks", MODEL, "-f", fmt], stdout=write_end,
                               stderr=subprocess.PIPE, text=True, env=_process_env(), timeout=120)
     finally:
         os.close(write_end)
