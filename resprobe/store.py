@@ -867,21 +867,12 @@ def _finish_sharded(writer: RunWriter, start: float, messages: list[str]) -> Rec
 
     writer.flush()
     distributed.barrier()  # every batch file is in place
-    error: BaseException | None = None
-    out, n_done = writer.path, 0
-    if distributed.is_main():
-        try:
-            writer.n_done = writer.durable_samples()
-            out = writer.finish()
-            n_done = writer.n_done
-        except ResprobeError as exc:
-            error = exc
-    ok, message = distributed.agree(error is None, str(error) if error else "")
-    if error is not None:
-        raise error
-    if not ok:
-        raise distributed.PeerFailed(f"rank 0 could not merge the recording: {message}")
-    n_done = distributed.broadcast(n_done)
+
+    def merge() -> tuple[str, int]:
+        writer.n_done = writer.durable_samples()
+        return str(writer.finish()), writer.n_done
+
+    out, n_done = _on_main(merge, distributed.is_main())
     writer.close()
     return RecordResult(str(out), n_done, True, time.perf_counter() - start, messages,
                         _provenance(writer.meta.get("attrs", {})))
