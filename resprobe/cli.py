@@ -281,13 +281,11 @@ def _errors_once(debug: bool, launched: Any, quiet: bool = False) -> Iterator[No
         raise
     except KeyboardInterrupt:
         show_pending()
-        if launched.main:
-            _announce_interrupt("interrupted")
+        _announce_interrupt("interrupted", launched.main)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except Interrupted as exc:  # Ctrl-C honoured after making the work durable
         show_pending()
-        if launched.main:
-            _announce_interrupt(_one_line(str(exc)) or "interrupted")
+        _announce_interrupt(_one_line(str(exc)) or "interrupted", launched.main)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except BrokenPipeError as exc:
         if not stdout_closed():
@@ -336,8 +334,11 @@ class _Announced:
     interrupt = False
 
 
-def _announce_interrupt(text: str) -> None:
-    stderr.print(text, markup=False)
+def _announce_interrupt(text: str, speak: bool = True) -> None:
+    """Say ``text`` (only rank 0 speaks under torchrun) and mark the interruption as announced, so that
+    :func:`main` adds no second line on any rank."""
+    if speak:
+        stderr.print(text, markup=False)
     _Announced.interrupt = True
 
 

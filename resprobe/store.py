@@ -778,8 +778,6 @@ def run_recording(
     names = [b["name"] for b in writer.meta["blocks"]]
     tally = NonfiniteTally(names, [b.get("kind") == "identity" for b in writer.meta["blocks"]])
     skip = writer.n_done if skip is None else skip
-    if progress and writer.n_done:
-        progress(writer.n_done)
 
     batch_size = int(writer.meta.get("options", {}).get("batch_size") or 0)
     planned = iter(numbers) if numbers is not None else None

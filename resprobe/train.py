@@ -628,13 +628,6 @@ def finetune(
         run.complete = s.step >= s.total_steps
         save_last()
 
-    if resumed is None:
-        # Step 0: the model training starts from (after --recalibrate), so a fine-tune that only makes
-        # it worse still leaves the better start as PATH.best.pt, and the history shows the baseline.
-        start: dict[str, Any] = {"epoch": 0, "step": 0, "train_loss": None, "lr": None}
-        validate(start)
-        run.history.append(start)
-
     trained: nn.Module = model
     if world.distributed:
         if options.sync_bn:
@@ -646,6 +639,13 @@ def finetune(
                                           else None)
     forward = compiled_forward(trained) if options.compile else trained
     try:
+        if resumed is None:
+            # Step 0: the model training starts from (after --recalibrate), so a fine-tune that only
+            # makes it worse still leaves the better start as PATH.best.pt, and the history shows the
+            # baseline. After the DDP wrap: its constructor gives every rank rank 0's weights.
+            start: dict[str, Any] = {"epoch": 0, "step": 0, "train_loss": None, "lr": None}
+            validate(start)
+            run.history.append(start)
         with _deferred_interrupt() as interrupted:
             while run.state.step < total:
                 stopped = _train_epoch(model, forward, dataset, train, options, runtime, run, optimizer, scheduler,

@@ -170,3 +170,21 @@ def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(monkeypatch):
     result = invoke("blocks", MODEL, code=1)
     assert result.stderr.startswith("error: BrokenPipeError") and len(result.stderr.strip().splitlines()) == 1
     assert not cli.stdout_closed()  # CliRunner's stdout has no file descriptor
+
+
+def test_ctrl_c_on_a_rank_other_than_0_adds_no_line(capsys, monkeypatch):
+    """torchrun: only rank 0 says "interrupted"; the others end with 130 in silence, and ``main`` must
+    not add its own line for them (it does for an interrupt no handler announced)."""
+    import types
+
+    import typer
+
+    from resprobe import cli
+
+    monkeypatch.setattr(cli._Announced, "interrupt", False)
+    rank1 = types.SimpleNamespace(distributed=True, main=False)
+    with pytest.raises(typer.Exit) as exit_info:
+        with cli._errors_once(False, rank1):
+            raise KeyboardInterrupt
+    assert exit_info.value.exit_code == cli.EXIT_INTERRUPTED
+    assert cli._Announced.interrupt and capsys.readouterr().err == ""

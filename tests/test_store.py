@@ -61,8 +61,12 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
     partial = open_recording(out)
     assert not partial.complete and 16 <= partial.n_samples < 40
     assert summarize(partial)["complete"] is False
-    result = record(RecordOptions(), out, resume=True, device="cpu")
+    reported: list[tuple[int, int]] = []
+    result = record(RecordOptions(), out, resume=True, device="cpu", progress=lambda *p: reported.append(p))
     assert result.complete and result.n_samples == 40
+    # Progress counts the samples already on disk once, then each new batch, up to the total.
+    assert reported[0][0] == partial.n_samples and reported[-1] == (40, 40)
+    assert all(a[0] < b[0] for a, b in zip(reported, reported[1:]))
     a, b = open_recording(whole), open_recording(out)
     for name in STAT_NAMES:
         np.testing.assert_allclose(a.stats[name], b.stats[name], rtol=0, atol=1e-6, equal_nan=True)
