@@ -56,10 +56,6 @@ class Block:
         return self.kind == "identity"
 
     @property
-    def preact(self) -> bool:
-        return self.family.preact
-
-    @property
     def can_lesion(self) -> bool:
         """Whether resprobe can remove this block: identity blocks always, transitions when their
         shortcut module (or the family's own lesion) is known."""
@@ -123,11 +119,10 @@ class Anatomy:
         if not self.can_run_suffix:
             raise ModelError("this model's blocks are not a simple chain; resprobe cannot run it from a block")
         replace = replace or {}
-        last = len(self.blocks) - 1
         for i in range(position, len(self.blocks)):
             fn = replace.get(i)
             h = fn(h) if fn is not None else self.blocks[i].module(h)
-            if i < last and i < len(self.glue):
+            if i < len(self.glue):  # the modules between block i and block i + 1
                 for module in self.glue[i]:
                     h = module(h)
         assert self.head is not None
@@ -158,12 +153,6 @@ def _head_candidates(model: nn.Module) -> list[Callable[[Tensor], Tensor]]:
     if isinstance(heads, nn.Module) and getattr(model, "class_token", None) is not None:
         candidates.append(lambda x: heads(x[:, 0]))
     return candidates
-
-
-def _head_of(model: nn.Module) -> Callable[[Tensor], Tensor] | None:
-    """The first head candidate (unchecked; :func:`discover_blocks` checks it against the model)."""
-    candidates = _head_candidates(model)
-    return candidates[0] if candidates else None
 
 
 def _candidate_blocks(model: nn.Module, globs: Sequence[str] | None) -> list[tuple[str, nn.Module]]:
@@ -363,7 +352,7 @@ def discover_blocks(
             continue
         info = seen[name]
         module = modules[name]
-        family = block_family(module) or family_of(module) or GENERIC
+        family = family_of(module) or GENERIC
         kind = "identity" if info["in_shape"] == info["out_shape"] else "transition"
         stage, index = positions[name]
         blocks.append(Block(name=name, module=module, family=family, stage=stage, index=index, kind=kind,

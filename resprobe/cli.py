@@ -222,14 +222,13 @@ def command_errors(debug: bool, quiet: bool = False, scale_out: bool = False) ->
     launched = distributed.launched()
     if launched.distributed and not scale_out and not launched.main:
         raise typer.Exit(0)
+    several = launched.distributed and scale_out
     with contextlib.ExitStack() as stack:
-        if launched.distributed and scale_out:
-            if not launched.main:  # one report: rank 0's
-                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
-            stack.enter_context(_errors_once(debug, launched, quiet))
+        if several and not launched.main:  # one report: rank 0's
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        stack.enter_context(_errors_once(debug, launched, quiet))
+        if several:  # entered inside the error handling: a group that cannot form is one line too
             stack.enter_context(distributed.process_group())
-        else:
-            stack.enter_context(_errors_once(debug, launched, quiet))
         yield
 
 
@@ -314,17 +313,13 @@ def _errors_once(debug: bool, launched: Any, quiet: bool = False) -> Iterator[No
         logger.setLevel(saved_level)
 
 
-def raise_one_line(debug: bool, exc: BaseException, say: Callable[[str], None] | None = None) -> NoReturn:
-    """An unexpected error: one line (the traceback too with ``--debug``), exit status 1."""
+def raise_one_line(debug: bool, exc: BaseException, say: Callable[[str], None]) -> NoReturn:
+    """An unexpected error: one line through ``say`` (the traceback too with ``--debug``), exit status 1."""
     if debug:
         traceback.print_exc(file=sys.stderr)
     message = _one_line(str(exc)) or type(exc).__name__
     hint = "" if debug else " (run with --debug for the traceback)"
-    text = f"error: {type(exc).__name__}: {message}{hint}"
-    if say is not None:
-        say(text)
-    else:
-        stderr.print(text, markup=False)
+    say(f"error: {type(exc).__name__}: {message}{hint}")
     raise typer.Exit(1) from None
 
 

@@ -164,7 +164,7 @@ def _resize_transform(pre: Preprocessing) -> Callable[[Any], Tensor]:
                                 mean=pre.mean, std=pre.std, crop_pct=pre.crop_pct, crop_mode=pre.crop_mode)
     from torchvision import transforms as T
 
-    size = pre.resize_size or int(math.floor(min(h, w) / pre.crop_pct))
+    size = resize_side(pre)
     return T.Compose([
         T.Resize(size, interpolation=T.InterpolationMode(pre.interpolation), antialias=True),
         T.CenterCrop((h, w)),
@@ -463,6 +463,8 @@ def _folder_source(spec: str, path: Path, pre: Preprocessing, model_classes: int
                    class_map: str | None) -> DataSource:
     from torchvision.datasets import ImageFolder
 
+    from resprobe.sources import imagenet_index, is_wnid
+
     check_not_split_parent(spec, path)
     try:
         folder = ImageFolder(str(path), transform=ImageTransform(pre))
@@ -484,11 +486,8 @@ def _folder_source(spec: str, path: Path, pre: Preprocessing, model_classes: int
         missing = [n for n in names if n not in mapping]
         if missing:
             raise DataError(f"--class-map {class_map} has no entry for folder(s) {', '.join(missing[:4])}")
-    elif model_classes == 1000 and all(_is_wnid(n) for n in names):
-        from timm.data import ImageNetInfo
-
-        wnids = ImageNetInfo().label_names()
-        mapping = {w: i for i, w in enumerate(wnids)}
+    elif model_classes == 1000 and all(is_wnid(n) for n in names):
+        mapping = imagenet_index()
         notes.append("folders named by ImageNet wnids: labels follow the 1000-class ImageNet order")
     elif model_classes is not None and len(names) != model_classes:
         notes.append(f"{len(names)} class folders but the model has {model_classes} classes; "
@@ -516,10 +515,6 @@ def _first_image_size(path: str) -> tuple[int, int] | None:
     except Exception:  # noqa: BLE001 - a bad file is named when the loader reads it
         return None
     return int(height), int(width)
-
-
-def _is_wnid(name: str) -> bool:
-    return len(name) == 9 and name[0] == "n" and name[1:].isdigit()
 
 
 def open_data(

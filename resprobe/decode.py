@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from resprobe.data import DataSource, IndexedDataset, Preprocessing, default_workers
+from resprobe.data import DataSource, IndexedDataset, Preprocessing, default_workers, resize_side
 from resprobe.errors import BadValue, DataError
 
 DECODE_MODES = ("auto", "cpu", "device")
@@ -121,7 +121,7 @@ class DeviceTransform:
                 return None
             size = math.floor(h / pre.crop_pct)
         else:
-            size = pre.resize_size or int(math.floor(min(h, w) / pre.crop_pct))
+            size = resize_side(pre)
         return cls((h, w), size, pre.interpolation, tuple(pre.mean), tuple(pre.std))
 
     def resize_crop(self, image: Tensor) -> Tensor:

@@ -196,20 +196,6 @@ def all_reduce_sums(values: Sequence[float]) -> list[float]:
     return tensor.tolist()
 
 
-def all_reduce_tensor_(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all ranks in place (float64 on the CPU; results copied back)."""
-    if not is_distributed():
-        return tensor
-    import torch
-    import torch.distributed as dist
-
-    work = tensor.detach().to("cpu", torch.float64)
-    with _collective("a sum over processes"):
-        dist.all_reduce(work, op=dist.ReduceOp.SUM)
-    tensor.copy_(work.to(tensor.device, tensor.dtype))
-    return tensor
-
-
 def all_gather(obj: T) -> list[T]:
     """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a run of one."""
     if not is_distributed():

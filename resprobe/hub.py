@@ -12,7 +12,6 @@ resprobe never sets an environment variable: offline mode is passed through the 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -160,9 +159,6 @@ def offline_hf_hub_dir(repo: str, pretrained: bool) -> Path:
     return config.parent
 
 
-_HASH = re.compile(r"-([a-f0-9]*)\.")  # torch.hub's convention: NAME-<sha256 prefix>.pth
-
-
 def torchvision_weights_file(weights: Any, offline: bool = False) -> Path:
     """The torch hub file of a torchvision weights enum member, downloaded (with a progress bar on
     stderr and torch hub's hash check) when it is not cached and the network is allowed."""
@@ -174,7 +170,7 @@ def torchvision_weights_file(weights: Any, offline: bool = False) -> Path:
         raise ModelError(f"offline: the pretrained weights {weights} are not in the local cache (looked for "
                          f"{path}); run once without --offline to download them, or pass --checkpoint PATH")
     path.parent.mkdir(parents=True, exist_ok=True)
-    match = _HASH.search(path.name)
+    match = torch.hub.HASH_REGEX.search(path.name)  # NAME-<sha256 prefix>.pth
     try:
         torch.hub.download_url_to_file(url, str(path), match.group(1) if match else None, progress=True)
     except Exception as exc:  # noqa: BLE001 - URLError, HTTPError, a hash mismatch (RuntimeError)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -310,7 +311,7 @@ class SharedIteration(nn.Module):
     def __init__(self, shared_block: nn.Module, inner_family: BlockFamily, iteration: int,
                  own: dict[str, nn.Module], lora: dict[str, LowRank], scales: dict[str, Tensor] | None = None,
                  offsets: dict[str, Offset] | None = None, config: dict[tuple[str, str], Any] | None = None,
-                 buffers: dict[str, tuple[Tensor, bool]] | None = None):
+                 buffers: dict[str, Tensor] | None = None):
         super().__init__()
         _set_unregistered(self, "shared_block", shared_block)
         self.inner_family = inner_family
@@ -325,8 +326,8 @@ class SharedIteration(nn.Module):
             _place(self, path, module)
         for name, value in (scales or {}).items():  # at the block's own names (stages.1.blocks.2.gamma)
             self.register_parameter(name, nn.Parameter(value))
-        for path, (value, persistent) in (buffers or {}).items():
-            self.register_buffer(_buffer_key(path), value, persistent=persistent)
+        for path, value in (buffers or {}).items():  # derived (e.g. Swin's attention mask): not saved
+            self.register_buffer(_buffer_key(path), value, persistent=False)
         if lora or offsets:
             self.lora = nn.Module()
             for path, factors in lora.items():
@@ -434,11 +435,12 @@ def iteration_class(inner: BlockFamily) -> type[SharedIteration]:
         cls = type(f"SharedIteration_{re.sub(r'[^0-9A-Za-z]', '_', inner.name)}", (SharedIteration,),
                    {"__module__": __name__})
         scale = inner.branch_scale
-        register_block_family(cls, SharedIterationFamily(
-            name=f"shared:{inner.name}", preact=inner.preact, branch_end=inner.branch_end, shortcut=inner.shortcut,
-            post=inner.post, shortcut_input=inner.shortcut_input, transformer=inner.transformer,
-            branch_is_update=inner.branch_is_update, lesion_fn=inner.lesion_fn, keep=inner.keep,
-            branch_scale=(lambda it: scale(it.shared_block)) if scale is not None else None, inner=inner))
+        inherited = {f.name: getattr(inner, f.name) for f in dataclasses.fields(BlockFamily)}
+        register_block_family(cls, SharedIterationFamily(**{
+            **inherited, "name": f"shared:{inner.name}", "inner": inner,
+            # An iteration is always a block: the replaced blocks' skip condition does not apply to it.
+            "residual_if": None,
+            "branch_scale": (lambda it: scale(it.shared_block)) if scale is not None else None}))
         _ITERATION_CLASSES[inner] = cls
     return cls
 
@@ -703,11 +705,7 @@ def build_shared_stage(model: nn.Module, plan: StagePlan, settings: _Settings,
             offsets[path].requires_grad_(base.requires_grad)
         scales = {n: source._parameters[n].detach().clone() for n in scale_names}
         config = {(path, attr): copy.deepcopy(getattr(source.get_submodule(path), attr)) for path, attr in config_keys}
-        buffers = {}
-        for path in buffer_paths:
-            parent, _, name = path.rpartition(".")
-            module = source.get_submodule(parent)
-            buffers[path] = (module._buffers[name].detach().clone(), False)
+        buffers = {path: source.get_buffer(path).detach().clone() for path in buffer_paths}
         iterations.append(cls(shared, inner, t, own, lora, scales, offsets, config, buffers))
 
     holder = _shared_holder(model)

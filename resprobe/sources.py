@@ -23,7 +23,6 @@ from torch.utils.data import Dataset
 
 from resprobe.errors import DataError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})$")
 DEVKIT_GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 
@@ -61,8 +60,11 @@ class LabelledFiles(Dataset):
 
 
 def image_files(folder: Path) -> list[Path]:
-    """The image files directly in ``folder``, sorted by name (the devkit's order)."""
-    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+    """The image files directly in ``folder`` (the suffixes ``ImageFolder`` takes), sorted by name (the
+    devkit's order)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS),
                   key=lambda p: p.name)
 
 

@@ -617,8 +617,8 @@ def finetune(
 
     def end_epoch() -> None:
         s = run.state
-        train_loss = _global_mean_loss(run)
-        record: dict[str, Any] = {"epoch": s.epoch, "step": s.step, "train_loss": train_loss, "lr": s.lr}
+        # The epoch's last step has just read the (all-ranks) mean loss into s.loss (_check_finite).
+        record: dict[str, Any] = {"epoch": s.epoch, "step": s.step, "train_loss": s.loss, "lr": s.lr}
         validate(record)
         run.history.append(record)
         s.epoch += 1
@@ -789,14 +789,11 @@ def compiled_forward(model: nn.Module, warn: Callable[[str], None] | None = None
     return CompiledOrEager(model, "--compile", "training continues eagerly", warn)
 
 
-def _global_mean_loss(run: _Run) -> float:
-    """The epoch's mean training loss so far, over every rank's samples (torchrun)."""
-    total, count = distributed.all_reduce_sums([float(run.loss_sum), run.loss_count])
-    return total / max(count, 1)
-
-
 def _check_finite(run: _Run, step: int) -> float:
-    mean = _global_mean_loss(run)
+    """The epoch's mean training loss so far, over every rank's samples (torchrun); an error if it
+    diverged."""
+    total, count = distributed.all_reduce_sums([float(run.loss_sum), run.loss_count])
+    mean = total / max(count, 1)
     if not math.isfinite(mean):
         raise BadValue(f"training diverged: the loss is {mean} by step {step}; lower --lr")
     return mean
