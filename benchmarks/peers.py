@@ -146,19 +146,25 @@ def loss_of(logits, labels):
 
 def capture_hooks(model, spec: ModelSpec, x, y) -> tuple[list[Captured], dict]:
     """A plain PyTorch hook cache, as TransformerLens's ``run_with_cache`` keeps one: forward hooks
-    store each block's input and output and a clone of F (the block overwrites F in place), tensor
-    hooks store the gradients."""
+    store each block's input and output detached and a clone of F (the block overwrites F in place),
+    tensor hooks store the gradients.
+
+    The detach matters for memory, not for values: a cache that keeps ``h`` itself holds ``h``'s
+    autograd node, which holds the gradient hook, whose closure holds the cache. That cycle runs
+    through C++ objects Python's garbage collector cannot see, so every batch's cache would stay
+    alive to the end of the process (measured: +107 MB a batch here, a peak twice resprobe's).
+    TransformerLens stores ``tensor.detach()`` for the same reason."""
     cache: dict[str, object] = {}
     handles = []
     for j, name in enumerate(spec.blocks):
         block = submodule(model, name)
 
         def pre(_m, args, j=j):
-            cache[f"h{j}"] = args[0]
+            cache[f"h{j}"] = args[0].detach()
             args[0].register_hook(lambda g, j=j: cache.__setitem__(f"g{j}", g))
 
         handles.append(block.register_forward_pre_hook(pre))
-        handles.append(block.register_forward_hook(lambda _m, _a, out, j=j: cache.__setitem__(f"out{j}", out)))
+        handles.append(block.register_forward_hook(lambda _m, _a, out, j=j: cache.__setitem__(f"out{j}", out.detach())))
         if spec.branch_ends[j]:
             end = submodule(model, spec.branch_ends[j])
             handles.append(end.register_forward_hook(

@@ -191,14 +191,6 @@ def record_table(payload: Mapping[str, Any]) -> RenderableType:
     return table
 
 
-def removal_estimate(block: Mapping[str, Any]) -> float | None:
-    """``removal_estimate_mean``, or −``first_order_mean`` for a report written before it existed."""
-    if "removal_estimate_mean" in block:
-        return block["removal_estimate_mean"]
-    first_order = block.get("first_order_mean")
-    return -first_order if first_order is not None else None
-
-
 def align_table(payload: Mapping[str, Any]) -> list[RenderableType]:
     """Per-block alignment, coloured by sign (green: F descends the loss), stages separated."""
     complete = "" if payload.get("complete", True) else "  [INCOMPLETE]"
@@ -216,7 +208,7 @@ def align_table(payload: Mapping[str, Any]) -> list[RenderableType]:
         return [b["name"], Text(b["kind"], style="yellow" if b["kind"] == "transition" else ""),
                 signed(b.get("cos_mean")), ci, fmt_num(b.get("frac_negative"), 2), fmt_num(b.get("l2_ratio_mean"), 3),
                 signed(b.get("update_cos_mean")), fmt_num(b.get("update_l2_ratio_mean"), 3),
-                plain_signed(removal_estimate(b), 4), fmt_num(b.get("branch_norm_mean"), 3),
+                plain_signed(b["removal_estimate_mean"], 4), fmt_num(b.get("branch_norm_mean"), 3),
                 fmt_num(b.get("grad_norm_mean"), 5)]
 
     add_block_rows(table, payload["blocks"], cells)
