@@ -463,7 +463,7 @@ def _folder_source(spec: str, path: Path, pre: Preprocessing, model_classes: int
                    class_map: str | None) -> DataSource:
     from torchvision.datasets import ImageFolder
 
-    from resprobe.sources import imagenet_index, is_wnid
+    from resprobe.sources import class_mapping
 
     check_not_split_parent(spec, path)
     try:
@@ -478,21 +478,10 @@ def _folder_source(spec: str, path: Path, pre: Preprocessing, model_classes: int
             detail = text or type(exc).__name__
         raise DataError(f"--data {path}: no images: {detail}; an image folder holds one sub-folder of images per "
                         "class (ImageFolder layout)") from None
-    notes: list[str] = []
     names = folder.classes
-    mapping: dict[str, int] | None = None
-    if class_map:
-        mapping = _read_class_map(class_map)
-        missing = [n for n in names if n not in mapping]
-        if missing:
-            raise DataError(f"--class-map {class_map} has no entry for folder(s) {', '.join(missing[:4])}")
-    elif model_classes == 1000 and all(is_wnid(n) for n in names):
-        mapping = imagenet_index()
-        notes.append("folders named by ImageNet wnids: labels follow the 1000-class ImageNet order")
-    elif model_classes is not None and len(names) != model_classes:
-        notes.append(f"{len(names)} class folders but the model has {model_classes} classes; "
-                     "labels follow sorted folder order (give --class-map to change this)")
-    if mapping is not None:
+    mapping, notes = class_mapping(names, model_classes, _read_class_map(class_map) if class_map else None,
+                                   str(path), "class folders")
+    if mapping != folder.class_to_idx:
         folder.samples = [(p, mapping[names[t]]) for p, t in folder.samples]
         folder.targets = [t for _, t in folder.samples]
     samples = folder.samples
@@ -524,10 +513,12 @@ def open_data(
     class_map: str | None = None,
     seed: int = 0,
     labels: str | None = None,
+    offline: bool = False,
 ) -> DataSource:
-    """Turn a ``--data`` SPEC into a dataset of (normalized image, label, index)."""
+    """Turn a ``--data`` SPEC into a dataset of (normalized image, label, index); ``offline``: an
+    ``hfds:`` hub dataset only from the local cache (as ``HF_HUB_OFFLINE=1``)."""
     spec = spec.strip()
-    imagenet_style = _imagenet_style_source(spec, pre, model_classes, class_map, labels)
+    imagenet_style = _imagenet_style_source(spec, pre, model_classes, class_map, labels, offline)
     if imagenet_style is not None:
         return imagenet_style
     if not spec:
@@ -557,7 +548,7 @@ def open_data(
 
 
 def _imagenet_style_source(spec: str, pre: Preprocessing, model_classes: int | None, class_map: str | None,
-                           labels: str | None) -> DataSource | None:
+                           labels: str | None, offline: bool = False) -> DataSource | None:
     """``--labels`` folders, ``.tar`` archives and ``hfds:`` datasets (resprobe.sources), or None."""
     from resprobe import sources
 
@@ -565,17 +556,18 @@ def _imagenet_style_source(spec: str, pre: Preprocessing, model_classes: int | N
     if spec.startswith("hfds:"):
         if labels:
             raise DataError("--labels is for a flat folder of images; hfds: datasets carry their labels")
-        dataset, names = sources.open_hfds(spec, ImageTransform(pre))
-        return DataSource(spec, IndexedDataset(dataset), num_classes=len(names) if names else None,
-                          class_names=names)
+        mapping = _read_class_map(class_map) if class_map else None
+        rows, names, notes, n_classes = sources.open_hfds(spec, ImageTransform(pre), model_classes, mapping, offline)
+        return DataSource(spec, IndexedDataset(rows, lambda i: f"{rows.filename(i)} (row {i} of {spec})"),
+                          num_classes=n_classes, class_names=names, notes=notes, image_size=rows.image_size())
     if path.suffix.lower() == ".tar" and path.is_file():
         if labels:
             raise DataError("--labels is for a flat folder of images; a tar's class folders are its labels")
         mapping = _read_class_map(class_map) if class_map else None
         tar, names, notes = sources.open_tar(path, ImageTransform(pre), model_classes, mapping)
-        targets = set(tar.remap.values())
-        return DataSource(spec, IndexedDataset(tar, tar.filename), num_classes=max(targets) + 1 if targets else None,
-                          class_names=names, notes=notes)
+        assert tar.remap is not None
+        return DataSource(spec, IndexedDataset(tar, tar.filename), num_classes=max(tar.remap.values()) + 1,
+                          class_names=names, notes=notes, image_size=tar.image_size())
     if labels:
         if not path.is_dir():
             raise DataError(f"--labels needs --data to be a folder of images, not {spec}")
