@@ -301,10 +301,23 @@ class DataSource:
     in_memory: bool = False
     notes: list[str] = field(default_factory=list)
     image_size: tuple[int, int] | None = None  # (H, W) of the first stored image, for images that get resized
-    samples: list[tuple[str, int]] | None = None  # (file, label) per index: files a device can decode
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
+
+    @property
+    def samples(self) -> list[tuple[str, int]] | None:
+        """(file, label) per index of the whole source (before ``--limit``) when it is image files on disk
+        (a folder; a flat folder with ``--labels``), which a device can decode; None for other data."""
+        from torchvision.datasets import ImageFolder
+
+        from resprobe.sources import LabelledFiles
+
+        dataset: Any = self.dataset
+        while isinstance(dataset, Subset):
+            dataset = dataset.dataset
+        base = getattr(dataset, "base", None) if isinstance(dataset, IndexedDataset) else None
+        return base.samples if isinstance(base, (ImageFolder, LabelledFiles)) else None
 
 
 def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -574,7 +587,7 @@ def _imagenet_style_source(spec: str, pre: Preprocessing, model_classes: int | N
         samples = sources.labelled_folder_samples(path, labels)
         files = sources.LabelledFiles(samples, ImageTransform(pre))
         return DataSource(spec, IndexedDataset(files, lambda i: samples[i][0]),
-                          num_classes=max(label for _, label in samples) + 1, samples=samples)
+                          num_classes=max(label for _, label in samples) + 1)
     return None
 
 
@@ -616,6 +629,17 @@ def default_workers(source: DataSource) -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
+def loader_workers(source: DataSource, batch_size: int, workers: int | None) -> int:
+    """The worker processes for a loader of ``source`` (``--workers``, or the default), after checking
+    ``--batch-size`` and ``--workers``."""
+    if batch_size < 1:
+        raise BadValue(f"--batch-size must be at least 1, got {batch_size}")
+    workers = default_workers(source) if workers is None else workers
+    if workers < 0:
+        raise BadValue(f"--workers must be 0 or more, got {workers}")
+    return workers
+
+
 def make_loader(
     source: DataSource,
     batch_size: int = 64,
@@ -626,11 +650,7 @@ def make_loader(
     drop_last: bool = False,
 ) -> DataLoader:
     """A loader of (images, labels, indices) batches; pinned memory and prefetching on CUDA."""
-    if batch_size < 1:
-        raise BadValue(f"--batch-size must be at least 1, got {batch_size}")
-    workers = default_workers(source) if workers is None else workers
-    if workers < 0:
-        raise BadValue(f"--workers must be 0 or more, got {workers}")
+    workers = loader_workers(source, batch_size, workers)
     cuda = device is not None and device.type == "cuda"
     return DataLoader(
         source.dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=_collate,
