@@ -233,6 +233,8 @@ def test_hfds_columns_img_and_integer_labels(tmp_path, hf_datasets):
     source = open_data(f"hfds:{tmp_path / 'ds'}", PRE, 4)
     assert source.class_names is None and source.num_classes == int(labels.max()) + 1
     assert [source.dataset[i][1] for i in range(6)] == [int(v) for v in labels]
+    sliced = open_data(f"hfds:{tmp_path / 'ds'}:validation[2:5]", PRE, 4)  # datasets' split slices
+    assert [sliced.dataset[i][1] for i in range(len(sliced))] == [int(v) for v in labels[2:5]]
 
 
 def test_hfds_class_map_and_class_count_note(tmp_path, hf_datasets):
