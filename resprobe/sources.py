@@ -361,9 +361,12 @@ def open_hfds(spec: str, transform: Callable[[Any], Any], model_classes: int | N
         raise DataError(f"--data {spec}: cannot open the Hugging Face dataset ({type(exc).__name__}: {text[:200]})"
                         f"{hint}") from None
     reader = base.reader
-    labels = [int(v) for v in reader.dataset[columns[1]]]
-    if not labels:
+    values = list(reader.dataset[columns[1]])
+    if not values:
         raise DataError(f"--data {spec}: the split holds no rows")
+    if any(v is None for v in values):
+        raise DataError(f"--data {spec}: {sum(v is None for v in values)} row(s) have no {columns[1]}")
+    labels = [int(v) for v in values]
     if min(labels) < 0:
         raise DataError(f"--data {spec}: label {min(labels)} in column {columns[1]}: the split is not labelled (as "
                         "the test split of ILSVRC/imagenet-1k); choose a labelled split, e.g. :validation")

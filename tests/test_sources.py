@@ -248,13 +248,20 @@ def test_hfds_class_map_and_class_count_note(tmp_path, hf_datasets):
                           "to change this)"]
 
 
-@pytest.mark.parametrize("case", ["no-split", "unlabelled", "save_to_disk", "no-folder", "corrupt"])
+@pytest.mark.parametrize("case", ["no-split", "unlabelled", "missing-label", "save_to_disk", "no-folder", "corrupt"])
 def test_hfds_bad_input_is_one_line(tmp_path, hf_datasets, case):
     pixels, labels = hf_rows(4)
     ds = tmp_path / "ds"
     if case == "unlabelled":
         labels = np.full(4, -1)  # as the test split of ILSVRC/imagenet-1k
         write_hf_parquet(hf_datasets, ds / "validation.parquet", pixels, labels, class_names=None)
+    elif case == "missing-label":
+        features = hf_datasets.Features({"image": hf_datasets.Image(), "label": hf_datasets.Value("int64")})
+        good = write_hf_parquet(hf_datasets, tmp_path / "x.parquet", pixels[:2], labels[:2], class_names=None)
+        rows = hf_datasets.Dataset.from_parquet(str(good))["image"]
+        ds.mkdir()
+        hf_datasets.Dataset.from_dict({"image": list(rows), "label": [1, None]}, features=features).to_parquet(
+            str(ds / "validation.parquet"))
     elif case == "save_to_disk":
         write_hf_parquet(hf_datasets, tmp_path / "x" / "validation.parquet", pixels, labels)
         hf_datasets.load_dataset(str(tmp_path / "x"), split="validation").save_to_disk(str(ds))
@@ -271,7 +278,7 @@ def test_hfds_bad_input_is_one_line(tmp_path, hf_datasets, case):
     result = invoke("eval", MODEL, "--data", spec, "--device", "cpu", "--workers", "0", code=1)
     line = result.stderr.strip().splitlines()[-1]
     assert result.stdout == "" and line.startswith("error: ") and "Traceback" not in result.stderr
-    assert {"no-split": "Should be one of ['train'].); validation is the default split", "unlabelled": "not labelled", "save_to_disk": "save_to_disk",
+    assert {"no-split": "Should be one of ['train'].); validation is the default split", "unlabelled": "not labelled", "missing-label": "1 row(s) have no label", "save_to_disk": "save_to_disk",
             "no-folder": "folder not found", "corrupt": "broken.png"}[case] in line
 
 
