@@ -169,8 +169,11 @@ def hf_datasets(tmp_path, monkeypatch):
     ``datasets.config`` when a dataset is loaded)."""
     datasets = pytest.importorskip("datasets")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    bars_were_off = datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
-    return datasets
+    yield datasets
+    if not bars_were_off:
+        datasets.enable_progress_bars()
 
 
 def hf_rows(n: int = 10, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
