@@ -571,7 +571,7 @@ def _imagenet_style_source(spec: str, pre: Preprocessing, model_classes: int | N
             raise DataError("--labels is for a flat folder of images; hfds: datasets carry their labels")
         mapping = _read_class_map(class_map) if class_map else None
         rows, names, notes, n_classes = sources.open_hfds(spec, ImageTransform(pre), model_classes, mapping, offline)
-        return DataSource(spec, IndexedDataset(rows, lambda i: f"{rows.filename(i)} (row {i} of {spec})"),
+        return DataSource(spec, IndexedDataset(rows, lambda i: sources.describe_row(rows, i, spec)),
                           num_classes=n_classes, class_names=names, notes=notes, image_size=rows.image_size())
     if path.suffix.lower() == ".tar" and path.is_file():
         if labels:

@@ -329,6 +329,12 @@ def _hf_columns(features: Any, spec: str) -> tuple[str, str]:
     return image, label
 
 
+def describe_row(rows: ReaderImages, index: int, spec: str) -> str:
+    """A dataset row for an error: its image's file name where the dataset keeps one."""
+    name = rows.reader.filename(rows.order[index])  # the image path, or None for bytes stored without one
+    return f"row {index} of {spec}" + (f" ({name})" if name else "")
+
+
 def open_hfds(spec: str, transform: Callable[[Any], Any], model_classes: int | None = None,
               class_map: dict[str, int] | None = None, offline: bool = False,
               ) -> tuple[ReaderImages, list[str] | None, list[str], int]:

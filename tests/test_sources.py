@@ -282,7 +282,7 @@ def test_hfds_bad_input_is_one_line(tmp_path, hf_datasets, case):
     line = result.stderr.strip().splitlines()[-1]
     assert result.stdout == "" and line.startswith("error: ") and "Traceback" not in result.stderr
     assert {"no-split": "Should be one of ['train'].); validation is the default split", "unlabelled": "not labelled", "missing-label": "1 row(s) have no label", "save_to_disk": "save_to_disk",
-            "no-folder": "folder not found", "corrupt": "broken.png"}[case] in line
+            "no-folder": "folder not found", "corrupt": f"cannot read image row 0 of {spec} (broken.png): not an image"}[case] in line
 
 
 def prepare_hub_cache(datasets, hub: Path, repo: str, pixels: np.ndarray, labels: np.ndarray) -> None:
