@@ -67,8 +67,8 @@ Checkpoint = Annotated[Optional[str], typer.Option("--checkpoint", help="Weights
                                                    "timm/torchvision training checkpoint.", show_default=False)]
 Pretrained = Annotated[bool, typer.Option("--pretrained", help="timm/torchvision pretrained weights, as they load "
                                           "them (downloaded into their caches when not there).")]
-Offline = Annotated[bool, typer.Option("--offline", help="Never use the network: pretrained weights from the local "
-                                       "caches only (as HF_HUB_OFFLINE=1).")]
+Offline = Annotated[bool, typer.Option("--offline", help="Never use the network: pretrained weights and hfds: "
+                                       "datasets from the local caches only (as HF_HUB_OFFLINE=1).")]
 NumClasses = Annotated[Optional[int], typer.Option("--num-classes", help="Classifier size (default: from the "
                                                    "checkpoint's classifier).", show_default=False)]
 ModelKwargs = Annotated[Optional[str], typer.Option("--model-kwargs", help="JSON of extra model arguments, e.g. "

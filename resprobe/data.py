@@ -301,10 +301,23 @@ class DataSource:
     in_memory: bool = False
     notes: list[str] = field(default_factory=list)
     image_size: tuple[int, int] | None = None  # (H, W) of the first stored image, for images that get resized
-    samples: list[tuple[str, int]] | None = None  # (file, label) per index: files a device can decode
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
+
+    @property
+    def samples(self) -> list[tuple[str, int]] | None:
+        """(file, label) per index of the whole source (before ``--limit``) when it is image files on disk
+        (a folder; a flat folder with ``--labels``), which a device can decode; None for other data."""
+        from torchvision.datasets import ImageFolder
+
+        from resprobe.sources import LabelledFiles
+
+        dataset: Any = self.dataset
+        while isinstance(dataset, Subset):
+            dataset = dataset.dataset
+        base = getattr(dataset, "base", None) if isinstance(dataset, IndexedDataset) else None
+        return base.samples if isinstance(base, (ImageFolder, LabelledFiles)) else None
 
 
 def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -463,7 +476,7 @@ def _folder_source(spec: str, path: Path, pre: Preprocessing, model_classes: int
                    class_map: str | None) -> DataSource:
     from torchvision.datasets import ImageFolder
 
-    from resprobe.sources import imagenet_index, is_wnid
+    from resprobe.sources import class_mapping
 
     check_not_split_parent(spec, path)
     try:
@@ -478,21 +491,10 @@ def _folder_source(spec: str, path: Path, pre: Preprocessing, model_classes: int
             detail = text or type(exc).__name__
         raise DataError(f"--data {path}: no images: {detail}; an image folder holds one sub-folder of images per "
                         "class (ImageFolder layout)") from None
-    notes: list[str] = []
     names = folder.classes
-    mapping: dict[str, int] | None = None
-    if class_map:
-        mapping = _read_class_map(class_map)
-        missing = [n for n in names if n not in mapping]
-        if missing:
-            raise DataError(f"--class-map {class_map} has no entry for folder(s) {', '.join(missing[:4])}")
-    elif model_classes == 1000 and all(is_wnid(n) for n in names):
-        mapping = imagenet_index()
-        notes.append("folders named by ImageNet wnids: labels follow the 1000-class ImageNet order")
-    elif model_classes is not None and len(names) != model_classes:
-        notes.append(f"{len(names)} class folders but the model has {model_classes} classes; "
-                     "labels follow sorted folder order (give --class-map to change this)")
-    if mapping is not None:
+    mapping, notes = class_mapping(names, model_classes, _read_class_map(class_map) if class_map else None,
+                                   str(path), "class folders")
+    if mapping != folder.class_to_idx:
         folder.samples = [(p, mapping[names[t]]) for p, t in folder.samples]
         folder.targets = [t for _, t in folder.samples]
     samples = folder.samples
@@ -524,10 +526,12 @@ def open_data(
     class_map: str | None = None,
     seed: int = 0,
     labels: str | None = None,
+    offline: bool = False,
 ) -> DataSource:
-    """Turn a ``--data`` SPEC into a dataset of (normalized image, label, index)."""
+    """Turn a ``--data`` SPEC into a dataset of (normalized image, label, index); ``offline``: an
+    ``hfds:`` hub dataset only from the local cache (as ``HF_HUB_OFFLINE=1``)."""
     spec = spec.strip()
-    imagenet_style = _imagenet_style_source(spec, pre, model_classes, class_map, labels)
+    imagenet_style = _imagenet_style_source(spec, pre, model_classes, class_map, labels, offline)
     if imagenet_style is not None:
         return imagenet_style
     if not spec:
@@ -557,7 +561,7 @@ def open_data(
 
 
 def _imagenet_style_source(spec: str, pre: Preprocessing, model_classes: int | None, class_map: str | None,
-                           labels: str | None) -> DataSource | None:
+                           labels: str | None, offline: bool = False) -> DataSource | None:
     """``--labels`` folders, ``.tar`` archives and ``hfds:`` datasets (resprobe.sources), or None."""
     from resprobe import sources
 
@@ -565,24 +569,25 @@ def _imagenet_style_source(spec: str, pre: Preprocessing, model_classes: int | N
     if spec.startswith("hfds:"):
         if labels:
             raise DataError("--labels is for a flat folder of images; hfds: datasets carry their labels")
-        dataset, names = sources.open_hfds(spec, ImageTransform(pre))
-        return DataSource(spec, IndexedDataset(dataset), num_classes=len(names) if names else None,
-                          class_names=names)
+        mapping = _read_class_map(class_map) if class_map else None
+        rows, names, notes, n_classes = sources.open_hfds(spec, ImageTransform(pre), model_classes, mapping, offline)
+        return DataSource(spec, IndexedDataset(rows, lambda i: sources.describe_row(rows, i, spec)),
+                          num_classes=n_classes, class_names=names, notes=notes, image_size=rows.image_size())
     if path.suffix.lower() == ".tar" and path.is_file():
         if labels:
             raise DataError("--labels is for a flat folder of images; a tar's class folders are its labels")
         mapping = _read_class_map(class_map) if class_map else None
         tar, names, notes = sources.open_tar(path, ImageTransform(pre), model_classes, mapping)
-        targets = set(tar.remap.values())
-        return DataSource(spec, IndexedDataset(tar, tar.filename), num_classes=max(targets) + 1 if targets else None,
-                          class_names=names, notes=notes)
+        assert tar.remap is not None
+        return DataSource(spec, IndexedDataset(tar, tar.filename), num_classes=max(tar.remap.values()) + 1,
+                          class_names=names, notes=notes, image_size=tar.image_size())
     if labels:
         if not path.is_dir():
             raise DataError(f"--labels needs --data to be a folder of images, not {spec}")
         samples = sources.labelled_folder_samples(path, labels)
         files = sources.LabelledFiles(samples, ImageTransform(pre))
         return DataSource(spec, IndexedDataset(files, lambda i: samples[i][0]),
-                          num_classes=max(label for _, label in samples) + 1, samples=samples)
+                          num_classes=max(label for _, label in samples) + 1)
     return None
 
 
@@ -624,6 +629,17 @@ def default_workers(source: DataSource) -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
+def loader_workers(source: DataSource, batch_size: int, workers: int | None) -> int:
+    """The worker processes for a loader of ``source`` (``--workers``, or the default), after checking
+    ``--batch-size`` and ``--workers``."""
+    if batch_size < 1:
+        raise BadValue(f"--batch-size must be at least 1, got {batch_size}")
+    workers = default_workers(source) if workers is None else workers
+    if workers < 0:
+        raise BadValue(f"--workers must be 0 or more, got {workers}")
+    return workers
+
+
 def make_loader(
     source: DataSource,
     batch_size: int = 64,
@@ -634,11 +650,7 @@ def make_loader(
     drop_last: bool = False,
 ) -> DataLoader:
     """A loader of (images, labels, indices) batches; pinned memory and prefetching on CUDA."""
-    if batch_size < 1:
-        raise BadValue(f"--batch-size must be at least 1, got {batch_size}")
-    workers = default_workers(source) if workers is None else workers
-    if workers < 0:
-        raise BadValue(f"--workers must be 0 or more, got {workers}")
+    workers = loader_workers(source, batch_size, workers)
     cuda = device is not None and device.type == "cuda"
     return DataLoader(
         source.dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=_collate,

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from resprobe.data import DataSource, IndexedDataset, Preprocessing, default_workers, resize_side
+from resprobe.data import DataSource, Preprocessing, loader_workers, resize_side
 from resprobe.errors import BadValue, DataError
 
 DECODE_MODES = ("auto", "cpu", "device")
@@ -192,20 +192,14 @@ class DeviceDecodedLoader:
 def file_samples(source: DataSource) -> tuple[list[tuple[str, int]], list[int]] | None:
     """``(samples, indices)``: the files of an image-file source and which of them (after ``--limit``
     and resuming) the loader visits, or None for data that is not image files on disk."""
+    samples = source.samples
+    if samples is None:
+        return None
     dataset: Any = source.dataset
     chain: list[Sequence[int]] = []
     while isinstance(dataset, Subset):
         chain.append(dataset.indices)
         dataset = dataset.dataset
-    if not isinstance(dataset, IndexedDataset):
-        return None
-    samples = source.samples
-    if samples is None:
-        from torchvision.datasets import ImageFolder
-
-        if not isinstance(dataset.base, ImageFolder):
-            return None
-        samples = dataset.base.samples
     indices: Sequence[int] = range(len(samples))
     for level in reversed(chain):  # the innermost Subset picks from the base first
         indices = [indices[i] for i in level]
@@ -224,11 +218,7 @@ def device_loader(source: DataSource, pre: Preprocessing, device: torch.device, 
     transform = DeviceTransform.for_preprocessing(pre)
     if files is None or transform is None:
         return None
-    if batch_size < 1:
-        raise BadValue(f"--batch-size must be at least 1, got {batch_size}")
-    workers = default_workers(source) if workers is None else workers
-    if workers < 0:
-        raise BadValue(f"--workers must be 0 or more, got {workers}")
+    workers = loader_workers(source, batch_size, workers)
     samples, indices = files
     loader = DataLoader(EncodedFiles(samples, indices), batch_size=batch_size, num_workers=workers,
                         collate_fn=_collate, prefetch_factor=4 if workers > 0 else None)

@@ -126,14 +126,14 @@ def timm_pretrained_cfg(name: str) -> dict[str, Any]:
     return cfg.to_dict()
 
 
-def offline_timm_overlay(name: str) -> dict[str, Any]:
-    """The ``pretrained_cfg_overlay`` that makes timm load ``name``'s weights from the local cache.
+def offline_timm_overlay(name: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``pretrained_cfg_overlay`` that makes timm load ``name``'s weights (its pretrained config
+    ``cfg``, from :func:`timm_pretrained_cfg`) from the local cache.
 
     timm has no local-files-only switch (it asks the hub whether the file changed), so the cached
     file is found here and given to timm as its ``file``: timm then loads and adapts it (class
     count, input channels, filter functions) exactly as it does a downloaded one.
     """
-    cfg = timm_pretrained_cfg(name)
     path, looked = cached_timm_weights(cfg)
     if path is None:
         raise ModelError(f"offline: the pretrained weights of timm model {name} are not in the local cache "

@@ -48,6 +48,7 @@ class Probe:
     sample_shape: tuple[int, ...] | None = None  # the data's own (C, H, W) when it is never resized
     input_size_given: bool = False  # --input-size: the user chose it, upscaling is not a surprise
     decode: str = "auto"  # where image files are decoded: "auto" (on CUDA: the device), "cpu", "device"
+    offline: bool = False  # --offline: hfds: hub datasets from the local cache only, as the weights
     _anatomy: Anatomy | None = field(default=None, repr=False)
     _noted: set[str] = field(default_factory=set, repr=False)
 
@@ -71,7 +72,8 @@ class Probe:
     def data(self, spec: str, limit: int | None = None, seed: int = 0, class_map: str | None = None,
              labels: str | None = None) -> DataSource:
         """Open ``--data SPEC`` with this model's preprocessing; checks that labels fit the classifier."""
-        source = open_data(spec, self.preprocessing, self.num_classes, class_map, seed, labels=labels)
+        source = open_data(spec, self.preprocessing, self.num_classes, class_map, seed, labels=labels,
+                           offline=self.offline)
         check_labels_fit(source, self.num_classes)
         warn_notes(source)  # e.g. a class count that differs from the head: said by every command
         if source.in_memory and self.sample_shape is None and len(source):
@@ -143,7 +145,7 @@ def open_probe(
         warnings.warn(random_weights_message(loaded), stacklevel=2)
     loaded.model.requires_grad_(False)
     runtime.prepare(loaded.model)
-    return Probe(loaded, pre, runtime, blocks, input_size_given=bool(input_size))
+    return Probe(loaded, pre, runtime, blocks, input_size_given=bool(input_size), offline=offline)
 
 
 def random_weights_message(loaded: LoadedModel) -> str:

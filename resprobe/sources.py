@@ -176,105 +176,212 @@ def labelled_folder_samples(folder: Path, labels_file: str | Path) -> list[tuple
 
 
 # --------------------------------------------------------------------------------------------------
-# A .tar of an image folder, through timm's reader
+# Class names → labels, for every source whose classes have names (folders, tars, hfds: datasets)
 
 
-class TarImages(Dataset):
-    """timm's ``ImageDataset`` over a ``.tar``, in the image folder's order with its labels.
+def class_mapping(names: Sequence[str], model_classes: int | None, class_map: dict[str, int] | None,
+                  where: str, kind: str = "classes") -> tuple[dict[str, int], list[str]]:
+    """Class name → label, and notes for the user: ``--class-map``, the 1000-class ImageNet order for
+    classes named by wnids under a 1000-class model, or else the position in ``names`` (sorted order)."""
+    if class_map is not None:
+        missing = [n for n in names if n not in class_map]
+        if missing:
+            raise DataError(f"--class-map has no entry for {kind} {', '.join(missing[:4])} of {where}")
+        return {n: class_map[n] for n in names}, []
+    if model_classes == 1000 and names and all(is_wnid(n) for n in names):
+        return imagenet_index(), [f"{kind} named by ImageNet wnids: labels follow the 1000-class ImageNet order"]
+    notes = []
+    if model_classes is not None and len(names) != model_classes:
+        notes.append(f"{len(names)} {kind} but the model has {model_classes} classes; labels follow sorted order "
+                     "(give --class-map to change this)")
+    return {n: i for i, n in enumerate(names)}, notes
 
-    timm sorts a tar's classes and files by natural key; ``ImageFolder`` sorts plainly. ``order``
-    and ``remap`` give the tar the folder's sample order and class indices, so that a tar and its
-    unpacked folder give the same ``--limit`` samples and the same figures.
+
+# --------------------------------------------------------------------------------------------------
+# Images of a timm reader: a .tar of an image folder, a Hugging Face dataset
+
+
+class ReaderImages(Dataset):
+    """The images of a timm reader (``timm.data.create_dataset(...).reader``), decoded here with PIL as
+    RGB (torchvision's ``pil_loader``), in ``order`` and with labels through ``remap``.
+
+    timm's ``ImageDataset`` is not used to decode: it replaces an image it cannot read by the next
+    sample (and its label) with only a log line, which would change the figures silently. Here an
+    unreadable image is an error naming it.
     """
 
-    def __init__(self, base: Any, order: list[int], remap: dict[int, int], names: list[str]):
-        self.base, self.order, self.remap, self.names = base, order, remap, names
+    def __init__(self, reader: Any, transform: Callable[[Any], Any], order: list[int] | None = None,
+                 remap: dict[int, int] | None = None):
+        self.reader, self.transform, self.remap = reader, transform, remap
+        self.order = order if order is not None else list(range(len(reader)))
 
     def __len__(self) -> int:
         return len(self.order)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        image, target = self.base[self.order[index]]
-        return image, self.remap[int(target)]
+        from PIL import Image
+
+        file, target = self.reader[self.order[index]]
+        with file, Image.open(file) as image:  # file: a tar member, a BytesIO of a dataset's bytes, a file
+            rgb = image.convert("RGB")
+        return self.transform(rgb), self.remap[int(target)] if self.remap is not None else int(target)
 
     def filename(self, index: int) -> str:
-        return str(self.base.filename(self.order[index]))
+        return str(self.reader.filename(self.order[index]))
+
+    def image_size(self) -> tuple[int, int] | None:
+        """(H, W) of the first image, for the upscale check (read from its header only)."""
+        from PIL import Image
+
+        if not self.order:
+            return None
+        try:
+            file, _ = self.reader[self.order[0]]
+            with file, Image.open(file) as image:
+                width, height = image.size
+        except Exception:  # noqa: BLE001 - a bad file is named when the loader reads it
+            return None
+        return int(height), int(width)
 
 
 def open_tar(path: Path, transform: Callable[[Any], Any], model_classes: int | None,
-             class_map: dict[str, int] | None) -> tuple[TarImages, list[str], list[str]]:
-    """A tar of ``CLASS/IMAGE`` files: the dataset, its class names and notes for the user."""
+             class_map: dict[str, int] | None) -> tuple[ReaderImages, list[str], list[str]]:
+    """A tar of ``CLASS/IMAGE`` files, read by timm's tar reader, in the image folder's order with its
+    labels: the dataset, its class names and notes for the user.
+
+    timm sorts a tar's classes and files by natural key; ``ImageFolder`` sorts plainly. The order and
+    labels here are the unpacked folder's, so that a tar and its folder give the same ``--limit``
+    samples and the same figures.
+    """
     from timm.data import create_dataset
 
     try:
-        base = create_dataset("", root=str(path), split="validation", transform=transform)
+        base = create_dataset("", root=str(path), split="validation")
     except Exception as exc:  # noqa: BLE001 - tarfile.ReadError, an empty archive (ValueError from zip)
         raise DataError(f"--data {path}: not a readable tar of an image folder ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else 'no images'})") from None
     reader = base.reader
     timm_names = {idx: name for name, idx in reader.class_name_to_idx.items()}
     names = sorted(timm_names.values())
-    notes: list[str] = []
-    if class_map is not None:
-        missing = [n for n in names if n not in class_map]
-        if missing:
-            raise DataError(f"--class-map has no entry for class(es) {', '.join(missing[:4])} of {path}")
-        mapping = class_map
-    elif model_classes == 1000 and names and all(is_wnid(n) for n in names):
-        mapping = imagenet_index()
-        notes.append("classes named by ImageNet wnids: labels follow the 1000-class ImageNet order")
-    else:
-        mapping = {n: i for i, n in enumerate(names)}
-        if model_classes is not None and len(names) != model_classes:
-            notes.append(f"{len(names)} classes in {path} but the model has {model_classes} classes; labels follow "
-                         "sorted class order (give --class-map to change this)")
+    mapping, notes = class_mapping(names, model_classes, class_map, str(path))
     remap = {idx: mapping[name] for idx, name in timm_names.items()}
-    paths = [str(base.filename(i)) for i in range(len(base))]
+    paths = [str(reader.filename(i)) for i in range(len(reader))]
     targets = [int(t) for t in reader.targets]
     # ImageFolder's order: classes sorted by name, then the files within each class by path
-    order = sorted(range(len(base)), key=lambda i: (timm_names[targets[i]], paths[i]))
-    return TarImages(base, order, remap, names), names, notes
+    order = sorted(range(len(reader)), key=lambda i: (timm_names[targets[i]], paths[i]))
+    return ReaderImages(reader, transform, order, remap), names, notes
 
 
 # --------------------------------------------------------------------------------------------------
 # A Hugging Face dataset, through timm's reader
 
-
-class HfImages(Dataset):
-    def __init__(self, base: Any):
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image, target = self.base[index]
-        return image, int(target)
+_IMAGE_KEYS = ("image", "img")
+_LABEL_KEYS = ("label", "labels")
 
 
-def open_hfds(spec: str, transform: Callable[[Any], Any]) -> tuple[HfImages, list[str] | None]:
-    """``hfds:NAME[:split]`` (split ``validation`` by default) through ``timm.data.create_dataset``."""
+def _hf_dataset_path(name: str, spec: str, offline: bool) -> str:
+    """What ``datasets.load_dataset`` is given for NAME: a local folder as it is (parquet, arrow or image
+    files, or a ``DatasetDict.save_to_disk`` folder); a hub id as it is, or, offline, its cached snapshot
+    folder, so that nothing asks the network (datasets would retry the hub for half a minute)."""
+    from resprobe.hub import hf_cache_dir, is_offline
+
+    local = Path(name).expanduser()
+    if local.exists():
+        if (local / "state.json").is_file() and (local / "dataset_info.json").is_file():
+            raise DataError(f"--data {spec}: a Dataset written by save_to_disk, which datasets.load_dataset (timm's "
+                            "reader) does not read; write DatasetDict({'validation': ds}).save_to_disk(DIR) or "
+                            "ds.to_parquet('DIR/validation.parquet') instead")
+        return str(local)
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise DataError(f"--data {spec}: folder not found: {local}")
+    if not is_offline(offline):
+        return name
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, repo_type="dataset", cache_dir=str(hf_cache_dir()), local_files_only=True)
+    except Exception:  # noqa: BLE001 - LocalEntryNotFoundError, an invalid repo id (HFValidationError)
+        raise DataError(f"offline: the Hugging Face dataset {name} is not in the local cache ({hf_cache_dir()}); "
+                        "run once without --offline (and without HF_HUB_OFFLINE=1) to download it, or give "
+                        "hfds:FOLDER holding its files") from None
+
+
+def _hf_columns(features: Any, spec: str) -> tuple[str, str]:
+    """The image and label columns: ``image`` (or ``img``, or the only image column) and ``label`` (or
+    ``labels``, or the only class-label column)."""
+    import datasets
+
+    columns = ", ".join(features) or "none"
+    images = [k for k, f in features.items() if isinstance(f, datasets.Image)]
+    image = next((k for k in _IMAGE_KEYS if k in images), images[0] if len(images) == 1 else None)
+    if image is None:
+        raise DataError(f"--data {spec}: {'several image columns' if images else 'no image column'} (its columns: "
+                        f"{columns}); resprobe reads a column named image or img")
+    class_labels = [k for k, f in features.items() if isinstance(f, datasets.ClassLabel)]
+    label = next((k for k in _LABEL_KEYS if k in features), class_labels[0] if len(class_labels) == 1 else None)
+    if label is None:
+        raise DataError(f"--data {spec}: no label column (its columns: {columns}); resprobe reads a column named "
+                        "label or labels, or the only class-label column")
+    feature = features[label]
+    if not (isinstance(feature, datasets.ClassLabel)
+            or (isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")))):
+        raise DataError(f"--data {spec}: its {label} column holds {feature}, not class labels or integers")
+    return image, label
+
+
+def describe_row(rows: ReaderImages, index: int, spec: str) -> str:
+    """A dataset row for an error: its image's file name where the dataset keeps one."""
+    name = rows.reader.filename(rows.order[index])  # the image path, or None for bytes stored without one
+    return f"row {index} of {spec}" + (f" ({name})" if name else "")
+
+
+def open_hfds(spec: str, transform: Callable[[Any], Any], model_classes: int | None = None,
+              class_map: dict[str, int] | None = None, offline: bool = False,
+              ) -> tuple[ReaderImages, list[str] | None, list[str], int]:
+    """``hfds:NAME[:split]`` (split ``validation`` by default) through timm's reader (``timm.data.create_dataset``),
+    in the dataset's row order: the images, the class names (None for plain integer labels), notes for
+    the user and the number of classes."""
     rest = spec[len("hfds:"):]
     name, _, split = rest.partition(":")
     if not name:
         raise DataError(f"--data {spec}: give the dataset's name, e.g. hfds:timm/mini-imagenet:validation")
     try:
-        import datasets  # noqa: F401  timm's reader needs it
+        import datasets
     except ImportError:
         raise DataError(f"--data {spec}: Hugging Face datasets need the 'datasets' package: "
                         "pip install 'resprobe[hf]'") from None
     from timm.data import create_dataset
 
+    path = _hf_dataset_path(name, spec, offline)
     try:
-        base = create_dataset("hfds/" + name, root=None, split=split or "validation", transform=transform)
-    except Exception as exc:  # noqa: BLE001 - datasets raises many types (not found, offline, no split)
+        # read once for its columns; timm's reader then loads it again from datasets' cache
+        columns = _hf_columns(datasets.load_dataset(path, split=split or "validation").features, spec)
+        base = create_dataset("hfds/" + path, split=split or "validation", input_key=columns[0],
+                              target_key=columns[1])
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types (not found, offline, no such split)
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise DataError(f"--data {spec}: cannot open the Hugging Face dataset ({type(exc).__name__}: {text[:200]})") \
-            from None
-    names = None
-    try:
-        feature = base.reader.dataset.features[base.reader.label_key]
+        hint = "; validation is the default split: name another as hfds:NAME:SPLIT" \
+            if not split and "Unknown split" in text else ""
+        raise DataError(f"--data {spec}: cannot open the Hugging Face dataset ({type(exc).__name__}: {text[:200]})"
+                        f"{hint}") from None
+    reader = base.reader
+    values = list(reader.dataset[columns[1]])
+    if not values:
+        raise DataError(f"--data {spec}: the split holds no rows")
+    if any(v is None for v in values):
+        raise DataError(f"--data {spec}: {sum(v is None for v in values)} row(s) have no {columns[1]}")
+    labels = [int(v) for v in values]
+    if min(labels) < 0:
+        raise DataError(f"--data {spec}: label {min(labels)} in column {columns[1]}: the split is not labelled (as "
+                        "the test split of ILSVRC/imagenet-1k); choose a labelled split, e.g. :validation")
+    feature = reader.dataset.features[columns[1]]
+    if isinstance(feature, datasets.ClassLabel):
         names = list(feature.names)
-    except Exception:  # noqa: BLE001 - a dataset whose labels are plain integers
-        names = None
-    return HfImages(base), names
+        mapping, notes = class_mapping(names, model_classes, class_map, spec)
+        remap = {i: mapping[n] for i, n in enumerate(names)}
+        return ReaderImages(reader, transform, remap=remap), names, notes, max(remap.values()) + 1
+    if class_map is not None:
+        raise DataError(f"--class-map maps class names, but the labels of {spec} are plain integers")
+    return ReaderImages(reader, transform), None, [], max(labels) + 1

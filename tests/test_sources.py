@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import MODEL, invoke
 
 from resprobe.data import Preprocessing, open_data
@@ -154,3 +155,180 @@ def test_labels_only_for_folders(tmp_path, arrays_file):
     (tmp_path / "l.csv").write_text("a.jpg,1\n")
     result = invoke("eval", MODEL, "--data", arrays_file(), "--labels", tmp_path / "l.csv", "--device", "cpu", code=1)
     assert "--labels" in result.stderr and result.stderr.count("\n") == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# hfds: a real Hugging Face dataset built on disk (no hub: local folders and a prepared hub cache)
+
+HF_CLASSES = ["horizontal", "vertical", "diagonal", "disc"]  # the fixture model's 4 classes
+
+
+@pytest.fixture
+def hf_datasets(tmp_path, monkeypatch):
+    """The ``datasets`` package, with its Arrow cache under tmp_path (its cache folder is read from
+    ``datasets.config`` when a dataset is loaded)."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    bars_were_off = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    yield datasets
+    if not bars_were_off:
+        datasets.enable_progress_bars()
+
+
+def hf_rows(n: int = 10, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """32×32 RGB pixels and labels in an order that is not sorted by class (rows keep their order)."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.permutation(np.arange(n) % 4)
+
+
+def write_hf_parquet(datasets, path: Path, pixels: np.ndarray, labels: np.ndarray, image_column: str = "image",
+                     label_column: str = "label", class_names: list[str] | None = HF_CLASSES) -> Path:
+    """A parquet file of PNG-encoded images (exact pixels) and labels, as the hub's datasets hold them."""
+    from PIL import Image
+
+    label_feature = datasets.ClassLabel(names=class_names) if class_names else datasets.Value("int64")
+    features = datasets.Features({image_column: datasets.Image(), label_column: label_feature})
+    table = datasets.Dataset.from_dict({image_column: [Image.fromarray(p) for p in pixels],
+                                        label_column: [int(v) for v in labels]}, features=features)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(str(path))
+    return path
+
+
+def eval_json(*args: object) -> dict:
+    return json.loads(invoke("eval", MODEL, *args, "--device", "cpu", "--workers", "0", "-b", "4", "-f", "json").stdout)
+
+
+def test_hfds_parquet_folder_gives_the_eval_of_the_same_pixels_as_arrays(tmp_path, hf_datasets):
+    pixels, labels = hf_rows()
+    write_hf_parquet(hf_datasets, tmp_path / "ds" / "validation-00000-of-00001.parquet", pixels, labels)
+    np.savez(tmp_path / "same.npz", images=pixels, labels=labels)  # the independent path: arrays, in row order
+    through_hf, through_arrays = eval_json("--data", f"hfds:{tmp_path / 'ds'}"), eval_json("--data", tmp_path / "same.npz")
+    assert through_hf["n"] == 10
+    for key in ("loss", "acc", "top5"):
+        assert through_hf[key] == through_arrays[key]
+    # row by row: the dataset's row order, its labels, and the pixels normalized by hand
+    source = open_data(f"hfds:{tmp_path / 'ds'}:validation", PRE, 4)
+    assert source.class_names == HF_CLASSES and source.num_classes == 4 and source.image_size == (32, 32)
+    for i in range(10):
+        image, label, index = source.dataset[i]
+        expected = (torch.from_numpy(pixels[i]).permute(2, 0, 1).float() / 255 - torch.tensor(PRE.mean).view(3, 1, 1)) \
+            / torch.tensor(PRE.std).view(3, 1, 1)
+        assert (label, index) == (int(labels[i]), i) and torch.allclose(image, expected, atol=1e-6)
+
+
+def test_hfds_image_folder_and_saved_dataset_dict_equal_the_folder(tmp_path, hf_datasets):
+    folder = make_class_folder(tmp_path / "images")  # class2, class10: ImageFolder sorts class10 first
+    dataset = hf_datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
+    hf_datasets.DatasetDict({"validation": dataset}).save_to_disk(str(tmp_path / "saved"))
+    common = ["--device", "cpu", "--workers", "0", "-f", "json", "--batch-size", "4"]
+    reference = json.loads(invoke("eval", MODEL, "--data", folder, *common).stdout)
+    for spec in (f"hfds:{folder}:train", f"hfds:{tmp_path / 'saved'}"):
+        result = json.loads(invoke("eval", MODEL, "--data", spec, *common).stdout)
+        assert [result[k] for k in ("n", "loss", "acc", "top5")] == [reference[k] for k in ("n", "loss", "acc", "top5")]
+
+
+def test_hfds_columns_img_and_integer_labels(tmp_path, hf_datasets):
+    pixels, labels = hf_rows(6)
+    write_hf_parquet(hf_datasets, tmp_path / "ds" / "validation.parquet", pixels, labels, image_column="img",
+                     label_column="labels", class_names=None)
+    source = open_data(f"hfds:{tmp_path / 'ds'}", PRE, 4)
+    assert source.class_names is None and source.num_classes == int(labels.max()) + 1
+    assert [source.dataset[i][1] for i in range(6)] == [int(v) for v in labels]
+    sliced = open_data(f"hfds:{tmp_path / 'ds'}:validation[2:5]", PRE, 4)  # datasets' split slices
+    assert [sliced.dataset[i][1] for i in range(len(sliced))] == [int(v) for v in labels[2:5]]
+
+
+def test_hfds_class_map_and_class_count_note(tmp_path, hf_datasets):
+    pixels, labels = hf_rows(8)
+    write_hf_parquet(hf_datasets, tmp_path / "ds" / "validation.parquet", pixels, labels)
+    (tmp_path / "map.json").write_text(json.dumps({"disc": 0, "diagonal": 1, "vertical": 2, "horizontal": 3}))
+    mapped = open_data(f"hfds:{tmp_path / 'ds'}", PRE, 4, class_map=str(tmp_path / "map.json"))
+    assert [mapped.dataset[i][1] for i in range(8)] == [3 - int(v) for v in labels]
+    more = open_data(f"hfds:{tmp_path / 'ds'}", PRE, 10)
+    assert more.notes == ["4 classes but the model has 10 classes; labels follow sorted order (give --class-map "
+                          "to change this)"]
+
+
+@pytest.mark.parametrize("case", ["no-split", "unlabelled", "missing-label", "save_to_disk", "no-folder", "corrupt"])
+def test_hfds_bad_input_is_one_line(tmp_path, hf_datasets, case):
+    pixels, labels = hf_rows(4)
+    ds = tmp_path / "ds"
+    if case == "unlabelled":
+        labels = np.full(4, -1)  # as the test split of ILSVRC/imagenet-1k
+        write_hf_parquet(hf_datasets, ds / "validation.parquet", pixels, labels, class_names=None)
+    elif case == "missing-label":
+        features = hf_datasets.Features({"image": hf_datasets.Image(), "label": hf_datasets.Value("int64")})
+        good = write_hf_parquet(hf_datasets, tmp_path / "x.parquet", pixels[:2], labels[:2], class_names=None)
+        rows = hf_datasets.Dataset.from_parquet(str(good))["image"]
+        ds.mkdir()
+        hf_datasets.Dataset.from_dict({"image": list(rows), "label": [1, None]}, features=features).to_parquet(
+            str(ds / "validation.parquet"))
+    elif case == "save_to_disk":
+        write_hf_parquet(hf_datasets, tmp_path / "x" / "validation.parquet", pixels, labels)
+        hf_datasets.load_dataset(str(tmp_path / "x"), split="validation").save_to_disk(str(ds))
+    elif case == "corrupt":
+        features = hf_datasets.Features({"image": hf_datasets.Image(), "label": hf_datasets.Value("int64")})
+        good = write_hf_parquet(hf_datasets, tmp_path / "x.parquet", pixels[:1], labels[:1], class_names=None)
+        row = hf_datasets.Dataset.from_parquet(str(good))[0]["image"]
+        rows = {"image": [{"bytes": b"not an image", "path": "broken.png"}, row], "label": [0, 1]}
+        ds.mkdir()
+        hf_datasets.Dataset.from_dict(rows, features=features).to_parquet(str(ds / "validation.parquet"))
+    elif case == "no-split":
+        write_hf_parquet(hf_datasets, ds / "train.parquet", pixels, labels)
+    spec = f"hfds:{ds}"
+    result = invoke("eval", MODEL, "--data", spec, "--device", "cpu", "--workers", "0", code=1)
+    line = result.stderr.strip().splitlines()[-1]
+    assert result.stdout == "" and line.startswith("error: ") and "Traceback" not in result.stderr
+    assert {"no-split": "Should be one of ['train'].); validation is the default split", "unlabelled": "not labelled", "missing-label": "1 row(s) have no label", "save_to_disk": "save_to_disk",
+            "no-folder": "folder not found", "corrupt": f"cannot read image row 0 of {spec} (broken.png): not an image"}[case] in line
+
+
+def prepare_hub_cache(datasets, hub: Path, repo: str, pixels: np.ndarray, labels: np.ndarray) -> None:
+    """The Hugging Face hub cache as huggingface_hub writes it: blobs, a snapshot of links, refs/main."""
+    folder = hub / f"datasets--{repo.replace('/', '--')}"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    blob = write_hf_parquet(datasets, folder / "blobs" / "f00d", pixels, labels)
+    link = folder / "snapshots" / revision / "data" / "validation-00000-of-00001.parquet"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(Path("../../../blobs") / blob.name)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(revision)
+
+
+def test_hfds_offline_reads_a_prepared_hub_cache_and_says_one_line_without_it(tmp_path, hf_datasets, monkeypatch):
+    pixels, labels = hf_rows(6)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    prepare_hub_cache(hf_datasets, tmp_path / "hub", "me/tiny", pixels, labels)
+    np.savez(tmp_path / "same.npz", images=pixels, labels=labels)
+    reference = eval_json("--data", tmp_path / "same.npz")
+    cached = eval_json("--data", "hfds:me/tiny", "--offline")
+    assert [cached[k] for k in ("n", "loss", "acc")] == [reference[k] for k in ("n", "loss", "acc")]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the user's own switch: the same, without --offline
+    assert eval_json("--data", "hfds:me/tiny:validation")["loss"] == reference["loss"]
+    result = invoke("eval", MODEL, "--data", "hfds:me/absent", "--device", "cpu", code=1)
+    assert result.stderr.strip() == (f"error: offline: the Hugging Face dataset me/absent is not in the local cache "
+                                      f"({tmp_path / 'hub'}); run once without --offline (and without "
+                                      "HF_HUB_OFFLINE=1) to download it, or give hfds:FOLDER holding its files")
+
+
+def test_an_unreadable_image_in_a_tar_is_an_error_not_the_next_sample(tmp_path):
+    """timm's ImageDataset replaces an image it cannot read by the next one (with that one's label):
+    resprobe decodes the reader's files itself and names the bad one."""
+    folder = make_class_folder(tmp_path / "images")
+    (folder / "class2" / "img2.jpg").write_bytes(b"not a jpeg")
+    with tarfile.open(tmp_path / "images.tar", "w") as tar:
+        tar.add(folder, arcname="images")
+    result = invoke("eval", MODEL, "--data", tmp_path / "images.tar", "--device", "cpu", "--workers", "0", code=1)
+    assert result.stderr.strip() == ("error: cannot read image images/class2/img2.jpg: not an image, or a corrupt one; "
+                                     "remove or replace the file")
+
+
+def test_a_tar_reports_its_image_size(tmp_path):
+    """The first image's size drives the upscale warning and the preprocessing line, as for a folder."""
+    folder = make_class_folder(tmp_path / "images")
+    with tarfile.open(tmp_path / "images.tar", "w") as tar:
+        tar.add(folder, arcname="images")
+    assert open_data(str(tmp_path / "images.tar"), PRE, 10).image_size == open_data(str(folder), PRE, 10).image_size \
+        == (32, 32)
