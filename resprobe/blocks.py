@@ -197,6 +197,7 @@ class _Call:
     name: str
     x: Tensor
     out: Tensor | None = None
+    end: int = 0  # len(calls) when the call returned: the calls before it are nested in it
 
 
 def _calls_recorder(model: nn.Module, skip: Callable[[str], bool]) -> tuple[list[_Call], list[Any]]:
@@ -215,7 +216,7 @@ def _calls_recorder(model: nn.Module, skip: Callable[[str], bool]) -> tuple[list
             if len(args) == 1 and not kwargs and isinstance(out, Tensor):
                 for call in reversed(calls):
                     if call.module is m and call.x is args[0] and call.out is None:
-                        call.out = out
+                        call.out, call.end = out, len(calls)
                         break
 
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
@@ -235,7 +236,9 @@ def _path(calls: list[_Call], start: Tensor, accept: Callable[[Tensor], bool], l
         if step is None:
             return None
         path.append(calls[step])
-        t, after = calls[step].out, step + 1  # type: ignore[assignment]
+        # The next step starts after this call returned: a call nested in it that received its output
+        # (an in-place activation returns its input) is part of it, not a step of its own.
+        t, after = calls[step].out, calls[step].end  # type: ignore[assignment]
     return None
 
 

@@ -56,6 +56,20 @@ def _timm_csp():
     return cs.CspNet(cfg, num_classes=5)
 
 
+def _timm_byob(regnetz: bool):
+    """A tiny RegNetZ (``regnetz_b16``'s configuration shrunk: linear out, no shortcut on stage openers) or,
+    with ``regnetz=False``, a post-activation ByobNet whose transitions project (``conv1x1`` shortcut)."""
+    import timm.models.byobnet as bb
+
+    cfg = bb.model_cfgs["regnetz_b16"]
+    blocks = (bb.ByoBlockCfg(type="bottle", d=2, c=8, s=2, gs=4, br=3),
+              bb.ByoBlockCfg(type="bottle", d=3, c=16, s=2, gs=4, br=3))
+    cfg = replace(cfg, blocks=blocks, stem_chs=8, num_features=24)
+    if not regnetz:
+        cfg = replace(cfg, downsample="conv1x1", block_kwargs={"bottle_in": True, "linear_out": False})
+    return bb.ByobNet(cfg, num_classes=5)
+
+
 def _tv(module, cls, *args, **kw):
     import importlib
 
@@ -98,6 +112,8 @@ MAKERS = {
     "timm_efficientnet": lambda: _timm("tinynet_e"),
     "timm_nfnet": _timm_nfnet,
     "timm_cspnet": _timm_csp,
+    "timm_regnetz": lambda: _timm_byob(True),
+    "timm_byob_post": lambda: _timm_byob(False),
     "tv_convnext": _tv_convnext,
     "tv_vit": lambda: _tv("vision_transformer", "VisionTransformer", image_size=SIZE, patch_size=8, num_layers=2,
                           num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=5),
@@ -124,7 +140,8 @@ REFERENCE_CLASSES = {
     ("torchvision.models.regnet", "ResBottleneckBlock"), ("torchvision.models.mobilenetv2", "InvertedResidual"),
     ("torchvision.models.mobilenetv3", "InvertedResidual"), ("torchvision.models.efficientnet", "MBConv"),
     ("torchvision.models.efficientnet", "FusedMBConv"), ("torchvision.models.resnet", "BasicBlock"),
-    ("torchvision.models.resnet", "Bottleneck"),
+    ("torchvision.models.resnet", "Bottleneck"), ("timm.models.byobnet", "BottleneckBlock"),
+    ("timm.models.byobnet", "BasicBlock"),
 }
 
 
@@ -137,6 +154,8 @@ def reference_is_block(m: nn.Module) -> bool:
         return bool(m.use_res_connect)
     if type(m).__module__ == "timm.models.regnet":
         return m.downsample is not None
+    if type(m).__module__ == "timm.models.byobnet":
+        return m.shortcut is not None
     return True
 
 
@@ -199,7 +218,8 @@ def data(n: int = 6, classes: int = 5, seed: int = 0):
 EXPECTED_STAGES = {
     "timm_vit": [0, 0, 0], "timm_convnext": [0, 1, 1, 2, 3], "timm_swin": [0, 0, 1, 1],
     "timm_regnet": [0, 1, 2, 2, 2, 3], "tv_convnext": [1, 3, 3], "tv_vit": [0, 0], "tv_swin": [1, 1, 3, 3],
-    "tv_regnet": [0, 1, 2, 2], "timm_nfnet": [0, 1, 1],
+    "tv_regnet": [0, 1, 2, 2], "timm_nfnet": [0, 1, 1], "timm_regnetz": [0, 1, 1],
+    "timm_byob_post": [0, 0, 1, 1, 1],
 }
 
 
@@ -246,7 +266,7 @@ def test_blocks_glob_keeps_the_stage_index():
 def independent_branch(key: str, block: nn.Module, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """F of an identity block, computed here: post-activation blocks run with their activation replaced
     by identity (F = pre-activation sum − h); timm's RegNet PreBottleneck adds F to norm1(h)."""
-    post = {"timm_regnet": "act3", "tv_regnet": "activation", "timm_cspnet": "act3"}.get(key)
+    post = {"timm_regnet": "act3", "tv_regnet": "activation", "timm_cspnet": "act3", "timm_byob_post": "act"}.get(key)
     if post is not None:
         saved = getattr(block, post)
         setattr(block, post, nn.Identity())
@@ -337,6 +357,8 @@ def hand_lesion(key: str, block: nn.Module, h: torch.Tensor, identity: bool) -> 
         return torch.relu(block.proj(h) if block.proj is not None else h)
     if key == "timm_cspnet":
         return block.act3(h)
+    if key == "timm_byob_post":  # act is an in-place SiLU: applied here out of place
+        return F.silu(block.shortcut(h))
     if key == "timm_nfnet":
         return h if block.downsample is None else block.downsample(block.act1(h) * block.beta)
     assert identity, key  # ConvNeXt, transformers, inverted residuals: identity blocks only
@@ -380,7 +402,7 @@ def test_ablate_prefix_cache_equals_naive_with_hand_lesions(key, built):
         assert abs(both.loss - ref.loss) < 1e-5
 
 
-@pytest.mark.parametrize("key", ["timm_vit", "timm_regnet", "timm_nfnet", "tv_regnet"])
+@pytest.mark.parametrize("key", ["timm_vit", "timm_regnet", "timm_nfnet", "tv_regnet", "timm_byob_post"])
 def test_pruned_model_equals_the_lesion(key, built):
     import copy
 
@@ -547,6 +569,20 @@ def test_blocks_on_the_224_architectures_without_a_glob():
         anatomy = discover_blocks(model.eval(), (3, 224, 224))
         assert [(b.name, b.kind) for b in anatomy.blocks] == reference_blocks(model, 224), spec
         assert anatomy.head is not None or "csp" in name, spec
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["regnetz_b16", "regnetz_c16", "regnetz_d8"])
+def test_blocks_command_finds_regnetz_blocks_without_a_glob(name, run):
+    """`resprobe blocks timm:regnetz_*` at the model's own size, against the class-based reference."""
+    import json
+
+    import timm
+
+    payload = json.loads(run("blocks", f"timm:{name}", "-f", "json", "-q").stdout)
+    size = payload["preprocessing"]["input_size"][-1]
+    reference = reference_blocks(timm.create_model(name).eval(), size)
+    assert [(b["name"], b["kind"]) for b in payload["blocks"]] == reference and len(reference) >= 18
 
 
 def test_discovering_a_torchvision_model_does_not_import_timm():
