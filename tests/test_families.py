@@ -70,6 +70,17 @@ def _timm_byob(regnetz: bool):
     return bb.ByobNet(cfg, num_classes=5)
 
 
+def _timm_cspdarknet(name: str):
+    """Tiny ``cspdarknet53`` (CrossStage, DarkBlock) or ``cs3darknet_s`` (CrossStage3, SiLU)."""
+    import timm.models.cspnet as cs
+
+    cfg = cs.model_cfgs[name]
+    first_two = {f: getattr(cfg.stages, f)[:2] for f in ("block_ratio", "bottle_ratio", "expand_ratio")}
+    cfg = replace(cfg, stem=replace(cfg.stem, out_chs=8 if name == "cspdarknet53" else (8, 8)),
+                  stages=replace(cfg.stages, depth=(1, 2), out_chs=(16, 32), stride=2, groups=1, **first_two))
+    return cs.CspNet(cfg, num_classes=5)
+
+
 def _tv(module, cls, *args, **kw):
     import importlib
 
@@ -112,6 +123,8 @@ MAKERS = {
     "timm_efficientnet": lambda: _timm("tinynet_e"),
     "timm_nfnet": _timm_nfnet,
     "timm_cspnet": _timm_csp,
+    "timm_cspdarknet": lambda: _timm_cspdarknet("cspdarknet53"),
+    "timm_cs3darknet": lambda: _timm_cspdarknet("cs3darknet_s"),
     "timm_regnetz": lambda: _timm_byob(True),
     "timm_byob_post": lambda: _timm_byob(False),
     "tv_convnext": _tv_convnext,
@@ -373,7 +386,7 @@ def naive(model, batches, blocks=(), fns=None):
     return tally.result()
 
 
-CHAINED = {k for k in MAKERS if k != "timm_cspnet"}  # CSP stages split and concatenate
+CHAINED = set(MAKERS)  # CSP stages split and concatenate: segments (blocks.Segment)
 
 
 @pytest.mark.parametrize("key", list(MAKERS))
@@ -402,7 +415,45 @@ def test_ablate_prefix_cache_equals_naive_with_hand_lesions(key, built):
         assert abs(both.loss - ref.loss) < 1e-5
 
 
-@pytest.mark.parametrize("key", ["timm_vit", "timm_regnet", "timm_nfnet", "tv_regnet", "timm_byob_post"])
+CSP = ["timm_cspnet", "timm_cspdarknet", "timm_cs3darknet"]
+
+
+@pytest.mark.parametrize("key", CSP)
+def test_csp_stages_run_on_from_every_block_with_any_removals(key, built):
+    """CSP stages split their input, run the blocks on one half and concatenate: the prefix cache runs the
+    stage again around the blocks after k. Every set of removals (within and across stages), with and
+    without a greedy base, equals the model's own forward with hand-written lesions."""
+    from itertools import combinations
+
+    model = built(key)
+    anatomy = discover_blocks(model, (3, SIZE, SIZE))
+    assert len(anatomy.segments) == 2 and not anatomy.chained
+    x, y = data(8, seed=4)
+    batches = [(x[:5], y[:5]), (x[5:], y[5:])]
+    engine = AblationEngine(model, anatomy, CPU, batches)
+    assert engine.fast
+    blocks = anatomy.blocks
+
+    def hand(positions):
+        return naive(model, batches, [blocks[p] for p in positions],
+                     [lambda h, b=blocks[p]: hand_lesion(key, b.module, h, b.is_identity) for p in positions])
+
+    subsets = [c for r in (1, 2, 3) for c in combinations(range(len(blocks)), r)]
+    result = evaluate_pass(engine, [lesion_variant(anatomy, c) for c in subsets])
+    for subset, got in zip(subsets, result.variants):
+        ref = hand(subset)
+        assert abs(got.loss - ref.loss) < 1e-5 and got.acc == ref.acc, (key, subset, got, ref)
+    # a greedy step: block 1 already removed in the base pass, each other block removed on top of it
+    others = [p for p in range(len(blocks)) if p != 1]
+    stepped = evaluate_pass(engine, [lesion_variant(anatomy, [1, p]) for p in others],
+                            base=lesion_variant(anatomy, [1]))
+    assert abs(stepped.base.loss - hand([1]).loss) < 1e-5
+    for p, got in zip(others, stepped.variants):
+        assert abs(got.loss - hand(sorted({1, p})).loss) < 1e-5, (key, p)
+
+
+@pytest.mark.parametrize("key", ["timm_vit", "timm_regnet", "timm_nfnet", "tv_regnet", "timm_byob_post", "timm_cspnet",
+                                 "timm_cspdarknet"])
 def test_pruned_model_equals_the_lesion(key, built):
     import copy
 
