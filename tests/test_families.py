@@ -81,6 +81,24 @@ def _timm_cspdarknet(name: str):
     return cs.CspNet(cfg, num_classes=5)
 
 
+def _timm_edge_uir():
+    """timm EfficientNet with an EdgeResidual stage and a MobileNetV4 UniversalInvertedResidual stage."""
+    from timm.models._efficientnet_builder import decode_arch_def
+    from timm.models.efficientnet import EfficientNet
+
+    arch = [["ds_r1_k3_s1_c8"], ["er_r2_k3_s2_e2_c16"], ["uir_r2_a3_k5_s2_e2_c24", "uir_r1_a0_k3_s1_e2_c24"]]
+    return EfficientNet(block_args=decode_arch_def(arch), num_features=32, stem_size=8, num_classes=5)
+
+
+def _tv_mbconv():
+    """torchvision EfficientNet (V2-style): FusedMBConv stages, then MBConv stages."""
+    from torchvision.models.efficientnet import EfficientNet, FusedMBConvConfig, MBConvConfig
+
+    setting = [FusedMBConvConfig(1, 3, 1, 8, 8, 2), FusedMBConvConfig(2, 3, 2, 8, 16, 2),
+               MBConvConfig(2, 3, 2, 16, 24, 2), MBConvConfig(2, 5, 1, 24, 24, 1)]
+    return EfficientNet(setting, dropout=0.0, last_channel=32, num_classes=5)
+
+
 def _tv(module, cls, *args, **kw):
     import importlib
 
@@ -121,6 +139,7 @@ MAKERS = {
     "timm_regnet_pre": lambda: _timm_regnet(True),
     "timm_mobilenetv3": lambda: _timm("mobilenetv3_small_050"),
     "timm_efficientnet": lambda: _timm("tinynet_e"),
+    "timm_edge_uir": _timm_edge_uir,
     "timm_nfnet": _timm_nfnet,
     "timm_cspnet": _timm_csp,
     "timm_cspdarknet": lambda: _timm_cspdarknet("cspdarknet53"),
@@ -134,6 +153,7 @@ MAKERS = {
     "tv_swin_v2": lambda: _tv_swin(v2=True),
     "tv_mobilenet_v2": lambda: _tv("mobilenetv2", "mobilenet_v2", width_mult=0.25, num_classes=5),
     "tv_regnet": _tv_regnet,
+    "tv_mbconv": _tv_mbconv,
 }
 
 # The block classes of docs/reference.md, by class name and defining module, written here independently of
@@ -145,6 +165,7 @@ REFERENCE_CLASSES = {
     ("timm.models.regnet", "Bottleneck"), ("timm.models.regnet", "PreBottleneck"),
     ("timm.models._efficientnet_blocks", "DepthwiseSeparableConv"),
     ("timm.models._efficientnet_blocks", "InvertedResidual"), ("timm.models._efficientnet_blocks", "EdgeResidual"),
+    ("timm.models._efficientnet_blocks", "UniversalInvertedResidual"),
     ("timm.models.nfnet", "NormFreeBlock"), ("timm.models.cspnet", "BottleneckBlock"),
     ("timm.models.cspnet", "DarkBlock"), ("timm.models.resnet", "BasicBlock"), ("timm.models.resnet", "Bottleneck"),
     ("torchvision.models.convnext", "CNBlock"), ("torchvision.models.vision_transformer", "EncoderBlock"),
@@ -220,9 +241,9 @@ def built():
     return get
 
 
-def data(n: int = 6, classes: int = 5, seed: int = 0):
+def data(n: int = 6, classes: int = 5, seed: int = 0, size: int = SIZE):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, SIZE, SIZE, generator=g), torch.randint(0, classes, (n,), generator=g)
+    return torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,10 +354,13 @@ def reference_stats(key: str, model: nn.Module, names: list[str], x: torch.Tenso
 
 @pytest.mark.parametrize("key", list(MAKERS))
 def test_record_matches_autograd_on_each_block(key, built):
-    model = built(key)
-    anatomy = discover_blocks(model, (3, SIZE, SIZE))
+    check_record(key, built(key), SIZE)
+
+
+def check_record(key: str, model: nn.Module, size: int) -> None:
+    anatomy = discover_blocks(model, (3, size, size))
     identity = [j for j, b in enumerate(anatomy.blocks) if b.is_identity]
-    x, y = data()
+    x, y = data(size=size)
     with Recorder(anatomy, CPU) as recorder:
         got = recorder.run_batch(x, y, torch.arange(len(y))).stats
     model.requires_grad_(False)
@@ -391,9 +415,12 @@ CHAINED = set(MAKERS)  # CSP stages split and concatenate: segments (blocks.Segm
 
 @pytest.mark.parametrize("key", list(MAKERS))
 def test_ablate_prefix_cache_equals_naive_with_hand_lesions(key, built):
-    model = built(key)
-    anatomy = discover_blocks(model, (3, SIZE, SIZE))
-    x, y = data(8, seed=1)
+    check_ablate(key, built(key), SIZE)
+
+
+def check_ablate(key: str, model: nn.Module, size: int) -> None:
+    anatomy = discover_blocks(model, (3, size, size))
+    x, y = data(8, seed=1, size=size)
     batches = [(x[:5], y[:5]), (x[5:], y[5:])]
     engine = AblationEngine(model, anatomy, CPU, batches)
     assert engine.fast == (key in CHAINED)
@@ -413,6 +440,19 @@ def test_ablate_prefix_cache_equals_naive_with_hand_lesions(key, built):
                     [lambda h, b=anatomy.blocks[p]: hand_lesion(key, b.module, h, b.is_identity)
                      for p in positions[-2:]])
         assert abs(both.loss - ref.loss) < 1e-5
+
+
+@pytest.mark.parametrize("size", [48, 160])
+@pytest.mark.parametrize("key", ["timm_edge_uir", "tv_mbconv", "timm_mobilenetv3"])
+def test_inverted_residuals_at_other_sizes(key, size, built):
+    """EdgeResidual, UniversalInvertedResidual, torchvision MBConv/FusedMBConv and MobileNetV3 away from
+    224 (and from the 32 of the tests above): blocks against the reference, record against autograd,
+    every removal through the prefix cache against hand-written lesions."""
+    model = built(key)
+    anatomy = discover_blocks(model, (3, size, size))
+    assert [(b.name, b.kind) for b in anatomy.blocks] == reference_blocks(model, size)
+    check_record(key, model, size)
+    check_ablate(key, model, size)
 
 
 CSP = ["timm_cspnet", "timm_cspdarknet", "timm_cs3darknet"]
