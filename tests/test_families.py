@@ -492,6 +492,62 @@ def test_csp_stages_run_on_from_every_block_with_any_removals(key, built):
         assert abs(got.loss - hand(sorted({1, p})).loss) < 1e-5, (key, p)
 
 
+class _Tanh(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + torch.tanh(self.conv(x))
+
+
+class _SplitStage(nn.Module):
+    """A CSP-like stage written here: blocks on one half (or, ``twice``, the same blocks on both halves)."""
+
+    def __init__(self, twice: bool):
+        super().__init__()
+        self.twice = twice
+        self.pre = nn.Conv2d(8, 8, 1)
+        self.blocks = nn.Sequential(_Tanh(4), _Tanh(4))
+        self.post = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        a, b = self.pre(x).split(4, dim=1)
+        return self.post(torch.cat([self.blocks(a), self.blocks(b) if self.twice else b], dim=1))
+
+
+class _SplitNet(nn.Module):
+    def __init__(self, twice: bool):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.stages = nn.Sequential(_SplitStage(False), _SplitStage(twice))
+        self.fc = nn.Linear(8, 5)
+
+    def forward_head(self, x):
+        return self.fc(x.mean((2, 3)))
+
+    def forward(self, x):
+        return self.forward_head(self.stages(self.stem(x)))
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_segments_are_found_by_structure_and_checked(twice):
+    """Segments need no knowledge of CSPNet; a stage that calls its blocks' container twice is not one
+    and gets the full forward. Both equal hand-written lesions."""
+    torch.manual_seed(0)
+    model = _SplitNet(twice).eval()
+    anatomy = discover_blocks(model, (3, 16, 16), ["stages.*.blocks.*"])
+    assert [len(anatomy.segments), anatomy.can_run_suffix] == ([0, False] if twice else [2, True])
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(6, 3, 16, 16, generator=g), torch.randint(0, 5, (6,), generator=g)
+    engine = AblationEngine(model, anatomy, CPU, [(x, y)])
+    variants = [(p,) for p in range(4)] + [(0, 3), (1, 2)]
+    result = evaluate_pass(engine, [lesion_variant(anatomy, v) for v in variants])
+    for v, got in zip(variants, result.variants):
+        ref = naive(model, [(x, y)], [anatomy.blocks[p] for p in v], [lambda h: h for _ in v])
+        assert abs(got.loss - ref.loss) < 1e-6, (v, got, ref)
+
+
 @pytest.mark.parametrize("key", ["timm_vit", "timm_regnet", "timm_nfnet", "tv_regnet", "timm_byob_post", "timm_cspnet",
                                  "timm_cspdarknet"])
 def test_pruned_model_equals_the_lesion(key, built):
