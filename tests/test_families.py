@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import tinymodels
 from resprobe.ablate import AblationEngine, evaluate_pass, lesion_variant, prune_model
 from resprobe.blocks import count_params, discover_blocks, replaced_blocks
 from resprobe.evaluate import Tally
@@ -492,15 +493,6 @@ def test_csp_stages_run_on_from_every_block_with_any_removals(key, built):
         assert abs(got.loss - hand(sorted({1, p})).loss) < 1e-5, (key, p)
 
 
-class _Tanh(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        return x + torch.tanh(self.conv(x))
-
-
 class _SplitStage(nn.Module):
     """A CSP-like stage written here: blocks on one half (or, ``twice``, the same blocks on both halves)."""
 
@@ -508,7 +500,7 @@ class _SplitStage(nn.Module):
         super().__init__()
         self.twice = twice
         self.pre = nn.Conv2d(8, 8, 1)
-        self.blocks = nn.Sequential(_Tanh(4), _Tanh(4))
+        self.blocks = nn.Sequential(tinymodels.CustomBlock(4), tinymodels.CustomBlock(4))
         self.post = nn.Conv2d(8, 8, 1)
 
     def forward(self, x):
