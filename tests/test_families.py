@@ -591,12 +591,14 @@ def test_silu_post_activation_lesion_applies_the_activation():
 
 def _per_iteration_count(block: nn.Module) -> int:
     """Parameters a shared stage keeps per iteration, counted here from the block: norms (torch's
-    norm classes, timm LayerNorm2d/GRN, LayerScale) and parameters held directly by the block."""
+    norm classes, timm LayerNorm2d/GRN/BatchNormAct2d, LayerScale; not conv + norm modules such as timm
+    ConvNormAct or torchvision Conv2dNormActivation) and parameters held directly by the block."""
     own = 0
     counted = set()
     for name, m in block.named_modules():
         cls = [c.__name__ for c in type(m).__mro__]
-        if any("Norm" in c or c.startswith("LayerScale") for c in cls[:-1]) and not any(
+        holds_weights = any(isinstance(c, (nn.Linear, nn.modules.conv._ConvNd)) for c in m.modules())
+        if any("Norm" in c or c.startswith("LayerScale") for c in cls[:-1]) and not holds_weights and not any(
                 name.startswith(p + ".") for p in counted):
             counted.add(name)
             own += sum(p.numel() for p in m.parameters())
@@ -604,7 +606,8 @@ def _per_iteration_count(block: nn.Module) -> int:
 
 
 @pytest.mark.parametrize("key,stage", [("timm_vit", 0), ("timm_convnext", 1), ("timm_swin", 0), ("tv_convnext", 3),
-                                       ("tv_vit", 0), ("tv_swin", 1), ("timm_mobilenetv3", 2)])
+                                       ("tv_vit", 0), ("tv_swin", 1), ("timm_mobilenetv3", 2), ("timm_regnetz", 1),
+                                       ("timm_cspnet", 1), ("tv_mbconv", 1)])
 def test_full_rank_lora_reproduces_the_original(key, stage, built):
     import copy
 
