@@ -487,40 +487,41 @@ def _segmented(anatomy: Anatomy, seen: dict[str, dict[str, Any]], calls: list[_C
         return made[0][0], made[0][1]
 
     names = [b.name for b in blocks]
-    found: list[tuple[str, str, list[int]]] = []  # (wrapper, container, positions)
-    for parent, positions in groups:
-        own = {names[p] for p in positions}
-        wrapper, parts = parent, parent.split(".")
-        for k in range(len(parts) - 1, 0, -1):  # the outermost ancestor holding these blocks only
+    # Per run of blocks, from the last: the wrapper is the innermost module around the run's container
+    # (the container included) that holds no other run's blocks, is called once with one tensor, and
+    # from whose output the model goes on to the next wrapper's input, or to the logits: the least of
+    # the model that a removal runs again.
+    segments: list[Segment] = []
+    entries: list[Tensor] = []
+    for parent, positions in reversed(groups):
+        container_call = single_call(parent)
+        tail = None if container_call is None else _path(
+            calls, seen[names[positions[-1]]]["out"], lambda t, c=container_call[1]: t is c)
+        if tail is None:
+            return None
+        own, parts = {names[p] for p in positions}, parent.split(".")
+        chosen: tuple[str, Tensor, Callable[[Tensor], Tensor]] | None = None
+        for k in range(len(parts), 0, -1):
             candidate = ".".join(parts[:k])
             if {n for n in names if n.startswith(candidate + ".")} != own:
                 break
-            wrapper = candidate
-        found.append((wrapper, parent, positions))
-    segments: list[Segment] = []
-    for g, (wrapper, container, positions) in enumerate(found):
-        wrapper_call, container_call = single_call(wrapper), single_call(container)
-        if wrapper_call is None or container_call is None:
+            call = single_call(candidate)
+            if call is None:
+                continue
+            if entries:  # a later run's wrapper follows
+                between = _path(calls, call[1], lambda t, x=entries[0]: t is x)
+                after = None if between is None else _composed(tuple(c.module for c in between))
+            else:
+                after = _checked_head(model, calls, call[1], logits)
+            if after is not None:
+                chosen = (candidate, call[0], after)
+                break
+        if chosen is None:
             return None
-        tail = _path(calls, seen[names[positions[-1]]]["out"], lambda t, c=container_call[1]: t is c)
-        if tail is None:
-            return None
-        if g + 1 < len(found):
-            following = single_call(found[g + 1][0])
-            between = None if following is None else _path(calls, wrapper_call[1],
-                                                            lambda t, x=following[0]: t is x)
-            if between is None:
-                return None
-            after = _composed(tuple(c.module for c in between))
-        else:
-            head = _checked_head(model, calls, wrapper_call[1], logits)
-            if head is None:
-                return None
-            after = head
-        segments.append(Segment(model.get_submodule(wrapper), model.get_submodule(container), positions[0],
-                                positions[-1], tuple(c.module for c in tail), after))
+        segments.insert(0, Segment(model.get_submodule(chosen[0]), model.get_submodule(parent), positions[0],
+                                   positions[-1], tuple(c.module for c in tail), chosen[2]))
+        entries.insert(0, chosen[1])
     trial = Anatomy(model=model, blocks=blocks, glue=glue, segments=segments)
-    entries = {g: single_call(found[g][0])[0] for g in range(len(found))}  # type: ignore[index]
     was_training = model.training
     model.eval()
     try:

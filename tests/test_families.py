@@ -540,6 +540,21 @@ def test_segments_are_found_by_structure_and_checked(twice):
         assert abs(got.loss - ref.loss) < 1e-6, (v, got, ref)
 
 
+def test_csp_stage_named_by_glob_runs_from_that_stage(built):
+    """With --blocks naming one CSP stage, the stage (not the whole ``stages``) is what a removal re-runs."""
+    model = built("timm_cspnet")
+    anatomy = discover_blocks(model, (3, SIZE, SIZE), ["stages.1.blocks.*"])
+    assert [s.wrapper for s in anatomy.segments] == [model.stages[1]]
+    x, y = data(6, seed=6)
+    engine = AblationEngine(model, anatomy, CPU, [(x, y)])
+    variants = [(0,), (1,), (0, 1)]
+    result = evaluate_pass(engine, [lesion_variant(anatomy, v) for v in variants])
+    for v, got in zip(variants, result.variants):
+        ref = naive(model, [(x, y)], [anatomy.blocks[p] for p in v],
+                    [lambda h, b=anatomy.blocks[p]: b.module.act3(h) for p in v])
+        assert abs(got.loss - ref.loss) < 1e-5, v
+
+
 @pytest.mark.parametrize("key", ["timm_vit", "timm_regnet", "timm_nfnet", "tv_regnet", "timm_byob_post", "timm_cspnet",
                                  "timm_cspdarknet"])
 def test_pruned_model_equals_the_lesion(key, built):
