@@ -13,7 +13,9 @@ where it differs from the base::
 
 so only the blocks from k on and the head are recomputed. For B equal blocks a removal costs about
 (B + 1)/2 block evaluations instead of B plus stem and head: roughly half the naive cost
-(docs/ablate.md). Models whose blocks are not a simple chain (custom models, pruned models with a
+(docs/ablate.md). In a CSPNet, whose stages run their blocks on half of a split and concatenate the
+other half back, the stage's input is cached too and the stage re-runs around the blocks from k
+(:class:`resprobe.blocks.Segment`). Models whose blocks are not a simple chain (custom models, pruned models with a
 removed transition) fall back to a full forward per variant with the blocks patched
 (:func:`resprobe.blocks.replaced_blocks`): slower, same results.
 
@@ -180,14 +182,16 @@ class AblationEngine:
         Suffix runs are mostly late blocks, whose small tensors split badly across cores; running
         several suffixes side by side, each single-threaded, keeps every core busy
         (benchmarks/ablate_parts_cpu.py: 0.91–1.0× the sequential time on 2 cores). Not on GPUs
-        (one stream), not for the full-forward fallback (it patches the shared model), and not with
-        a block that writes into its input (the cached inputs would be shared between threads).
+        (one stream), not for the full-forward fallback and segmented models (they patch the shared
+        model), and not with a block that writes into its input (the cached inputs would be shared
+        between threads).
         """
-        if not self.fast or self.clone_inputs or self.runtime.device.type != "cpu" or jobs < 2:
+        if (not self.fast or self.clone_inputs or self.anatomy.segments or self.runtime.device.type != "cpu"
+                or jobs < 2):  # segments: a suffix run patches its stage's container (Anatomy.run_from)
             return 1
         return min(torch.get_num_threads(), jobs, MAX_SUFFIX_THREADS)
 
-    def _suffixes_in_threads(self, images: Tensor, jobs: list[tuple[Variant, int]], cache: dict[int, Tensor],
+    def _suffixes_in_threads(self, images: Tensor, jobs: list[tuple[Variant, int]], cache: dict[Any, Tensor],
                              workers: int) -> list[Tensor]:
         def run(job: tuple[Variant, int]) -> Tensor:
             # Grad mode and autocast are per thread; the TF32 flags are global and already set.
@@ -206,9 +210,9 @@ class AblationEngine:
         return [done[i] for i in range(len(jobs))]
 
     def _base_pass(self, images: Tensor, base: Variant, keep: set[int],
-                   observer: Observer | None) -> tuple[Tensor, dict[int, Tensor], dict[int, Any]]:
+                   observer: Observer | None) -> tuple[Tensor, dict[Any, Tensor], dict[int, Any]]:
         for _ in range(2):
-            cache: dict[int, tuple[Tensor, int]] = {}
+            cache: dict[Any, tuple[Tensor, int]] = {}
             observed: dict[int, Any] = {}
             handles = self._install_hooks(keep, observer, cache, observed)
             try:
@@ -224,9 +228,19 @@ class AblationEngine:
             self.clone_inputs = True
         raise AssertionError("unreachable: the second attempt copies every cached input")
 
-    def _install_hooks(self, keep: set[int], observer: Observer | None, cache: dict[int, tuple[Tensor, int]],
+    def _install_hooks(self, keep: set[int], observer: Observer | None, cache: dict[Any, tuple[Tensor, int]],
                        observed: dict[int, Any]) -> list[Any]:
         handles = []
+        # A segmented model (CSPNet) runs on from a block with its stage's input too: cached under
+        # ("segment", first block of the stage).
+        segments = {s.first: s for j in keep if (s := self.anatomy.segment_of(j)) is not None}
+        for first, segment in segments.items():
+            def entry_hook(_m: nn.Module, args: tuple, first: int = first) -> None:
+                x = args[0].detach()
+                x = x.clone() if self.clone_inputs else x
+                cache[("segment", first)] = (x, x._version)
+
+            handles.append(segment.wrapper.register_forward_pre_hook(entry_hook))
         for j in sorted(keep):
             module = self.blocks[j].module
 
@@ -243,15 +257,18 @@ class AblationEngine:
                 handles.append(module.register_forward_hook(post_hook))
         return handles
 
-    def _variant_logits(self, images: Tensor, variant: Variant, start: int, cache: dict[int, Tensor]) -> Tensor:
+    def _variant_logits(self, images: Tensor, variant: Variant, start: int, cache: dict[Any, Tensor]) -> Tensor:
         if not self.fast:
             positions = sorted(variant)
             with replaced_blocks([self.blocks[i] for i in positions], [variant[i] for i in positions]):
                 return self.model(images)
         h = cache[start]
+        segment = self.anatomy.segment_of(start)
+        entry = cache[("segment", segment.first)] if segment is not None else None
         if self.clone_inputs:  # the block at ``start`` may write into it, and other variants reuse it
             h = h.clone()
-        return self.anatomy.run_from(start, h, dict(variant))
+            entry = entry.clone() if entry is not None else None
+        return self.anatomy.run_from(start, h, dict(variant), entry)
 
 
 def lesion_variant(anatomy: Anatomy, positions: Iterable[int]) -> dict[int, Fn]:

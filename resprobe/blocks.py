@@ -74,6 +74,24 @@ class Block:
 
 
 @dataclass
+class Segment:
+    """Blocks ``first..last`` that run inside ``wrapper`` on a tensor it derives from its input, and whose
+    result it merges with something else: a CSPNet stage runs its blocks on one half of a split and
+    concatenates the other half back. The model runs on from such a block by running the blocks after
+    it in ``container`` (the module that holds them, called once by ``wrapper``), then ``wrapper`` on
+    its cached input with ``container`` answering that result (its own prefix and merge recomputed),
+    then ``after``: to the next segment's wrapper input, or for the last segment to the logits.
+    """
+
+    wrapper: nn.Module = field(repr=False)
+    container: nn.Module = field(repr=False)
+    first: int
+    last: int
+    tail: tuple[nn.Module, ...] = field(default=(), repr=False)  # last block's output -> container's output
+    after: Callable[[Tensor], Tensor] = field(default=lambda x: x, repr=False)
+
+
+@dataclass
 class Anatomy:
     """A model's residual blocks in execution order, and how to finish the forward pass after one.
 
@@ -90,6 +108,9 @@ class Anatomy:
     # ConvNeXt/Swin downsample, an inverted residual without skip); for the last block, those before
     # ``head`` (already part of ``head``). Empty where the blocks follow each other directly.
     glue: list[tuple[nn.Module, ...]] = field(default_factory=list, repr=False)
+    # Where the blocks are not one chain but chains inside stages that split and merge (CSPNet): the
+    # stages, in order, every block in one of them (``glue`` then links the blocks of one segment).
+    segments: list[Segment] = field(default_factory=list, repr=False)
 
     def __getitem__(self, name: str) -> Block:
         for block in self.blocks:
@@ -111,14 +132,24 @@ class Anatomy:
 
     @property
     def can_run_suffix(self) -> bool:
-        return self.chained and self.head is not None
+        return (self.chained and self.head is not None) or bool(self.segments)
 
-    def run_from(self, position: int, h: Tensor, replace: dict[int, Callable[[Tensor], Tensor]] | None = None) -> Tensor:
+    def segment_of(self, position: int) -> Segment | None:
+        """The segment holding block ``position`` (None for a plain chain)."""
+        return next((s for s in self.segments if s.first <= position <= s.last), None)
+
+    def run_from(self, position: int, h: Tensor, replace: dict[int, Callable[[Tensor], Tensor]] | None = None,
+                 entry: Tensor | None = None) -> Tensor:
         """Logits from block ``position``'s input ``h``: blocks ``position..end`` (each optionally
-        replaced, e.g. by its lesion) with the modules between them, then the head."""
+        replaced, e.g. by its lesion) with the modules between them, then the head. In a segmented
+        model ``entry`` is the input of the segment's wrapper (:class:`Segment`)."""
         if not self.can_run_suffix:
             raise ModelError("this model's blocks are not a simple chain; resprobe cannot run it from a block")
         replace = replace or {}
+        if self.segments:
+            if entry is None:
+                raise ValueError("run_from in a segmented model needs the segment's input (entry)")
+            return self._run_segments_from(position, h, replace, entry)
         for i in range(position, len(self.blocks)):
             fn = replace.get(i)
             h = fn(h) if fn is not None else self.blocks[i].module(h)
@@ -127,6 +158,39 @@ class Anatomy:
                     h = module(h)
         assert self.head is not None
         return self.head(h)
+
+    def _run_segments_from(self, position: int, h: Tensor, replace: dict[int, Callable[[Tensor], Tensor]],
+                           entry: Tensor) -> Tensor:
+        segment = self.segment_of(position)
+        assert segment is not None
+        for i in range(position, segment.last + 1):
+            fn = replace.get(i)
+            h = fn(h) if fn is not None else self.blocks[i].module(h)
+            for module in self.glue[i] if i < segment.last else segment.tail:
+                h = module(h)
+        # Replacements in later segments patch those blocks (the wrappers' own forwards run them).
+        later = sorted(i for i in replace if i > segment.last)
+        start = self.segments.index(segment)
+        with _answering(segment.container, h), replaced_blocks([self.blocks[i] for i in later],
+                                                               [replace[i] for i in later]):
+            x = segment.after(segment.wrapper(entry))
+            for following in self.segments[start + 1:]:
+                x = following.after(following.wrapper(x))
+        return x
+
+
+@contextlib.contextmanager
+def _answering(module: nn.Module, value: Tensor) -> Iterator[None]:
+    """Within the context, ``module`` returns ``value`` whatever it is called with."""
+    saved = module.__dict__.get("forward")
+    module.forward = lambda *_args, **_kwargs: value  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved  # type: ignore[method-assign]
 
 
 def _head_candidates(model: nn.Module) -> list[Callable[[Tensor], Tensor]]:
@@ -197,6 +261,7 @@ class _Call:
     name: str
     x: Tensor
     out: Tensor | None = None
+    end: int = 0  # len(calls) when the call returned: the calls before it are nested in it
 
 
 def _calls_recorder(model: nn.Module, skip: Callable[[str], bool]) -> tuple[list[_Call], list[Any]]:
@@ -215,7 +280,7 @@ def _calls_recorder(model: nn.Module, skip: Callable[[str], bool]) -> tuple[list
             if len(args) == 1 and not kwargs and isinstance(out, Tensor):
                 for call in reversed(calls):
                     if call.module is m and call.x is args[0] and call.out is None:
-                        call.out = out
+                        call.out, call.end = out, len(calls)
                         break
 
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
@@ -235,7 +300,9 @@ def _path(calls: list[_Call], start: Tensor, accept: Callable[[Tensor], bool], l
         if step is None:
             return None
         path.append(calls[step])
-        t, after = calls[step].out, step + 1  # type: ignore[assignment]
+        # The next step starts after this call returned: a call nested in it that received its output
+        # (an in-place activation returns its input) is part of it, not a step of its own.
+        t, after = calls[step].out, calls[step].end  # type: ignore[assignment]
     return None
 
 
@@ -326,6 +393,14 @@ def discover_blocks(
     calls, call_handles = _calls_recorder(model, lambda n: any(
         n == b or n.startswith(b + ".") or b.startswith(n + ".") for b in block_names))
     handles += call_handles
+    # The modules holding blocks (a stage, its ``blocks``): their calls, for segments (CSPNet stages).
+    holders = {n: m for n, m in model.named_modules() if n and any(b.startswith(n + ".") for b in block_names)}
+    holder_calls: dict[str, list[tuple[Tensor | None, Any]]] = {}
+    for name, module in holders.items():
+        def holder_hook(_m: nn.Module, args: tuple, kwargs: dict, out: Any, name: str = name) -> None:
+            single = len(args) == 1 and not kwargs and isinstance(args[0], Tensor)
+            holder_calls.setdefault(name, []).append((args[0] if single else None, out))
+        handles.append(module.register_forward_hook(holder_hook, with_kwargs=True))
     was_training = model.training
     model.eval()
     param = next(model.parameters(), None)
@@ -370,7 +445,106 @@ def discover_blocks(
         glue.append(tuple(c.module for c in path))
     chained = len(glue) == len(blocks) - 1
     head = _checked_head(model, calls, seen[blocks[-1].name]["out"], logits) if chained else None
-    return Anatomy(model=model, blocks=blocks, head=head, chained=chained, glue=glue)
+    anatomy = Anatomy(model=model, blocks=blocks, head=head, chained=chained, glue=glue)
+    if head is None:  # not a chain to the logits (one block left in a pruned CSPNet is a chain of one)
+        segmented = _segmented(anatomy, seen, calls, holder_calls, logits)
+        if segmented is not None:
+            anatomy.glue, anatomy.segments = segmented
+    return anatomy
+
+
+def _segmented(anatomy: Anatomy, seen: dict[str, dict[str, Any]], calls: list[_Call],
+               holder_calls: dict[str, list[tuple[Tensor | None, Any]]], logits: Tensor
+               ) -> tuple[list[tuple[nn.Module, ...]], list[Segment]] | None:
+    """The blocks as :class:`Segment` s (one per module holding a run of them), or None where the model
+    is not such a sequence: each run chained inside its container, each container and wrapper called
+    once with one tensor, the wrappers chained to each other and to the logits, and running on from
+    the first and from the last block reproducing the model's logits."""
+    blocks, model = anatomy.blocks, anatomy.model
+    groups: list[tuple[str, list[int]]] = []
+    for i, block in enumerate(blocks):
+        parent = block.name.rpartition(".")[0]
+        if groups and groups[-1][0] == parent:
+            groups[-1][1].append(i)
+        else:
+            groups.append((parent, [i]))
+    if any(not parent for parent, _ in groups) or len({p for p, _ in groups}) != len(groups):
+        return None
+    glue: list[tuple[nn.Module, ...]] = []
+    for a, b in zip(blocks, blocks[1:]):
+        if a.name.rpartition(".")[0] != b.name.rpartition(".")[0]:
+            glue.append(())  # segments are linked through their wrappers
+            continue
+        path = _path(calls, seen[a.name]["out"], lambda t, target=seen[b.name]["in"]: t is target)
+        if path is None:
+            return None
+        glue.append(tuple(c.module for c in path))
+
+    def single_call(name: str) -> tuple[Tensor, Tensor] | None:
+        made = holder_calls.get(name, [])
+        if len(made) != 1 or made[0][0] is None or not isinstance(made[0][1], Tensor):
+            return None
+        return made[0][0], made[0][1]
+
+    names = [b.name for b in blocks]
+    # Per run of blocks, from the last: the wrapper is the innermost module around the run's container
+    # (the container included) that holds no other run's blocks, is called once with one tensor, and
+    # from whose output the model goes on to the next wrapper's input, or to the logits: the least of
+    # the model that a removal runs again.
+    segments: list[Segment] = []
+    entries: list[Tensor] = []
+    for parent, positions in reversed(groups):
+        container_call = single_call(parent)
+        tail = None if container_call is None else _path(
+            calls, seen[names[positions[-1]]]["out"], lambda t, c=container_call[1]: t is c)
+        if tail is None:
+            return None
+        own, parts = {names[p] for p in positions}, parent.split(".")
+        chosen: tuple[str, Tensor, Callable[[Tensor], Tensor]] | None = None
+        for k in range(len(parts), 0, -1):
+            candidate = ".".join(parts[:k])
+            if {n for n in names if n.startswith(candidate + ".")} != own:
+                break
+            call = single_call(candidate)
+            if call is None:
+                continue
+            if entries:  # a later run's wrapper follows
+                between = _path(calls, call[1], lambda t, x=entries[0]: t is x)
+                after = None if between is None else _composed(tuple(c.module for c in between))
+            else:
+                after = _checked_head(model, calls, call[1], logits)
+            if after is not None:
+                chosen = (candidate, call[0], after)
+                break
+        if chosen is None:
+            return None
+        segments.insert(0, Segment(model.get_submodule(chosen[0]), model.get_submodule(parent), positions[0],
+                                   positions[-1], tuple(c.module for c in tail), chosen[2]))
+        entries.insert(0, chosen[1])
+    trial = Anatomy(model=model, blocks=blocks, glue=glue, segments=segments)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for position in (0, len(blocks) - 1):
+                g = segments.index(trial.segment_of(position))  # type: ignore[arg-type]
+                out = trial.run_from(position, seen[names[position]]["in"], entry=entries[g])
+                if out.shape != logits.shape or not torch.allclose(out, logits, rtol=1e-4, atol=1e-5):
+                    return None
+    except (RuntimeError, TypeError, ValueError, IndexError):
+        return None
+    finally:
+        model.train(was_training)
+    return glue, segments
+
+
+def _composed(modules: tuple[nn.Module, ...]) -> Callable[[Tensor], Tensor]:
+    def run(x: Tensor) -> Tensor:
+        for module in modules:
+            x = module(x)
+        return x
+
+    return run
 
 
 def _checked_head(model: nn.Module, calls: list[_Call], last: Tensor, logits: Tensor

@@ -152,6 +152,16 @@ _HAS_SKIP = _truthy("has_skip")
 _USE_RES = _truthy("use_res_connect")
 _HAS_SHORTCUT = _attr_is_not("downsample", None)
 
+
+def _byob(class_name: str) -> tuple[str, str, BlockFamily]:
+    # timm ByobNet (RegNetZ, GENet, ResNet-Q, BoTNet, HaloNet): out = act(drop_path(F(h)) + shortcut(h)),
+    # ``shortcut`` None where the block has no skip (RegNetZ's stage-opening blocks), ``act`` an
+    # Identity under ``linear_out`` (RegNetZ), so the lesion is act(shortcut(h)) either way.
+    return ("timm.models.byobnet", class_name,
+            BlockFamily(f"timm.byobnet.{class_name}", False, ("drop_path",), "shortcut", "act",
+                        residual_if=_attr_is_not("shortcut", None)))
+
+
 # (module path, class name, family). Subclasses inherit their base's entry (method resolution order).
 _LAZY_FAMILIES: list[tuple[str, str, BlockFamily]] = [
     # ---- ResNets
@@ -207,6 +217,8 @@ _LAZY_FAMILIES: list[tuple[str, str, BlockFamily]] = [
     ("timm.models.regnet", "PreBottleneck",
      BlockFamily("timm.regnet.PreBottleneck", True, ("drop_path", "conv3"), "downsample", None, "norm1",
                  residual_if=_HAS_SHORTCUT, branch_is_update=False)),
+    # RegNetZ and the other ByobNets (timm byobnet.py, byoanet.py): residual only with a shortcut
+    *(_byob(name) for name in ("BasicBlock", "BottleneckBlock", "DarkBlock", "EdgeBlock", "SelfAttnBlock")),
     ("torchvision.models.regnet", "ResBottleneckBlock",
      BlockFamily("torchvision.ResBottleneckBlock", False, ("f",), "proj", "activation")),
     # ---- Inverted residuals (EfficientNet, MobileNet): residual only with a skip

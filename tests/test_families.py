@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import tinymodels
 from resprobe.ablate import AblationEngine, evaluate_pass, lesion_variant, prune_model
 from resprobe.blocks import count_params, discover_blocks, replaced_blocks
 from resprobe.evaluate import Tally
@@ -56,6 +57,49 @@ def _timm_csp():
     return cs.CspNet(cfg, num_classes=5)
 
 
+def _timm_byob(regnetz: bool):
+    """A tiny RegNetZ (``regnetz_b16``'s configuration shrunk: linear out, no shortcut on stage openers) or,
+    with ``regnetz=False``, a post-activation ByobNet whose transitions project (``conv1x1`` shortcut)."""
+    import timm.models.byobnet as bb
+
+    cfg = bb.model_cfgs["regnetz_b16"]
+    blocks = (bb.ByoBlockCfg(type="bottle", d=2, c=8, s=2, gs=4, br=3),
+              bb.ByoBlockCfg(type="bottle", d=3, c=16, s=2, gs=4, br=3))
+    cfg = replace(cfg, blocks=blocks, stem_chs=8, num_features=24)
+    if not regnetz:
+        cfg = replace(cfg, downsample="conv1x1", block_kwargs={"bottle_in": True, "linear_out": False})
+    return bb.ByobNet(cfg, num_classes=5)
+
+
+def _timm_cspdarknet(name: str):
+    """Tiny ``cspdarknet53`` (CrossStage, DarkBlock) or ``cs3darknet_s`` (CrossStage3, SiLU)."""
+    import timm.models.cspnet as cs
+
+    cfg = cs.model_cfgs[name]
+    first_two = {f: getattr(cfg.stages, f)[:2] for f in ("block_ratio", "bottle_ratio", "expand_ratio")}
+    cfg = replace(cfg, stem=replace(cfg.stem, out_chs=8 if name == "cspdarknet53" else (8, 8)),
+                  stages=replace(cfg.stages, depth=(1, 2), out_chs=(16, 32), stride=2, groups=1, **first_two))
+    return cs.CspNet(cfg, num_classes=5)
+
+
+def _timm_edge_uir():
+    """timm EfficientNet with an EdgeResidual stage and a MobileNetV4 UniversalInvertedResidual stage."""
+    from timm.models._efficientnet_builder import decode_arch_def
+    from timm.models.efficientnet import EfficientNet
+
+    arch = [["ds_r1_k3_s1_c8"], ["er_r2_k3_s2_e2_c16"], ["uir_r2_a3_k5_s2_e2_c24", "uir_r1_a0_k3_s1_e2_c24"]]
+    return EfficientNet(block_args=decode_arch_def(arch), num_features=32, stem_size=8, num_classes=5)
+
+
+def _tv_mbconv():
+    """torchvision EfficientNet (V2-style): FusedMBConv stages, then MBConv stages."""
+    from torchvision.models.efficientnet import EfficientNet, FusedMBConvConfig, MBConvConfig
+
+    setting = [FusedMBConvConfig(1, 3, 1, 8, 8, 2), FusedMBConvConfig(2, 3, 2, 8, 16, 2),
+               MBConvConfig(2, 3, 2, 16, 24, 2), MBConvConfig(2, 5, 1, 24, 24, 1)]
+    return EfficientNet(setting, dropout=0.0, last_channel=32, num_classes=5)
+
+
 def _tv(module, cls, *args, **kw):
     import importlib
 
@@ -96,8 +140,13 @@ MAKERS = {
     "timm_regnet_pre": lambda: _timm_regnet(True),
     "timm_mobilenetv3": lambda: _timm("mobilenetv3_small_050"),
     "timm_efficientnet": lambda: _timm("tinynet_e"),
+    "timm_edge_uir": _timm_edge_uir,
     "timm_nfnet": _timm_nfnet,
     "timm_cspnet": _timm_csp,
+    "timm_cspdarknet": lambda: _timm_cspdarknet("cspdarknet53"),
+    "timm_cs3darknet": lambda: _timm_cspdarknet("cs3darknet_s"),
+    "timm_regnetz": lambda: _timm_byob(True),
+    "timm_byob_post": lambda: _timm_byob(False),
     "tv_convnext": _tv_convnext,
     "tv_vit": lambda: _tv("vision_transformer", "VisionTransformer", image_size=SIZE, patch_size=8, num_layers=2,
                           num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=5),
@@ -105,6 +154,7 @@ MAKERS = {
     "tv_swin_v2": lambda: _tv_swin(v2=True),
     "tv_mobilenet_v2": lambda: _tv("mobilenetv2", "mobilenet_v2", width_mult=0.25, num_classes=5),
     "tv_regnet": _tv_regnet,
+    "tv_mbconv": _tv_mbconv,
 }
 
 # The block classes of docs/reference.md, by class name and defining module, written here independently of
@@ -116,6 +166,7 @@ REFERENCE_CLASSES = {
     ("timm.models.regnet", "Bottleneck"), ("timm.models.regnet", "PreBottleneck"),
     ("timm.models._efficientnet_blocks", "DepthwiseSeparableConv"),
     ("timm.models._efficientnet_blocks", "InvertedResidual"), ("timm.models._efficientnet_blocks", "EdgeResidual"),
+    ("timm.models._efficientnet_blocks", "UniversalInvertedResidual"),
     ("timm.models.nfnet", "NormFreeBlock"), ("timm.models.cspnet", "BottleneckBlock"),
     ("timm.models.cspnet", "DarkBlock"), ("timm.models.resnet", "BasicBlock"), ("timm.models.resnet", "Bottleneck"),
     ("torchvision.models.convnext", "CNBlock"), ("torchvision.models.vision_transformer", "EncoderBlock"),
@@ -124,7 +175,8 @@ REFERENCE_CLASSES = {
     ("torchvision.models.regnet", "ResBottleneckBlock"), ("torchvision.models.mobilenetv2", "InvertedResidual"),
     ("torchvision.models.mobilenetv3", "InvertedResidual"), ("torchvision.models.efficientnet", "MBConv"),
     ("torchvision.models.efficientnet", "FusedMBConv"), ("torchvision.models.resnet", "BasicBlock"),
-    ("torchvision.models.resnet", "Bottleneck"),
+    ("torchvision.models.resnet", "Bottleneck"), ("timm.models.byobnet", "BottleneckBlock"),
+    ("timm.models.byobnet", "BasicBlock"),
 }
 
 
@@ -137,6 +189,8 @@ def reference_is_block(m: nn.Module) -> bool:
         return bool(m.use_res_connect)
     if type(m).__module__ == "timm.models.regnet":
         return m.downsample is not None
+    if type(m).__module__ == "timm.models.byobnet":
+        return m.shortcut is not None
     return True
 
 
@@ -188,9 +242,9 @@ def built():
     return get
 
 
-def data(n: int = 6, classes: int = 5, seed: int = 0):
+def data(n: int = 6, classes: int = 5, seed: int = 0, size: int = SIZE):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, SIZE, SIZE, generator=g), torch.randint(0, classes, (n,), generator=g)
+    return torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,7 +253,8 @@ def data(n: int = 6, classes: int = 5, seed: int = 0):
 EXPECTED_STAGES = {
     "timm_vit": [0, 0, 0], "timm_convnext": [0, 1, 1, 2, 3], "timm_swin": [0, 0, 1, 1],
     "timm_regnet": [0, 1, 2, 2, 2, 3], "tv_convnext": [1, 3, 3], "tv_vit": [0, 0], "tv_swin": [1, 1, 3, 3],
-    "tv_regnet": [0, 1, 2, 2], "timm_nfnet": [0, 1, 1],
+    "tv_regnet": [0, 1, 2, 2], "timm_nfnet": [0, 1, 1], "timm_regnetz": [0, 1, 1],
+    "timm_byob_post": [0, 0, 1, 1, 1],
 }
 
 
@@ -246,7 +301,7 @@ def test_blocks_glob_keeps_the_stage_index():
 def independent_branch(key: str, block: nn.Module, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """F of an identity block, computed here: post-activation blocks run with their activation replaced
     by identity (F = pre-activation sum − h); timm's RegNet PreBottleneck adds F to norm1(h)."""
-    post = {"timm_regnet": "act3", "tv_regnet": "activation", "timm_cspnet": "act3"}.get(key)
+    post = {"timm_regnet": "act3", "tv_regnet": "activation", "timm_cspnet": "act3", "timm_byob_post": "act"}.get(key)
     if post is not None:
         saved = getattr(block, post)
         setattr(block, post, nn.Identity())
@@ -300,10 +355,13 @@ def reference_stats(key: str, model: nn.Module, names: list[str], x: torch.Tenso
 
 @pytest.mark.parametrize("key", list(MAKERS))
 def test_record_matches_autograd_on_each_block(key, built):
-    model = built(key)
-    anatomy = discover_blocks(model, (3, SIZE, SIZE))
+    check_record(key, built(key), SIZE)
+
+
+def check_record(key: str, model: nn.Module, size: int) -> None:
+    anatomy = discover_blocks(model, (3, size, size))
     identity = [j for j, b in enumerate(anatomy.blocks) if b.is_identity]
-    x, y = data()
+    x, y = data(size=size)
     with Recorder(anatomy, CPU) as recorder:
         got = recorder.run_batch(x, y, torch.arange(len(y))).stats
     model.requires_grad_(False)
@@ -337,6 +395,8 @@ def hand_lesion(key: str, block: nn.Module, h: torch.Tensor, identity: bool) -> 
         return torch.relu(block.proj(h) if block.proj is not None else h)
     if key == "timm_cspnet":
         return block.act3(h)
+    if key == "timm_byob_post":  # act is an in-place SiLU: applied here out of place
+        return F.silu(block.shortcut(h))
     if key == "timm_nfnet":
         return h if block.downsample is None else block.downsample(block.act1(h) * block.beta)
     assert identity, key  # ConvNeXt, transformers, inverted residuals: identity blocks only
@@ -351,14 +411,17 @@ def naive(model, batches, blocks=(), fns=None):
     return tally.result()
 
 
-CHAINED = {k for k in MAKERS if k != "timm_cspnet"}  # CSP stages split and concatenate
+CHAINED = set(MAKERS)  # CSP stages split and concatenate: segments (blocks.Segment)
 
 
 @pytest.mark.parametrize("key", list(MAKERS))
 def test_ablate_prefix_cache_equals_naive_with_hand_lesions(key, built):
-    model = built(key)
-    anatomy = discover_blocks(model, (3, SIZE, SIZE))
-    x, y = data(8, seed=1)
+    check_ablate(key, built(key), SIZE)
+
+
+def check_ablate(key: str, model: nn.Module, size: int) -> None:
+    anatomy = discover_blocks(model, (3, size, size))
+    x, y = data(8, seed=1, size=size)
     batches = [(x[:5], y[:5]), (x[5:], y[5:])]
     engine = AblationEngine(model, anatomy, CPU, batches)
     assert engine.fast == (key in CHAINED)
@@ -380,7 +443,120 @@ def test_ablate_prefix_cache_equals_naive_with_hand_lesions(key, built):
         assert abs(both.loss - ref.loss) < 1e-5
 
 
-@pytest.mark.parametrize("key", ["timm_vit", "timm_regnet", "timm_nfnet", "tv_regnet"])
+@pytest.mark.parametrize("size", [48, 160])
+@pytest.mark.parametrize("key", ["timm_edge_uir", "tv_mbconv", "timm_mobilenetv3"])
+def test_inverted_residuals_at_other_sizes(key, size, built):
+    """EdgeResidual, UniversalInvertedResidual, torchvision MBConv/FusedMBConv and MobileNetV3 away from
+    224 (and from the 32 of the tests above): blocks against the reference, record against autograd,
+    every removal through the prefix cache against hand-written lesions."""
+    model = built(key)
+    anatomy = discover_blocks(model, (3, size, size))
+    assert [(b.name, b.kind) for b in anatomy.blocks] == reference_blocks(model, size)
+    check_record(key, model, size)
+    check_ablate(key, model, size)
+
+
+CSP = ["timm_cspnet", "timm_cspdarknet", "timm_cs3darknet"]
+
+
+@pytest.mark.parametrize("key", CSP)
+def test_csp_stages_run_on_from_every_block_with_any_removals(key, built):
+    """CSP stages split their input, run the blocks on one half and concatenate: the prefix cache runs the
+    stage again around the blocks after k. Every set of removals (within and across stages), with and
+    without a greedy base, equals the model's own forward with hand-written lesions."""
+    from itertools import combinations
+
+    model = built(key)
+    anatomy = discover_blocks(model, (3, SIZE, SIZE))
+    assert len(anatomy.segments) == 2 and not anatomy.chained
+    x, y = data(8, seed=4)
+    batches = [(x[:5], y[:5]), (x[5:], y[5:])]
+    engine = AblationEngine(model, anatomy, CPU, batches)
+    assert engine.fast
+    blocks = anatomy.blocks
+
+    def hand(positions):
+        return naive(model, batches, [blocks[p] for p in positions],
+                     [lambda h, b=blocks[p]: hand_lesion(key, b.module, h, b.is_identity) for p in positions])
+
+    subsets = [c for r in (1, 2, 3) for c in combinations(range(len(blocks)), r)]
+    result = evaluate_pass(engine, [lesion_variant(anatomy, c) for c in subsets])
+    for subset, got in zip(subsets, result.variants):
+        ref = hand(subset)
+        assert abs(got.loss - ref.loss) < 1e-5 and got.acc == ref.acc, (key, subset, got, ref)
+    # a greedy step: block 1 already removed in the base pass, each other block removed on top of it
+    others = [p for p in range(len(blocks)) if p != 1]
+    stepped = evaluate_pass(engine, [lesion_variant(anatomy, [1, p]) for p in others],
+                            base=lesion_variant(anatomy, [1]))
+    assert abs(stepped.base.loss - hand([1]).loss) < 1e-5
+    for p, got in zip(others, stepped.variants):
+        assert abs(got.loss - hand(sorted({1, p})).loss) < 1e-5, (key, p)
+
+
+class _SplitStage(nn.Module):
+    """A CSP-like stage written here: blocks on one half (or, ``twice``, the same blocks on both halves)."""
+
+    def __init__(self, twice: bool):
+        super().__init__()
+        self.twice = twice
+        self.pre = nn.Conv2d(8, 8, 1)
+        self.blocks = nn.Sequential(tinymodels.CustomBlock(4), tinymodels.CustomBlock(4))
+        self.post = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        a, b = self.pre(x).split(4, dim=1)
+        return self.post(torch.cat([self.blocks(a), self.blocks(b) if self.twice else b], dim=1))
+
+
+class _SplitNet(nn.Module):
+    def __init__(self, twice: bool):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.stages = nn.Sequential(_SplitStage(False), _SplitStage(twice))
+        self.fc = nn.Linear(8, 5)
+
+    def forward_head(self, x):
+        return self.fc(x.mean((2, 3)))
+
+    def forward(self, x):
+        return self.forward_head(self.stages(self.stem(x)))
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_segments_are_found_by_structure_and_checked(twice):
+    """Segments need no knowledge of CSPNet; a stage that calls its blocks' container twice is not one
+    and gets the full forward. Both equal hand-written lesions."""
+    torch.manual_seed(0)
+    model = _SplitNet(twice).eval()
+    anatomy = discover_blocks(model, (3, 16, 16), ["stages.*.blocks.*"])
+    assert [len(anatomy.segments), anatomy.can_run_suffix] == ([0, False] if twice else [2, True])
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(6, 3, 16, 16, generator=g), torch.randint(0, 5, (6,), generator=g)
+    engine = AblationEngine(model, anatomy, CPU, [(x, y)])
+    variants = [(p,) for p in range(4)] + [(0, 3), (1, 2)]
+    result = evaluate_pass(engine, [lesion_variant(anatomy, v) for v in variants])
+    for v, got in zip(variants, result.variants):
+        ref = naive(model, [(x, y)], [anatomy.blocks[p] for p in v], [lambda h: h for _ in v])
+        assert abs(got.loss - ref.loss) < 1e-6, (v, got, ref)
+
+
+def test_csp_stage_named_by_glob_runs_from_that_stage(built):
+    """With --blocks naming one CSP stage, the stage (not the whole ``stages``) is what a removal re-runs."""
+    model = built("timm_cspnet")
+    anatomy = discover_blocks(model, (3, SIZE, SIZE), ["stages.1.blocks.*"])
+    assert [s.wrapper for s in anatomy.segments] == [model.stages[1]]
+    x, y = data(6, seed=6)
+    engine = AblationEngine(model, anatomy, CPU, [(x, y)])
+    variants = [(0,), (1,), (0, 1)]
+    result = evaluate_pass(engine, [lesion_variant(anatomy, v) for v in variants])
+    for v, got in zip(variants, result.variants):
+        ref = naive(model, [(x, y)], [anatomy.blocks[p] for p in v],
+                    [lambda h, b=anatomy.blocks[p]: b.module.act3(h) for p in v])
+        assert abs(got.loss - ref.loss) < 1e-5, v
+
+
+@pytest.mark.parametrize("key", ["timm_vit", "timm_regnet", "timm_nfnet", "tv_regnet", "timm_byob_post", "timm_cspnet",
+                                 "timm_cspdarknet"])
 def test_pruned_model_equals_the_lesion(key, built):
     import copy
 
@@ -430,12 +606,14 @@ def test_silu_post_activation_lesion_applies_the_activation():
 
 def _per_iteration_count(block: nn.Module) -> int:
     """Parameters a shared stage keeps per iteration, counted here from the block: norms (torch's
-    norm classes, timm LayerNorm2d/GRN, LayerScale) and parameters held directly by the block."""
+    norm classes, timm LayerNorm2d/GRN/BatchNormAct2d, LayerScale; not conv + norm modules such as timm
+    ConvNormAct or torchvision Conv2dNormActivation) and parameters held directly by the block."""
     own = 0
     counted = set()
     for name, m in block.named_modules():
         cls = [c.__name__ for c in type(m).__mro__]
-        if any("Norm" in c or c.startswith("LayerScale") for c in cls[:-1]) and not any(
+        holds_weights = any(isinstance(c, (nn.Linear, nn.modules.conv._ConvNd)) for c in m.modules())
+        if any("Norm" in c or c.startswith("LayerScale") for c in cls[:-1]) and not holds_weights and not any(
                 name.startswith(p + ".") for p in counted):
             counted.add(name)
             own += sum(p.numel() for p in m.parameters())
@@ -443,7 +621,8 @@ def _per_iteration_count(block: nn.Module) -> int:
 
 
 @pytest.mark.parametrize("key,stage", [("timm_vit", 0), ("timm_convnext", 1), ("timm_swin", 0), ("tv_convnext", 3),
-                                       ("tv_vit", 0), ("tv_swin", 1), ("timm_mobilenetv3", 2)])
+                                       ("tv_vit", 0), ("tv_swin", 1), ("timm_mobilenetv3", 2), ("timm_regnetz", 1),
+                                       ("timm_cspnet", 1), ("tv_mbconv", 1)])
 def test_full_rank_lora_reproduces_the_original(key, stage, built):
     import copy
 
@@ -546,7 +725,21 @@ def test_blocks_on_the_224_architectures_without_a_glob():
         model = timm.create_model(name) if source == "timm" else torchvision.models.get_model(name)
         anatomy = discover_blocks(model.eval(), (3, 224, 224))
         assert [(b.name, b.kind) for b in anatomy.blocks] == reference_blocks(model, 224), spec
-        assert anatomy.head is not None or "csp" in name, spec
+        assert anatomy.can_run_suffix and bool(anatomy.segments) == ("csp" in name), spec  # CSP: segments
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["regnetz_b16", "regnetz_c16", "regnetz_d8"])
+def test_blocks_command_finds_regnetz_blocks_without_a_glob(name, run):
+    """`resprobe blocks timm:regnetz_*` at the model's own size, against the class-based reference."""
+    import json
+
+    import timm
+
+    payload = json.loads(run("blocks", f"timm:{name}", "-f", "json", "-q").stdout)
+    size = payload["preprocessing"]["input_size"][-1]
+    reference = reference_blocks(timm.create_model(name).eval(), size)
+    assert [(b["name"], b["kind"]) for b in payload["blocks"]] == reference and len(reference) >= 18
 
 
 def test_discovering_a_torchvision_model_does_not_import_timm():
