@@ -25,7 +25,7 @@ import contextlib
 import datetime
 import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -220,16 +220,67 @@ def broadcast(obj: T, src: int = 0) -> T:
     return box[0]
 
 
-def agree(ok: bool, message: str = "") -> tuple[bool, str]:
-    """Whether every rank is ``ok``; when not, the first failing rank's ``message``. Use it where a
-    check can fail on one rank only (a file, an option) so that all ranks stop together."""
+class _Step:
+    """Whether every rank is known to run the same code now (``lockstep``: a command that runs on
+    every rank, see :func:`lockstep`) and whether rank 0 runs alone inside :func:`on_main`."""
+
+    lockstep = False
+    alone = False
+
+
+@contextlib.contextmanager
+def lockstep() -> Iterator[None]:
+    """Mark code that every rank runs in step (the command line's scale-out commands), so that
+    :func:`in_lockstep` code may do its work once, on rank 0, with :func:`on_main`. A library caller
+    that opens a file on one rank only is outside it: there nothing waits for the other ranks."""
+    saved = _Step.lockstep
+    _Step.lockstep = True
+    try:
+        yield
+    finally:
+        _Step.lockstep = saved
+
+
+def in_lockstep() -> bool:
+    return _Step.lockstep and not _Step.alone and is_distributed()
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0 and its result on every rank (one broadcast); ``fn()`` in a run of one, and
+    inside another ``on_main`` (rank 0 is alone there already). The other ranks wait. An error on
+    rank 0 is raised there, and the others stop with :class:`PeerFailed` (rank 0's line is the run's
+    one line)."""
+    if not is_distributed() or _Step.alone:
+        return fn()
+    result: Any = None
+    error: Exception | None = None
+    if is_main():
+        _Step.alone = True
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the others know
+            error = exc
+        finally:
+            _Step.alone = False
+    outcome = broadcast((error is None, result, str(error) if error is not None else ""))
+    if error is not None:
+        raise error
+    ok, result, message = outcome
+    if not ok:
+        raise PeerFailed(f"rank 0 stopped: {message}")
+    return result
+
+
+def broadcast_tensors_(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
+    """Rank ``src``'s values into ``tensors`` on every rank, in place (CPU tensors through gloo, CUDA
+    tensors through NCCL); nothing in a run of one."""
     if not is_distributed():
-        return ok, message
-    results = all_gather((ok, message))
-    for good, text in results:
-        if not good:
-            return False, text
-    return True, ""
+        return
+    import torch.distributed as dist
+
+    with _collective("a broadcast"):
+        for tensor in tensors:
+            dist.broadcast(tensor, src=src)
 
 
 # --------------------------------------------------------------------------------------------------
