@@ -269,9 +269,11 @@ def test_finetune_recalibrate_resume_accumulate_and_step_0_on_two_processes(tmp_
     _assert_weights_close(t / "resumed2.pt", t / "full1.pt", BN_RTOL, 1e-5)
 
 
-def test_a_warning_raised_on_rank_1_only_is_shown_once(tmp_path):
+def test_rank_0_shows_rank_1s_warning_and_reads_hdf5_through_for_every_rank(tmp_path):
     """A palette PNG with byte transparency makes PIL warn while it is converted to RGB: the image is
-    in a batch of rank 1 alone, and rank 0 shows rank 1's warning once, as one process shows it."""
+    in a batch of rank 1 alone, and rank 0 shows rank 1's warning once, as one process shows it.
+    ``align RUN.h5`` on two processes: the recording (from another process) is read through by a
+    child once, on rank 0."""
     from PIL import Image
 
     for cls in ("a", "b"):
@@ -282,7 +284,12 @@ def test_a_warning_raised_on_rank_1_only_is_shown_once(tmp_path):
     palette.putpalette([v % 256 for v in range(768)])
     palette.save(tmp_path / "imgs" / "b" / "3.png", transparency=bytes(range(256)))  # sample 7: batch 3, rank 1
     args = ["eval", MODEL, "--data", tmp_path / "imgs", "-b", "2", "--workers", "0", "--device", "cpu", "-f", "json"]
-    two = run_jobs([("eval", args)], tmp_path)
+    recording = tmp_path / "run.h5"
+    invoke("record", MODEL, "--data", DATA, "--limit", "32", "-b", "16", "--device", "cpu", "--out", recording)
+    two = run_jobs([("eval", args), ("align", ["align", recording, "-f", "json"], {"count_hdf5_probes": True})],
+                   tmp_path)
+    assert [(tmp_path / f"align.rank{r}.probes").read_text() for r in (0, 1)] == ["1", "0"]
+    assert_close(one_json(two["align"]), one_json(invoke("align", recording, "-f", "json").stdout), 0.0)
     one = invoke(*args)
     expected = [line for line in one.stderr.splitlines() if "Palette images" in line]
     assert len(expected) == 1 and expected[0].startswith("warning:")

@@ -147,6 +147,31 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, augment, stops):
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 6
 
 
+def test_a_resume_file_of_version_1_still_resumes(tmp_path):
+    """Version 1 of the resume state carried a batch-augmentation generator (unused since augmentation
+    is drawn per sample): such a file resumes to the uninterrupted run; a newer version is refused."""
+    model, (whole,) = _run(tmp_path, "whole.pt", "light")
+    _run(tmp_path, "old.pt", "light", (2,))  # stopped after step 2
+    raw = torch.load(tmp_path / "old.pt", weights_only=True)
+    training = raw["training"]
+    assert training["version"] == 2 and "augment" not in training["rng"] and training["ranks"] is None
+    del training["ranks"]
+    training["version"], training["rng"]["augment"] = 1, torch.Generator().manual_seed(0).get_state()
+    torch.save(raw, tmp_path / "old.pt")
+    probe = tiny_probe()
+    train, val = sources(probe)
+    final = finetune(probe, train, val, FinetuneOptions(out=tmp_path / "old.pt", epochs=2, batch_size=8,
+                                                        augment="light", recalibrate=8, warmup_steps=1, resume=True))
+    assert final.history == whole.history and final.steps == 6
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, probe.model.state_dict()[key]), key
+    training["version"] = 3
+    torch.save(raw, tmp_path / "new.pt")
+    with pytest.raises(BadValue, match="newer resprobe"):
+        finetune(tiny_probe(), train, val, FinetuneOptions(out=tmp_path / "new.pt", epochs=2, batch_size=8,
+                                                           augment="light", recalibrate=8, warmup_steps=1, resume=True))
+
+
 def test_checkpoint_round_trip_and_resume_of_a_finished_run(tmp_path):
     probe = tiny_probe()
     train, val = sources(probe)
