@@ -225,6 +225,8 @@ def command_errors(debug: bool, quiet: bool = False, scale_out: bool = False) ->
         raise typer.Exit(0)
     several = launched.distributed and scale_out
     with contextlib.ExitStack() as stack:
+        if launched.distributed and not scale_out:  # rank 0 alone, also when a script's process group is up
+            stack.enter_context(distributed.alone())
         if several and not launched.main:  # one report: rank 0's
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
         pending = stack.enter_context(_errors_once(debug, launched, quiet))

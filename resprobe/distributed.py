@@ -76,8 +76,9 @@ def world_from_env(environ: Any = None) -> World:
 
 
 def world() -> World:
-    """This process's place: from the process group when one is up, else a run of one."""
-    if _group_is_up():
+    """This process's place: from the process group when one is up, else a run of one (also while
+    rank 0 runs :func:`alone`: nothing it does there may wait for the other ranks)."""
+    if _group_is_up() and not _Step.alone:
         import torch.distributed as dist
 
         return World(dist.get_rank(), dist.get_world_size(), world_from_env().local_rank)
@@ -222,10 +223,23 @@ def broadcast(obj: T, src: int = 0) -> T:
 
 class _Step:
     """Whether every rank is known to run the same code now (``lockstep``: a command that runs on
-    every rank, see :func:`lockstep`) and whether rank 0 runs alone inside :func:`on_main`."""
+    every rank, see :func:`lockstep`) and whether rank 0 runs alone (:func:`alone`, :func:`on_main`)."""
 
     lockstep = False
     alone = False
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Code that rank 0 runs while the other ranks do something else (inside :func:`on_main`, or a
+    command that is not split, in a script whose process group is up): there this process is a run
+    of one, so every collective is a no-op instead of a wait for ranks that never come."""
+    saved = _Step.alone
+    _Step.alone = True
+    try:
+        yield
+    finally:
+        _Step.alone = saved
 
 
 @contextlib.contextmanager
@@ -242,7 +256,7 @@ def lockstep() -> Iterator[None]:
 
 
 def in_lockstep() -> bool:
-    return _Step.lockstep and not _Step.alone and is_distributed()
+    return _Step.lockstep and is_distributed()
 
 
 def on_main(fn: Callable[[], T]) -> T:
@@ -250,18 +264,16 @@ def on_main(fn: Callable[[], T]) -> T:
     inside another ``on_main`` (rank 0 is alone there already). The other ranks wait. An error on
     rank 0 is raised there, and the others stop with :class:`PeerFailed` (rank 0's line is the run's
     one line)."""
-    if not is_distributed() or _Step.alone:
+    if not is_distributed():  # also inside another on_main: rank 0 is alone there already
         return fn()
     result: Any = None
     error: Exception | None = None
     if is_main():
-        _Step.alone = True
         try:
-            result = fn()
+            with alone():
+                result = fn()
         except Exception as exc:  # noqa: BLE001 - re-raised below, after the others know
             error = exc
-        finally:
-            _Step.alone = False
     outcome = broadcast((error is None, result, str(error) if error is not None else ""))
     if error is not None:
         raise error

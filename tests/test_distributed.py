@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,7 +38,17 @@ def _env() -> dict[str, str]:
 def torchrun(*args: str, cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node N ARGS`` with this Python, each process one thread."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
-    return subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    # In a session of its own, so that a launch that hangs is ended with all its processes (killing
+    # torchrun alone would leave its workers running).
+    with subprocess.Popen(command, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 def run_jobs(jobs: list[tuple], tmp: Path, nproc: int = 2) -> dict[str, str]:
@@ -209,7 +220,9 @@ def test_finetune_recalibrate_resume_accumulate_and_step_0_on_two_processes(tmp_
     - ``--accum-steps 2`` with 2 × 8 and ``--sync-bn`` equals one process with 16 and ``--accum-steps
       2`` (the same micro-batches: each BatchNorm call sees the same 16 samples);
     - a run stopped after step 2 and resumed by two processes equals the uninterrupted two-process
-      run bit for bit, and one process × 32 to BatchNorm rounding.
+      run bit for bit, and one process × 32 to BatchNorm rounding;
+    - ``share --recalibrate`` (not split: rank 0 alone, here while the script's process group is up)
+      equals one process bit for bit.
     """
     t = tmp_path
     # --lr 5: the one step ruins the model, so PATH.best.pt is the recalibrated start in every run
@@ -217,7 +230,10 @@ def test_finetune_recalibrate_resume_accumulate_and_step_0_on_two_processes(tmp_
     accum = [*SMALL_FT, "--accum-steps", "2", "--sync-bn", "--max-steps", "3"]
     full = [*SMALL_FT, "--sync-bn", "--epochs", "2", "-b", "16"]  # 3 steps of 32 per epoch
     stopped = [a for a in full if a != "--overwrite"]
+    share = ["share", MODEL, "--stages", "0", "--data", DATA, "--limit", "32", "--train-data", DATA,
+             "--recalibrate", "40", "-b", "16", "--device", "cpu", "-f", "json"]
     jobs = [
+        ("share", [*share, "--out", t / "shared2.pt"]),
         ("recal", [*recal, "-b", "16", "--out", t / "recal2.pt"], {"count_recalibration": True}),
         ("accum", [*accum, "-b", "8", "--out", t / "accum2.pt"]),
         ("full", [*full, "--out", t / "full2.pt"]),
@@ -226,7 +242,14 @@ def test_finetune_recalibrate_resume_accumulate_and_step_0_on_two_processes(tmp_
     ]
     two = run_jobs(jobs, t)
 
-    # --recalibrate: once, on rank 0
+    # share --recalibrate: rank 0 alone, as one process
+    share_two = one_json(two["share"])
+    share_one = one_json(invoke(*share, "--out", t / "shared1.pt").stdout)
+    share_two["out"] = share_one["out"] = None
+    assert share_two == share_one and share_one["recalibrated"] == 40
+    _assert_same_weights(t / "shared2.pt", t / "shared1.pt")
+
+    # finetune --recalibrate: once, on rank 0
     assert (t / "recal.rank0.recalibrated").read_text() == "40"
     assert (t / "recal.rank1.recalibrated").read_text() == "0"
     recal_two = one_json(two["recal"])
