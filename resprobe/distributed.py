@@ -12,6 +12,10 @@ one-process order) to rank ``k mod N``, so every batch holds the same samples as
 run and merged results come back in one-process order. Sums (losses, hits, moments) are all-reduced
 in float64; per-sample results are gathered and put back in that order.
 
+Work done once for all (deciding, creating or merging a run, ``--recalibrate``, reading an HDF5
+file through): :func:`on_main` runs it on rank 0 and broadcasts the result; while rank 0 works alone
+(:func:`alone`) it is a run of one, so nothing there waits for the other ranks.
+
 Errors: the rank that fails prints its one line and exits 1; ``torchrun`` then ends the other ranks
 (within its monitor interval, 0.1 s by default). A rank that finds a peer gone in a collective
 (:class:`PeerFailed`) exits 1 without a line of its own, unless it is rank 0 and no one ended it
