@@ -768,7 +768,9 @@ def run_recording(
 
     start = time.perf_counter()
     names = [b["name"] for b in writer.meta["blocks"]]
-    tally = NonfiniteTally(names, [b.get("kind") == "identity" for b in writer.meta["blocks"]])
+    identity = [b.get("kind") == "identity" for b in writer.meta["blocks"]]
+    tally = NonfiniteTally(names, identity)
+    bad_batches: list[tuple[int, NonfiniteTally]] = []  # (batch number, its tally) where NaN or inf appeared
     batch_size = int(writer.meta.get("options", {}).get("batch_size") or 0)
     planned = iter(numbers)
     several = distributed.is_distributed()
@@ -794,8 +796,13 @@ def run_recording(
         nonlocal pending
         launched, pending = pending, None
         batch = launched.result()
-        tally.add(batch)
-        writer.write_batch(batch, launched_numbers.pop(0))
+        number = launched_numbers.pop(0)
+        batch_tally = NonfiniteTally(names, identity)
+        batch_tally.add(batch)
+        if batch_tally.samples:
+            bad_batches.append((number, batch_tally))
+        tally.merge(batch_tally)
+        writer.write_batch(batch, number)
         if progress:
             progress(len(batch))
 
@@ -826,6 +833,11 @@ def run_recording(
                 if stop_requested() and not isinstance(exc, ResprobeError):
                     raise interrupted() from exc
                 raise
+            if several:  # every rank's batches, merged in batch order: the warning one process gives
+                tally = NonfiniteTally(names, identity)
+                gathered = [b for part in distributed.all_gather(bad_batches) for b in part]
+                for _, batch_tally in sorted(gathered, key=lambda b: b[0]):
+                    tally.merge(batch_tally)
             messages = tally.messages()
             if warn:
                 for message in messages:

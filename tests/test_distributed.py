@@ -292,7 +292,8 @@ def test_rank_0_shows_rank_1s_warning_and_reads_hdf5_through_for_every_rank(tmp_
     """A palette PNG with byte transparency makes PIL warn while it is converted to RGB: the image is
     in a batch of rank 1 alone, and rank 0 shows rank 1's warning once, as one process shows it.
     ``align RUN.h5`` on two processes: the recording (from another process) is read through by a
-    child once, on rank 0."""
+    child once, on rank 0. ``record`` of a model that makes NaN in every batch (on both ranks): one
+    warning, the one one process gives (every rank's batches, in order)."""
     from PIL import Image
 
     for cls in ("a", "b"):
@@ -305,8 +306,17 @@ def test_rank_0_shows_rank_1s_warning_and_reads_hdf5_through_for_every_rank(tmp_
     args = ["eval", MODEL, "--data", tmp_path / "imgs", "-b", "2", "--workers", "0", "--device", "cpu", "-f", "json"]
     recording = tmp_path / "run.h5"
     invoke("record", MODEL, "--data", DATA, "--limit", "32", "-b", "16", "--device", "cpu", "--out", recording)
-    two = run_jobs([("eval", args), ("align", ["align", recording, "-f", "json"], {"count_hdf5_probes": True})],
-                   tmp_path)
+    checkpoint = torch.load(MODEL, weights_only=True)
+    checkpoint["state_dict"]["layer2.1.bn2.running_var"][:] = -1.0  # sqrt of a negative: NaN from here on
+    torch.save(checkpoint, tmp_path / "nan_model.pt")
+    nan_record = ["record", tmp_path / "nan_model.pt", "--data", DATA, "--limit", "24", "-b", "4", "--device", "cpu",
+                  "-f", "json", "--overwrite"]
+    two = run_jobs([("eval", args), ("align", ["align", recording, "-f", "json"], {"count_hdf5_probes": True}),
+                    ("nan", [*nan_record, "--out", tmp_path / "nan2.h5"])], tmp_path)
+    nan_one = invoke(*nan_record, "--out", tmp_path / "nan1.h5").stderr
+    expected_nan = [line for line in nan_one.splitlines() if "NaN or inf" in line]
+    assert len(expected_nan) == 1 and "24 samples" in expected_nan[0]
+    assert [line for line in two["(stderr)"].splitlines() if "NaN or inf" in line] == expected_nan
     assert [(tmp_path / f"align.rank{r}.probes").read_text() for r in (0, 1)] == ["1", "0"]
     assert_close(one_json(two["align"]), one_json(invoke("align", recording, "-f", "json").stdout), 0.0)
     one = invoke(*args)
