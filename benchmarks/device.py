@@ -52,7 +52,8 @@ from resprobe import fused_stats
 from resprobe.fused_stats import AffineBranch
 from resprobe.recorder import STAT_NAMES, IdentityStats, Recorder, identity_block_stats
 from resprobe.runtime import Runtime, make_runtime
-from resprobe.train import FinetuneOptions, compiled_forward, light_augment, make_optimizer, make_scheduler, train_step
+from resprobe.train import (FinetuneOptions, compiled_forward, light_augment_samples, make_optimizer, make_scheduler,
+                            train_step)
 
 
 def log(message: str) -> None:
@@ -176,12 +177,14 @@ def bench_finetune(args: argparse.Namespace, precision: str, compiled: bool) -> 
     options = FinetuneOptions(out="unused")  # the defaults of `resprobe finetune`
     optimizer = make_optimizer(model, options)
     scheduler = make_scheduler(optimizer, 10**6, 0)
-    generator = torch.Generator().manual_seed(0)
+    index = torch.arange(args.batch_size)
+    epochs = iter(range(10**9))  # new augmentation draws every step, as in training
     warnings: list[str] = []
     forward = compiled_forward(model, warn=warnings.append) if compiled else model
 
     def step() -> None:
-        train_step(forward, light_augment(images, generator), labels, runtime, optimizer, scheduler, None)
+        augmented = light_augment_samples(images, 0, next(epochs), index)
+        train_step(forward, [(augmented, labels)], runtime, optimizer, scheduler, None)
 
     result: dict[str, Any] = {}
     if compiled:

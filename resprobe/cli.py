@@ -214,8 +214,9 @@ def command_errors(debug: bool, quiet: bool = False, scale_out: bool = False) ->
     ``--quiet`` drops the notes (not the warnings).
 
     Under torchrun (:mod:`resprobe.distributed`): a ``scale_out`` command runs on every rank in the
-    process group, and only rank 0 writes the report, progress and warnings; any other command runs
-    on rank 0 alone (the other ranks end at once, exit 0).
+    process group, and only rank 0 writes the report, progress and warnings; when the command
+    succeeds, rank 0 shows every rank's distinct warnings (a warning about a sample on another rank
+    is not lost). Any other command runs on rank 0 alone (the other ranks end at once, exit 0).
     """
     from resprobe import distributed
 
@@ -224,19 +225,37 @@ def command_errors(debug: bool, quiet: bool = False, scale_out: bool = False) ->
         raise typer.Exit(0)
     several = launched.distributed and scale_out
     with contextlib.ExitStack() as stack:
+        if launched.distributed and not scale_out:  # rank 0 alone, also when a script's process group is up
+            stack.enter_context(distributed.alone())
         if several and not launched.main:  # one report: rank 0's
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
-        stack.enter_context(_errors_once(debug, launched, quiet))
+        pending = stack.enter_context(_errors_once(debug, launched, quiet))
         if several:  # entered inside the error handling: a group that cannot form is one line too
             stack.enter_context(distributed.process_group())
+            stack.enter_context(_warnings_to_rank_0(pending))
+            stack.enter_context(distributed.lockstep())
         yield
 
 
 @contextlib.contextmanager
-def _errors_once(debug: bool, launched: Any, quiet: bool = False) -> Iterator[None]:
+def _warnings_to_rank_0(pending: list[str]) -> Iterator[None]:
+    """torchrun: after a command that succeeded on every rank, the other ranks' held warnings and notes
+    join rank 0's (in rank order; :func:`_errors_once` shows each distinct line once). Only on success:
+    after an error or Ctrl-C some rank may never get here, and a failure shows one line anyway."""
+    from resprobe import distributed
+
+    yield
+    gathered = distributed.all_gather(list(pending))
+    if distributed.is_main():
+        pending[:] = [line for lines in gathered for line in lines]
+
+
+@contextlib.contextmanager
+def _errors_once(debug: bool, launched: Any, quiet: bool = False) -> Iterator[list[str]]:
     """:func:`command_errors`' work: one line per failure, and in a run of several processes one line
     per run (a rank other than 0 waits a moment before speaking, so that when rank 0 fails too it
-    speaks alone: torchrun ends the others as soon as one process exits with an error)."""
+    speaks alone: torchrun ends the others as soon as one process exits with an error). Yields the
+    list of held warnings and notes."""
     from resprobe.distributed import PEER_GRACE_SECONDS, PeerFailed
 
     saved = warnings.showwarning
@@ -260,7 +279,7 @@ def _errors_once(debug: bool, launched: Any, quiet: bool = False) -> Iterator[No
         pending.append(f"warning: {message}")
 
     def show_pending() -> None:
-        if several and not launched.main:  # warnings once: rank 0's
+        if several and not launched.main:  # rank 0 shows them (gathered there after a success)
             pending.clear()
         for text in dict.fromkeys(pending):
             stderr.print(text, markup=False)
@@ -273,7 +292,7 @@ def _errors_once(debug: bool, launched: Any, quiet: bool = False) -> Iterator[No
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", category=FutureWarning)
             warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
-            yield
+            yield pending
         show_pending()
     except typer.Exit:
         show_pending()

@@ -12,6 +12,10 @@ one-process order) to rank ``k mod N``, so every batch holds the same samples as
 run and merged results come back in one-process order. Sums (losses, hits, moments) are all-reduced
 in float64; per-sample results are gathered and put back in that order.
 
+Work done once for all (deciding, creating or merging a run, ``--recalibrate``, reading an HDF5
+file through): :func:`on_main` runs it on rank 0 and broadcasts the result; while rank 0 works alone
+(:func:`alone`) it is a run of one, so nothing there waits for the other ranks.
+
 Errors: the rank that fails prints its one line and exits 1; ``torchrun`` then ends the other ranks
 (within its monitor interval, 0.1 s by default). A rank that finds a peer gone in a collective
 (:class:`PeerFailed`) exits 1 without a line of its own, unless it is rank 0 and no one ended it
@@ -25,7 +29,7 @@ import contextlib
 import datetime
 import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -76,8 +80,9 @@ def world_from_env(environ: Any = None) -> World:
 
 
 def world() -> World:
-    """This process's place: from the process group when one is up, else a run of one."""
-    if _group_is_up():
+    """This process's place: from the process group when one is up, else a run of one (also while
+    rank 0 runs :func:`alone`: nothing it does there may wait for the other ranks)."""
+    if _group_is_up() and not _Step.alone:
         import torch.distributed as dist
 
         return World(dist.get_rank(), dist.get_world_size(), world_from_env().local_rank)
@@ -220,16 +225,78 @@ def broadcast(obj: T, src: int = 0) -> T:
     return box[0]
 
 
-def agree(ok: bool, message: str = "") -> tuple[bool, str]:
-    """Whether every rank is ``ok``; when not, the first failing rank's ``message``. Use it where a
-    check can fail on one rank only (a file, an option) so that all ranks stop together."""
+class _Step:
+    """Whether every rank is known to run the same code now (``lockstep``: a command that runs on
+    every rank, see :func:`lockstep`) and whether rank 0 runs alone (:func:`alone`, :func:`on_main`)."""
+
+    lockstep = False
+    alone = False
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Code that rank 0 runs while the other ranks do something else (inside :func:`on_main`, or a
+    command that is not split, in a script whose process group is up): there this process is a run
+    of one, so every collective is a no-op instead of a wait for ranks that never come."""
+    saved = _Step.alone
+    _Step.alone = True
+    try:
+        yield
+    finally:
+        _Step.alone = saved
+
+
+@contextlib.contextmanager
+def lockstep() -> Iterator[None]:
+    """Mark code that every rank runs in step (the command line's scale-out commands), so that
+    :func:`in_lockstep` code may do its work once, on rank 0, with :func:`on_main`. A library caller
+    that opens a file on one rank only is outside it: there nothing waits for the other ranks."""
+    saved = _Step.lockstep
+    _Step.lockstep = True
+    try:
+        yield
+    finally:
+        _Step.lockstep = saved
+
+
+def in_lockstep() -> bool:
+    return _Step.lockstep and is_distributed()
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0 and its result on every rank (one broadcast); ``fn()`` in a run of one, and
+    inside another ``on_main`` (rank 0 is alone there already). The other ranks wait. An error on
+    rank 0 is raised there, and the others stop with :class:`PeerFailed` (rank 0's line is the run's
+    one line)."""
+    if not is_distributed():  # also inside another on_main: rank 0 is alone there already
+        return fn()
+    result: Any = None
+    error: Exception | None = None
+    if is_main():
+        try:
+            with alone():
+                result = fn()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the others know
+            error = exc
+    outcome = broadcast((error is None, result, str(error) if error is not None else ""))
+    if error is not None:
+        raise error
+    ok, result, message = outcome
+    if not ok:
+        raise PeerFailed(f"rank 0 stopped: {message}")
+    return result
+
+
+def broadcast_tensors_(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
+    """Rank ``src``'s values into ``tensors`` on every rank, in place (CPU tensors through gloo, CUDA
+    tensors through NCCL); nothing in a run of one."""
     if not is_distributed():
-        return ok, message
-    results = all_gather((ok, message))
-    for good, text in results:
-        if not good:
-            return False, text
-    return True, ""
+        return
+    import torch.distributed as dist
+
+    with _collective("a broadcast"):
+        for tensor in tensors:
+            dist.broadcast(tensor, src=src)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -61,15 +61,19 @@ class Tally:
 
 
 def reduce_tallies(tallies: list[Tally]) -> None:
-    """In a run of several processes (torchrun), make each tally the sum over all ranks (float64,
-    added in rank order, so every rank holds the same numbers); nothing in a run of one."""
-    from resprobe.distributed import all_gather, is_distributed
+    """In a run of several processes (torchrun), make each tally the sum over all ranks (one float64
+    all-reduce for all of them, so every rank holds the same numbers); nothing in a run of one."""
+    from resprobe.distributed import all_reduce_sums, is_distributed
 
     if not is_distributed():
         return
-    for tally, ranks in zip(tallies, zip(*all_gather([t.totals() for t in tallies]))):
-        n, loss, hits, hits5 = (sum(r[i] for r in ranks) for i in range(4))
-        tally.set_totals((n, loss, hits, hits5, max(r[4] for r in ranks)))
+    # Per tally: n, loss, hits, hits5, and the class count with the number of ranks that saw one (a
+    # rank without batches knows none; the others all know the model's), so their ratio is the count.
+    values = [v for t in tallies for v in (*t.totals()[:4], t.num_classes or 0, 1 if t.num_classes else 0)]
+    sums = all_reduce_sums(values)
+    for i, tally in enumerate(tallies):
+        n, loss, hits, hits5, classes, knowing = sums[6 * i:6 * i + 6]
+        tally.set_totals((n, loss, hits, hits5, round(classes / knowing) if knowing else 0))
 
 
 @torch.no_grad()

@@ -8,7 +8,9 @@ that the child meets as Python exceptions are left to the reader in resprobe's p
 explains them in one line; a child that dies is reported here, in one line too.
 
 The child costs one Python start and one ``import h5py`` (about 0.3 s) and reads the file once more,
-once per unchanged file and process.
+once per unchanged file and process, and only for files from outside: a recording this process has
+just written (:func:`written_here`) is not read through. Under torchrun, where every rank opens the
+same file, rank 0 alone reads it through and tells the others.
 """
 
 from __future__ import annotations
@@ -90,9 +92,23 @@ def crash_reason(path: str | Path) -> str | None:
     return f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
 
 
+def written_here(path: str | Path) -> None:
+    """``path`` is a whole HDF5 file this process has just written with h5py (and renamed into place):
+    as long as it stays unchanged, reading it needs no child."""
+    identity = _identity(Path(path))
+    if identity is not None:
+        _READ_THROUGH.add(identity)
+
+
 def check_readable(path: str | Path, error: type[Exception], what: str) -> None:
-    """Raise ``error`` (one line) when reading ``path`` would crash the HDF5 library."""
-    reason = crash_reason(path)
+    """Raise ``error`` (one line) when reading ``path`` would crash the HDF5 library. Where every rank
+    of a torchrun run opens the file together, rank 0 alone starts the child."""
+    from resprobe import distributed
+
+    if distributed.in_lockstep():
+        reason = distributed.on_main(lambda: crash_reason(path))
+    else:
+        reason = crash_reason(path)
     if reason is not None:
         verb = "did not finish reading it" if reason.startswith("it had not") else "crashed reading it"
         raise error(f"{path} is a damaged HDF5 file: the HDF5 library {verb} ({reason}); {what}")

@@ -521,6 +521,14 @@ class NonfiniteTally:
             else:
                 self.gradient_only += 1
 
+    def merge(self, other: NonfiniteTally) -> None:
+        """Add ``other``'s batches after this tally's (the same as having added them here in order)."""
+        self.samples.extend(other.samples)
+        self.blocks.update(other.blocks)
+        for where, count in other.first.items():
+            self.first[where] = self.first.get(where, 0) + count
+        self.gradient_only += other.gradient_only
+
     def messages(self) -> list[str]:
         if not self.samples:
             return []

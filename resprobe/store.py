@@ -35,6 +35,7 @@ import numpy as np
 from resprobe import __version__
 from resprobe.errors import Interrupted as _Interrupted
 from resprobe.errors import BadValue, RecordingError, ResprobeError
+from resprobe.hdf5_probe import written_here
 from resprobe.recorder import STAT_NAMES, BatchStats, Recorded
 
 FORMAT = "resprobe-record"
@@ -107,7 +108,6 @@ class RunWriter:
         self._pending: list[Future] = []
         self.meta: dict[str, Any] = {}
         self.n_done = 0
-        self.n_batches = 0
         self.done: set[int] = set()  # the numbers of the durable batches a resume found
 
     # -- opening -------------------------------------------------------------------------------
@@ -217,7 +217,7 @@ class RunWriter:
         Batch file ``batch-K.npz`` holds samples ``K·B .. K·B+B-1`` (B the run's batch size) of the
         one-process order, whichever process wrote it, so a run of several processes leaves gaps
         that a resume with any number of processes fills (:meth:`missing_batches`)."""
-        self.n_done = self.n_batches = 0
+        self.n_done = 0
         self.done = set()
         for file in self._batch_files():
             number = _batch_number(file)
@@ -233,7 +233,6 @@ class RunWriter:
                 continue
             self.done.add(number)  # type: ignore[arg-type]
             self.n_done += n
-            self.n_batches += 1
         for tmp in self.dir.glob("tmp-*"):
             tmp.unlink()
 
@@ -281,15 +280,13 @@ class RunWriter:
     # memory holds no backlog when the disk is slower than the model.
     max_pending = 1
 
-    def write_batch(self, batch: BatchStats, number: int | None = None) -> None:
-        """Queue ``batch`` (batch ``number`` of the run; default the next one) for the background
+    def write_batch(self, batch: BatchStats, number: int) -> None:
+        """Queue ``batch`` (batch ``number`` of the run) for the background
         writer, first waiting while ``max_pending`` batches are still being written; the first error
         of an earlier write surfaces here."""
         self._raise_failed()
         while len(self._pending) >= self.max_pending:
             self._pending.pop(0).result()  # blocks the recorder until the writer catches up
-        number = self.n_batches if number is None else number
-        self.n_batches += 1
         self.n_done += len(batch)
         self._pending.append(self._pool.submit(self._write_batch_file, number, batch))
 
@@ -348,6 +345,7 @@ class RunWriter:
             write_hdf5(tmp, recorded, complete=True)
             os.replace(tmp, self.path)  # atomic: RUN.h5 is the old file or the whole new one
             _fsync_dir(self.path.parent)
+        written_here(self.path)  # opening it again (align --out, a notebook) starts no read-through child
         # Retire the partial folder by renaming it first, so that it never exists half deleted under
         # its own name (a kill during the removal leaves only a hidden folder, removed next time).
         trash = self.path.with_name(f".{self.path.name}.partial-done-{os.getpid()}")
@@ -752,23 +750,17 @@ def run_recording(
     writer: RunWriter,
     recorder: Any,
     loader: Any,
+    numbers: list[int],
     progress: Callable[[int], None] | None = None,
     warn: Callable[[str], None] | None = None,
-    skip: int | None = None,
-    numbers: list[int] | None = None,
 ) -> RecordResult:
-    """Record every batch not yet durable in ``writer``; finish the file when all are done.
-
-    ``loader`` yields the batches of the whole (limited) data set in order, and the first ``skip``
-    samples (default ``writer.n_done``: whole batches) are skipped, so a resumed run computes exactly
-    the remaining batches. Pass ``skip=0`` with a loader that already starts after them.
+    """Record the batches ``loader`` yields, which are the run's batches ``numbers`` (those not yet
+    durable in ``writer``: all of them, the gaps a resume fills, or this process's share under
+    torchrun); finish the file when all are done. Under torchrun every rank makes its batches
+    durable and rank 0 merges the run once all have.
 
     Ctrl-C finishes the batch in flight, makes it durable and raises :class:`Interrupted` (the
     command line exits 130); the merge into ``RUN.h5`` at the end is not interrupted either.
-
-    ``numbers``: the run's batch numbers that ``loader``'s batches are (a resume that fills gaps, or
-    this process's share under torchrun); then ``skip`` is 0. Under torchrun every rank makes its
-    batches durable and rank 0 merges the run once all have.
     """
     from resprobe import distributed
 
@@ -776,11 +768,11 @@ def run_recording(
 
     start = time.perf_counter()
     names = [b["name"] for b in writer.meta["blocks"]]
-    tally = NonfiniteTally(names, [b.get("kind") == "identity" for b in writer.meta["blocks"]])
-    skip = writer.n_done if skip is None else skip
-
+    identity = [b.get("kind") == "identity" for b in writer.meta["blocks"]]
+    tally = NonfiniteTally(names, identity)
+    bad_batches: list[tuple[int, NonfiniteTally]] = []  # (batch number, its tally) where NaN or inf appeared
     batch_size = int(writer.meta.get("options", {}).get("batch_size") or 0)
-    planned = iter(numbers) if numbers is not None else None
+    planned = iter(numbers)
     several = distributed.is_distributed()
 
     def interrupted() -> Interrupted:
@@ -792,12 +784,11 @@ def run_recording(
                            f"{writer.dir}; finish with `resprobe record --out {writer.path} --resume`", result)
 
     pending: Any = None  # the batch launched last, not yet written
-    launched_numbers: list[int | None] = []  # batch numbers of the launched, unwritten batches
+    launched_numbers: list[int] = []  # batch numbers of the launched, unwritten batches
 
     def launch(images: Any, labels: Any, indices: Any) -> Any:
-        number = next(planned) if planned is not None else None
-        if number is not None and batch_size:
-            recorder.samples_seen = number * batch_size  # --save-tensors keeps the run's first K samples
+        number = next(planned)
+        recorder.samples_seen = number * batch_size  # --save-tensors keeps the run's first K samples
         launched_numbers.append(number)
         return recorder.launch_batch(images, labels, indices)
 
@@ -805,8 +796,13 @@ def run_recording(
         nonlocal pending
         launched, pending = pending, None
         batch = launched.result()
-        tally.add(batch)
-        writer.write_batch(batch, launched_numbers.pop(0))
+        number = launched_numbers.pop(0)
+        batch_tally = NonfiniteTally(names, identity)
+        batch_tally.add(batch)
+        if batch_tally.samples:
+            bad_batches.append((number, batch_tally))
+        tally.merge(batch_tally)
+        writer.write_batch(batch, number)
         if progress:
             progress(len(batch))
 
@@ -814,12 +810,6 @@ def run_recording(
         with sigint_after_batch() as stop_requested:
             try:
                 for images, labels, indices in loader:
-                    if skip > 0:
-                        if len(labels) > skip:
-                            raise RecordingError(f"--resume: the recorded batches of {writer.path} do not line up "
-                                                 "with the data's batches; start anew with --overwrite")
-                        skip -= len(labels)
-                        continue
                     # On a GPU the next batch is launched before the previous one is awaited and
                     # written: the device computes one while the host waits for and writes the other.
                     launched = launch(images, labels, indices)
@@ -843,6 +833,11 @@ def run_recording(
                 if stop_requested() and not isinstance(exc, ResprobeError):
                     raise interrupted() from exc
                 raise
+            if several:  # every rank's batches, merged in batch order: the warning one process gives
+                tally = NonfiniteTally(names, identity)
+                gathered = [b for part in distributed.all_gather(bad_batches) for b in part]
+                for _, batch_tally in sorted(gathered, key=lambda b: b[0]):
+                    tally.merge(batch_tally)
             messages = tally.messages()
             if warn:
                 for message in messages:
@@ -870,7 +865,7 @@ def _finish_sharded(writer: RunWriter, start: float, messages: list[str]) -> Rec
         writer.n_done = writer.durable_samples()
         return str(writer.finish()), writer.n_done
 
-    out, n_done = _on_main(merge, distributed.is_main())
+    out, n_done = distributed.on_main(merge)
     writer.close()
     return RecordResult(str(out), n_done, True, time.perf_counter() - start, messages,
                         _provenance(writer.meta.get("attrs", {})))
@@ -1002,7 +997,6 @@ def record(
     _check_option_values(options)
     if workers is not None and workers < 0:
         raise BadValue(f"--workers must be 0 or more, got {workers}")
-    main = distributed.is_main()
     writer: RunWriter | None = None
 
     def decide() -> tuple[str, RecordOptions, RecordResult | None]:
@@ -1037,7 +1031,7 @@ def record(
         return mode, merged, None
 
     # Rank 0 decides (it alone touches the run's folder until it holds the lock); the others follow.
-    mode, options, finished = _on_main(decide, main)
+    mode, options, finished = distributed.on_main(decide)
     if finished is not None:
         return finished
     created_here = False
@@ -1067,7 +1061,7 @@ def record(
                                      f"({len(source)} samples now, {writer.meta['n_planned']} planned)")
             return sorted(writer.done)
 
-        done = set(_on_main(open_writer, main))
+        done = set(distributed.on_main(open_writer))
         if writer is None:  # torchrun, rank > 0: rank 0 created or resumed the run
             writer = RunWriter.attach(out)
         batch_size = int(options.batch_size)
@@ -1092,8 +1086,8 @@ def record(
             progress(done_count[0], total)
         dtype = torch.float16 if options.tensor_dtype == "float16" else torch.float32
         with Recorder(probe.anatomy, probe.runtime, target=str(options.target), save_tensors=int(options.save_tensors),
-                      tensor_dtype=dtype, readout=readout, samples_seen=writer.n_done) as recorder:
-            return run_recording(writer, recorder, loader, advance, warn, skip=0, numbers=numbers)
+                      tensor_dtype=dtype, readout=readout) as recorder:
+            return run_recording(writer, recorder, loader, numbers, advance, warn)
     except BaseException:
         if writer is not None and created_here and not distributed.is_distributed():
             writer.discard_if_empty()
@@ -1101,27 +1095,6 @@ def record(
     finally:
         if writer is not None:
             writer.close()
-
-
-def _on_main(fn: Callable[[], Any], main: bool) -> Any:
-    """``fn()`` on rank 0, its result on every rank (torchrun); ``fn()`` in a run of one. An error on
-    rank 0 is raised there and ends the others (:class:`resprobe.distributed.PeerFailed`)."""
-    from resprobe import distributed
-
-    if not distributed.is_distributed():
-        return fn()
-    result, error = None, None
-    if main:
-        try:
-            result = fn()
-        except ResprobeError as exc:
-            error = exc
-    ok, message = distributed.agree(error is None, str(error) if error else "")
-    if error is not None:
-        raise error
-    if not ok:
-        raise distributed.PeerFailed(f"rank 0 stopped: {message}")
-    return distributed.broadcast(result)
 
 
 def _check_option_values(options: RecordOptions) -> None:

@@ -48,13 +48,15 @@ from resprobe.errors import BadValue
 from resprobe.evaluate import EvalResult, evaluate
 from resprobe.models import is_resprobe_checkpoint, load_weights, read_checkpoint, save_resprobe_checkpoint
 from resprobe.runtime import CompiledOrEager
-from resprobe.share import check_out_path, check_recalibrate_scope, recalibrate
+from resprobe.share import check_out_path, check_recalibrate_scope, recalibrate, recalibration_norms
 
 AUGMENTS = ("none", "light", "timm")
 OPTIMIZERS = ("sgd", "adamw")
 DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-3}
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 0.05}
-STATE_VERSION = 1
+# 2: the RNG state no longer holds a batch-augmentation generator (augmentation is drawn per sample);
+# version-1 files resume (their generator is ignored), and an older resprobe refuses version 2.
+STATE_VERSION = 2
 _SYNC_EVERY = 10  # steps between reading the loss back from the device (progress, divergence check)
 
 
@@ -228,17 +230,6 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, n // batch_size)
 
 
-def light_augment(images: Tensor, generator: torch.Generator) -> Tensor:
-    """Horizontal flip (p = 0.5) and a random crop of the original size after zero-padding by 1/8 of
-    each side, per sample, on a normalized [B, C, H, W] batch (zero = the normalization mean)."""
-    b, _c, h, w = images.shape
-    pad_h, pad_w = h // 8, w // 8
-    flips = torch.rand(b, generator=generator) < 0.5
-    dy = torch.randint(0, 2 * pad_h + 1, (b,), generator=generator)
-    dx = torch.randint(0, 2 * pad_w + 1, (b,), generator=generator)
-    return _flip_and_shift(images, flips, dy, dx)
-
-
 def _sample_keys(seed: int, epoch: int, indices: Tensor) -> np.ndarray:
     """64 random bits per sample from (seed, epoch, sample index) alone (splitmix64): the same draws
     whichever process, batch or position a sample lands in."""
@@ -252,8 +243,10 @@ def _sample_keys(seed: int, epoch: int, indices: Tensor) -> np.ndarray:
 
 
 def light_augment_samples(images: Tensor, seed: int, epoch: int, indices: Tensor) -> Tensor:
-    """:func:`light_augment` with each sample's flip and shift drawn from (seed, epoch, its index), so
-    N processes with batch B augment exactly as one process with batch N·B (``finetune``'s way)."""
+    """The light augmentation: horizontal flip (p = 0.5) and a random crop of the original size after
+    zero-padding by 1/8 of each side, on a normalized [B, C, H, W] batch (zero = the normalization
+    mean). Each sample's flip and shift are drawn from (seed, epoch, its index), so N processes with
+    batch B augment exactly as one process with batch N·B."""
     _b, _c, h, w = images.shape
     keys = _sample_keys(seed, epoch, indices)
     flips = torch.from_numpy((keys & np.uint64(1)).astype(np.int64)) == 1
@@ -397,23 +390,30 @@ class _Run:
     complete: bool = False
 
 
-def _rng_state(aug_generator: torch.Generator) -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "augment": aug_generator.get_state()}
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _restore_rng(state: dict[str, Any], aug_generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    aug_generator.set_state(state["augment"])
+def _restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])  # a version-1 file's "augment" generator state is not used
     cuda = state.get("cuda")
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
 
 
+def _rank_state(run: _Run) -> dict[str, Any]:
+    """What differs between the processes of a torchrun run: each one's share of the epoch's loss sum
+    and its random number generators (dropout, drop-path)."""
+    return _cpu({"loss_sum": run.loss_sum, "loss_count": run.loss_count, "rng": _rng_state()})
+
+
 def _training_payload(run: _Run, options: FinetuneOptions, data: dict[str, Any], optimizer: torch.optim.Optimizer,
-                      scheduler: Any, scaler: Any, aug_generator: torch.Generator) -> dict[str, Any]:
+                      scheduler: Any, scaler: Any, ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The resume state; ``ranks`` (torchrun): every process's :func:`_rank_state`, in rank order, so
+    that a resume on as many processes gives each its own back (``loss_sum`` and ``rng`` are rank 0's)."""
     s = run.state
     return _cpu({
         "version": STATE_VERSION,
@@ -429,7 +429,8 @@ def _training_payload(run: _Run, options: FinetuneOptions, data: dict[str, Any],
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": _rng_state(aug_generator),
+        "rng": _rng_state(),
+        "ranks": ranks,
     })
 
 
@@ -557,7 +558,6 @@ def finetune(
     optimizer = make_optimizer(model, options)
     scheduler = make_scheduler(optimizer, total, options.warmup_steps)
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.precision == "fp16" else None
-    aug_generator = torch.Generator()
 
     if resumed is not None:
         load_weights(model, resumed["state_dict"], str(out))
@@ -565,10 +565,11 @@ def finetune(
         scheduler.load_state_dict(resumed["scheduler"])
         if scaler is not None and resumed.get("scaler"):
             scaler.load_state_dict(resumed["scaler"])
-        _restore_rng(resumed["rng"], aug_generator)
+        own = resumed["ranks"][world.rank] if resumed.get("ranks") else resumed  # the world size is the same
+        _restore_rng(own["rng"])
         run.state = TrainState(resumed["step"], total, resumed["epoch"], resumed["position"], per_epoch)
-        run.loss_sum = resumed["loss_sum"].to(runtime.device, sum_dtype)
-        run.loss_count = int(resumed["loss_count"])
+        run.loss_sum = own["loss_sum"].to(runtime.device, sum_dtype)
+        run.loss_count = int(own["loss_count"])
         run.history, run.best, run.last_val = list(resumed["history"]), resumed["best"], resumed["last_val"]
         run.recalibrated, run.complete = int(resumed["recalibrated"]), bool(resumed["complete"])
         if run.complete:
@@ -576,12 +577,8 @@ def finetune(
             return _result(run, out, best_file, world.size, min(global_batch, n_train))
     else:
         torch.manual_seed(options.seed)  # dropout and drop-path draw from the global generator
-        aug_generator.manual_seed(options.seed)
         if options.recalibrate:
-            calib = make_loader(limit_source(train, min(options.recalibrate, n_train), options.seed),
-                                options.batch_size, options.workers, runtime.device, generator=torch.Generator())
-            run.recalibrated = recalibrate(model, calib, runtime, options.recalibrate, options.recalibrate_scope,
-                                           recalibrate_progress)
+            run.recalibrated = _recalibrate(model, train, options, runtime, recalibrate_progress)
 
     dataset = _training_dataset(train, options, probe.preprocessing)
     # torchrun: each rank validates its share of the batches; evaluate() sums over the ranks.
@@ -590,13 +587,13 @@ def finetune(
                   if val else None)
 
     def save_last() -> None:
+        ranks = distributed.all_gather(_rank_state(run)) if world.distributed else None  # every rank calls it
         if not world.main:  # rank 0 writes the checkpoints
             return
         save_resprobe_checkpoint(
             out, probe.loaded, model, recipes=probe.loaded.recipes, preprocessing=probe.preprocessing_used.to_dict(),
             meta={"finetune": {"steps": run.state.step, "epochs": run.state.epoch, "complete": run.complete}},
-            extra={"training": _training_payload(run, options, data_info, optimizer, scheduler, scaler,
-                                                 aug_generator)})
+            extra={"training": _training_payload(run, options, data_info, optimizer, scheduler, scaler, ranks)})
 
     def validate(record: dict[str, Any]) -> None:
         """Evaluate on ``val`` into ``record``; the model becomes the best one when strictly better."""
@@ -649,7 +646,7 @@ def finetune(
         with _deferred_interrupt() as interrupted:
             while run.state.step < total:
                 stopped = _train_epoch(model, forward, dataset, train, options, runtime, run, optimizer, scheduler,
-                                       scaler, aug_generator, end_epoch, on_step, stop, interrupted, world)
+                                       scaler, end_epoch, on_step, stop, interrupted, world)
                 if stopped:
                     save_last()
                     model.eval()
@@ -663,9 +660,32 @@ def finetune(
     return _result(run, out, best_file, world.size, min(global_batch, n_train))
 
 
+def _recalibrate(model: nn.Module, train: DataSource, options: FinetuneOptions, runtime: Any,
+                 progress: Callable[[int], None] | None) -> int:
+    """``--recalibrate N``: re-estimate the norms' statistics on N training images; how many ran.
+
+    Under torchrun rank 0 alone recalibrates, in batches of the processes' batch together (N × B, as
+    one process × N·B does), and the others receive its statistics (every buffer of the recalibrated
+    norms, broadcast), so every rank holds exactly what one process computes: the running averages
+    are float32 recursions over the batches in order, which a division of the images between ranks
+    would combine in another order (equal only to rounding)."""
+    n = int(options.recalibrate or 0)
+    batch_size = options.batch_size * distributed.world().size
+
+    def on_rank_0() -> int:
+        calib = make_loader(limit_source(train, min(n, len(train)), options.seed),
+                            batch_size, options.workers, runtime.device, generator=torch.Generator())
+        return recalibrate(model, calib, runtime, n, options.recalibrate_scope, progress)
+
+    seen = distributed.on_main(on_rank_0)
+    norms = recalibration_norms(model, options.recalibrate_scope)
+    distributed.broadcast_tensors_([b for norm in norms for b in norm.buffers(recurse=False)])
+    return seen
+
+
 def _train_epoch(model: nn.Module, forward: Callable[[Tensor], Tensor], dataset: Dataset, train: DataSource,
                  options: FinetuneOptions, runtime: Any, run: _Run, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
-                 aug_generator: torch.Generator, end_epoch: Callable[[], None],
+                 end_epoch: Callable[[], None],
                  on_step: Callable[[TrainState], None] | None, stop: Callable[[TrainState], bool] | None,
                  interrupted: Callable[[], bool], world: distributed.World | None = None) -> bool:
     """Run the rest of the current epoch; True when asked to stop before the end.
@@ -695,17 +715,14 @@ def _train_epoch(model: nn.Module, forward: Callable[[Tensor], Tensor], dataset:
     for images, labels, index in loader:
         if options.augment == "light":
             # On the device: the same result as on the host (index arithmetic only), no host work.
-            # train_step then lays the augmented batch out for the device (channels_last on CUDA).
+            # train_step then lays the augmented batches out for the device (channels_last on CUDA).
             images = light_augment_samples(images.to(runtime.device, non_blocking=True), options.seed, s.epoch,
                                            index)
         micro.append((images, labels))
         if len(micro) < accum:
             continue
         s.lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it on)
-        if accum == 1:
-            loss = train_step(forward, images, labels, runtime, optimizer, scheduler, scaler)
-        else:
-            loss = accumulated_step(forward, micro, runtime, optimizer, scheduler, scaler)
+        loss = train_step(forward, micro, runtime, optimizer, scheduler, scaler)
         micro = []
         run.loss_sum += loss.detach().to(run.loss_sum.dtype) * (len(labels) * accum)
         run.loss_count += len(labels) * accum
@@ -730,31 +747,13 @@ def _train_epoch(model: nn.Module, forward: Callable[[Tensor], Tensor], dataset:
     return False
 
 
-def train_step(model: Callable[[Tensor], Tensor], images: Tensor, labels: Tensor, runtime: Any,
-                optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any) -> Tensor:
-    """One optimizer step of ``finetune`` on an (augmented) batch; the loss stays on the device."""
-    images, labels = runtime.batch(images), labels.to(runtime.device, non_blocking=True)
-    with runtime.numerics():  # the backward too: fp32 means no TF32 anywhere
-        with runtime.autocast():
-            logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-    scheduler.step()
-    return loss
-
-
-def accumulated_step(model: Callable[[Tensor], Tensor], micro: list[tuple[Tensor, Tensor]], runtime: Any,
-                     optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any) -> Tensor:
-    """One optimizer step from several micro-batches (``--accum-steps``): their gradients add up, each
-    loss scaled by 1/len(micro), so the step equals one on their union (for BatchNorm models up to
-    the per-micro-batch statistics). Under DDP only the last backward all-reduces (``no_sync``)."""
+def train_step(model: Callable[[Tensor], Tensor], micro: list[tuple[Tensor, Tensor]], runtime: Any,
+               optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any) -> Tensor:
+    """One optimizer step of ``finetune`` from one or more (augmented) micro-batches (``--accum-steps``):
+    their gradients add up, each loss scaled by 1/len(micro), so the step equals one on their union
+    (for BatchNorm models up to the per-micro-batch statistics; with one micro-batch the scaling is
+    by 1, exact). Under DDP only the last backward all-reduces (``no_sync``). The mean loss stays on
+    the device."""
     optimizer.zero_grad(set_to_none=True)
     total = None
     with runtime.numerics():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,18 +38,30 @@ def _env() -> dict[str, str]:
 def torchrun(*args: str, cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node N ARGS`` with this Python, each process one thread."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
-    return subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    # In a session of its own, so that a launch that hangs is ended with all its processes (killing
+    # torchrun alone would leave its workers running).
+    with subprocess.Popen(command, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
-def run_jobs(jobs: list[tuple[str, list[str]]], tmp: Path, nproc: int = 2) -> dict[str, str]:
-    """Several CLI commands in one two-process launch; each job's rank-0 stdout by name (asserting that
-    every rank exited 0 and that no other rank wrote to stdout)."""
+def run_jobs(jobs: list[tuple], tmp: Path, nproc: int = 2) -> dict[str, str]:
+    """Several CLI commands in one two-process launch (``(name, args)`` or ``(name, args, settings)``,
+    see tests/distributed_worker.py); each job's rank-0 stdout by name (asserting that every rank exited
+    0 and that no other rank wrote to stdout), and the launch's stderr as ``"(stderr)"``."""
     spec = tmp / "jobs.json"
-    spec.write_text(json.dumps({"dir": str(tmp), "jobs": [[n, [str(a) for a in args]] for n, args in jobs]}))
+    spec.write_text(json.dumps({"dir": str(tmp), "jobs": [[n, [str(a) for a in args], *more]
+                                                          for n, args, *more in jobs]}))
     done = torchrun(str(HERE / "distributed_worker.py"), str(spec), cwd=tmp, nproc=nproc)
     assert done.returncode == 0, done.stderr[-3000:]
-    outputs = {}
-    for name, _ in jobs:
+    outputs = {"(stderr)": done.stderr}
+    for name, *_ in jobs:
         for rank in range(nproc):
             code = (tmp / f"{name}.rank{rank}.code").read_text()
             assert code == "0", (name, rank, done.stderr[-3000:])
@@ -166,6 +179,153 @@ def test_two_processes_equal_one(tmp_path):
             torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-5)
 
 
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def _assert_weights_close(got: Path, want: Path, rtol: float, atol: float) -> None:
+    a, b = _weights(got), _weights(want)
+    assert a.keys() == b.keys()
+    for key in a:
+        if a[key].is_floating_point():
+            torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=key)
+        else:
+            assert torch.equal(a[key], b[key]), key
+
+
+def _assert_same_weights(got: Path, want: Path) -> None:
+    a, b = _weights(got), _weights(want)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# finetune on 96 training and 32 validation samples of the fixture, on the CPU.
+SMALL_FT = ["finetune", MODEL, "--data", DATA, "--val-data", DATA, "--limit", "96", "--val-limit", "32", "--seed", "0",
+            "--device", "cpu", "-f", "json", "--overwrite"]
+# BatchNorm over the global batch is float64 sums on two processes and torch's float32 kernel on one:
+# after a few SGD steps the two differ by rounding amplified through training, well below 1e-4.
+BN_RTOL = 1e-4
+
+
+def test_finetune_recalibrate_resume_accumulate_and_step_0_on_two_processes(tmp_path):
+    """finetune on two processes against one process:
+
+    - ``--recalibrate``: rank 0 alone recalibrates (rank 1 on no image) and every rank gets its
+      statistics: the step-0 row (after recalibration) and the recalibrated best checkpoint equal a
+      one-process run with the same batch size bit for bit, resp. to float64 summation order;
+    - the step-0 row equals ``eval`` of the starting model in one process (after the DDP wrap);
+    - ``--accum-steps 2`` with 2 × 8 and ``--sync-bn`` equals one process with 16 and ``--accum-steps
+      2`` (the same micro-batches: each BatchNorm call sees the same 16 samples);
+    - a run stopped after step 2 and resumed by two processes equals the uninterrupted two-process
+      run bit for bit, and one process × 32 to BatchNorm rounding;
+    - ``share --recalibrate`` (not split: rank 0 alone, here while the script's process group is up)
+      equals one process bit for bit.
+    """
+    t = tmp_path
+    # --lr 5: the one step ruins the model, so PATH.best.pt is the recalibrated start in every run
+    recal = [*SMALL_FT, "--recalibrate", "40", "--max-steps", "1", "--lr", "5"]
+    accum = [*SMALL_FT, "--accum-steps", "2", "--sync-bn", "--max-steps", "3"]
+    full = [*SMALL_FT, "--sync-bn", "--epochs", "2", "-b", "16"]  # 3 steps of 32 per epoch
+    stopped = [a for a in full if a != "--overwrite"]
+    share = ["share", MODEL, "--stages", "0", "--data", DATA, "--limit", "32", "--train-data", DATA,
+             "--recalibrate", "40", "-b", "16", "--device", "cpu", "-f", "json"]
+    jobs = [
+        ("share", [*share, "--out", t / "shared2.pt"]),
+        ("recal", [*recal, "-b", "16", "--out", t / "recal2.pt"], {"count_recalibration": True}),
+        ("accum", [*accum, "-b", "8", "--out", t / "accum2.pt"]),
+        ("full", [*full, "--out", t / "full2.pt"]),
+        ("stopped", [*stopped, "--out", t / "resumed2.pt"], {"stop_after_step": 2}),
+        ("resumed", [*stopped, "--resume", "--out", t / "resumed2.pt"]),
+    ]
+    two = run_jobs(jobs, t)
+
+    # share --recalibrate: rank 0 alone, as one process
+    share_two = one_json(two["share"])
+    share_one = one_json(invoke(*share, "--out", t / "shared1.pt").stdout)
+    share_two["out"] = share_one["out"] = None
+    assert share_two == share_one and share_one["recalibrated"] == 40
+    _assert_same_weights(t / "shared2.pt", t / "shared1.pt")
+
+    # finetune --recalibrate: once, on rank 0
+    assert (t / "recal.rank0.recalibrated").read_text() == "40"
+    assert (t / "recal.rank1.recalibrated").read_text() == "0"
+    recal_two = one_json(two["recal"])
+    recal_one = one_json(invoke(*recal, "-b", "32", "--out", t / "recal1.pt").stdout)  # batches of 2 × 16
+    assert recal_two["recalibrated"] == recal_one["recalibrated"] == 40
+    start_two, start_one = recal_two["history"][0], recal_one["history"][0]
+    assert start_two["val_acc"] == start_one["val_acc"]
+    # the mean of 32 losses: per-rank float64 sums added, vs one running sum (reassociation only)
+    assert start_two["val_loss"] == pytest.approx(start_one["val_loss"], rel=1e-12, abs=0)
+    # PATH.best.pt is the recalibrated start: its buffers are one process's, bit for bit
+    assert recal_two["best_val"]["step"] == recal_one["best_val"]["step"] == 0
+    _assert_same_weights(t / "recal2.best.pt", t / "recal1.best.pt")
+
+    # step 0 without --recalibrate = the starting model's one-process eval on the same 32 samples
+    evaluated = one_json(invoke("eval", MODEL, "--data", DATA, "--limit", "32", "--seed", "0", "-b", "16",
+                                "--device", "cpu", "-f", "json").stdout)
+    start = one_json(two["full"])["history"][0]
+    assert start["val_acc"] == evaluated["acc"]
+    assert start["val_loss"] == pytest.approx(evaluated["loss"], rel=1e-12, abs=0)
+
+    # --accum-steps: 2 processes × 8 × 2 micro-batches = 1 process × 16 × 2 micro-batches
+    accum_two = one_json(two["accum"])
+    accum_one = one_json(invoke(*accum, "-b", "16", "--out", t / "accum1.pt").stdout)
+    assert (accum_two["world_size"], accum_two["global_batch_size"]) == (2, 32)
+    assert accum_one["global_batch_size"] == 32
+    assert_close(accum_two["history"], accum_one["history"], BN_RTOL)
+    _assert_weights_close(t / "accum2.pt", t / "accum1.pt", BN_RTOL, 1e-5)
+
+    # --resume on two processes: bit for bit the uninterrupted two-process run
+    stopped_two = one_json(two["stopped"])
+    assert not stopped_two["complete"] and stopped_two["steps"] == 2
+    resumed_two, full_two = one_json(two["resumed"]), one_json(two["full"])
+    assert resumed_two["complete"] and resumed_two["steps"] == full_two["steps"] == 6
+    assert resumed_two["history"] == full_two["history"]
+    _assert_same_weights(t / "resumed2.pt", t / "full2.pt")
+    _assert_same_weights(t / "resumed2.best.pt", t / "full2.best.pt")
+    # ... and one process × 32, to BatchNorm rounding
+    full_one = one_json(invoke(*[a if a != "16" else "32" for a in full], "--out", t / "full1.pt").stdout)
+    assert_close(resumed_two["history"], full_one["history"], BN_RTOL)
+    _assert_weights_close(t / "resumed2.pt", t / "full1.pt", BN_RTOL, 1e-5)
+
+
+def test_rank_0_shows_rank_1s_warning_and_reads_hdf5_through_for_every_rank(tmp_path):
+    """A palette PNG with byte transparency makes PIL warn while it is converted to RGB: the image is
+    in a batch of rank 1 alone, and rank 0 shows rank 1's warning once, as one process shows it.
+    ``align RUN.h5`` on two processes: the recording (from another process) is read through by a
+    child once, on rank 0. ``record`` of a model that makes NaN in every batch (on both ranks): one
+    warning, the one one process gives (every rank's batches, in order)."""
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (32, 32), (40 * i, 80, 120)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    palette = Image.new("P", (32, 32), 3)
+    palette.putpalette([v % 256 for v in range(768)])
+    palette.save(tmp_path / "imgs" / "b" / "3.png", transparency=bytes(range(256)))  # sample 7: batch 3, rank 1
+    args = ["eval", MODEL, "--data", tmp_path / "imgs", "-b", "2", "--workers", "0", "--device", "cpu", "-f", "json"]
+    recording = tmp_path / "run.h5"
+    invoke("record", MODEL, "--data", DATA, "--limit", "32", "-b", "16", "--device", "cpu", "--out", recording)
+    checkpoint = torch.load(MODEL, weights_only=True)
+    checkpoint["state_dict"]["layer2.1.bn2.running_var"][:] = -1.0  # sqrt of a negative: NaN from here on
+    torch.save(checkpoint, tmp_path / "nan_model.pt")
+    nan_record = ["record", tmp_path / "nan_model.pt", "--data", DATA, "--limit", "24", "-b", "4", "--device", "cpu",
+                  "-f", "json", "--overwrite"]
+    two = run_jobs([("eval", args), ("align", ["align", recording, "-f", "json"], {"count_hdf5_probes": True}),
+                    ("nan", [*nan_record, "--out", tmp_path / "nan2.h5"])], tmp_path)
+    nan_one = invoke(*nan_record, "--out", tmp_path / "nan1.h5").stderr
+    expected_nan = [line for line in nan_one.splitlines() if "NaN or inf" in line]
+    assert len(expected_nan) == 1 and "24 samples" in expected_nan[0]
+    assert [line for line in two["(stderr)"].splitlines() if "NaN or inf" in line] == expected_nan
+    assert [(tmp_path / f"align.rank{r}.probes").read_text() for r in (0, 1)] == ["1", "0"]
+    assert_close(one_json(two["align"]), one_json(invoke("align", recording, "-f", "json").stdout), 0.0)
+    one = invoke(*args)
+    expected = [line for line in one.stderr.splitlines() if "Palette images" in line]
+    assert len(expected) == 1 and expected[0].startswith("warning:")
+    assert [line for line in two["(stderr)"].splitlines() if "Palette images" in line] == expected
+    assert_close(one_json(two["eval"]), one_json(one.stdout), 1e-12)
+
+
 def test_cli_reports_once_and_one_process_resumes_a_two_process_run(tmp_path):
     """The command line itself (``torchrun -m resprobe``): exactly one JSON report on stdout, no
     warnings twice; then one process finishes a two-process run that stopped with gaps."""
@@ -250,23 +410,31 @@ def test_light_augmentation_depends_on_the_sample_not_the_batch():
 
 def test_accumulated_step_equals_one_step_on_the_union():
     """--accum-steps: gradients of A micro-batches, each loss over A, equal one step on all of them
-    (a model without BatchNorm; checked against the one-batch train_step)."""
+    (a model without BatchNorm; checked against a plain autograd step on the union)."""
     from resprobe.runtime import make_runtime
-    from resprobe.train import accumulated_step, make_scheduler, train_step
+    from resprobe.train import make_scheduler, train_step
 
     torch.manual_seed(0)
     images, labels = torch.randn(12, 3, 4, 4), torch.randint(0, 5, (12,))
     models = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
-              for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
+              for _ in range(3)]
+    for model in models[1:]:
+        model.load_state_dict(models[0].state_dict())
+    optimizers = [torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) for model in models]
+    schedulers = [make_scheduler(opt, 10, 0) for opt in optimizers]
     runtime = make_runtime("cpu")
-    steps = []
-    for model in models:
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        steps.append((opt, make_scheduler(opt, 10, 0)))
-    whole = train_step(models[0], images, labels, runtime, *steps[0], None)
-    parts = accumulated_step(models[1], [(images[i:i + 4], labels[i:i + 4]) for i in (0, 4, 8)], runtime, *steps[1],
-                             None)
-    assert float(parts) == pytest.approx(float(whole.detach()), rel=1e-6)
-    for a, b in zip(models[0].parameters(), models[1].parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for _ in range(2):  # two steps: the momentum buffer and the schedule take part
+        # by hand: the mean loss over all 12 samples, one backward, one step
+        optimizers[0].zero_grad()
+        whole = torch.nn.functional.cross_entropy(models[0](images), labels)
+        whole.backward()
+        optimizers[0].step()
+        schedulers[0].step()
+        parts = train_step(models[1], [(images[i:i + 4], labels[i:i + 4]) for i in (0, 4, 8)], runtime,
+                           optimizers[1], schedulers[1], None)
+        one = train_step(models[2], [(images, labels)], runtime, optimizers[2], schedulers[2], None)
+        assert float(parts) == pytest.approx(float(whole.detach()), rel=1e-6)
+        assert torch.equal(one, whole.detach())  # one micro-batch: the same arithmetic as by hand
+        for a, b, c in zip(models[0].parameters(), models[1].parameters(), models[2].parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)  # the sum of 3 parts is reassociated
+            assert torch.equal(c, a)

@@ -202,3 +202,34 @@ def test_resume_from_another_directory_with_relative_paths(tmp_path, monkeypatch
     monkeypatch.chdir(other)
     again = RecordOptions(model="../first/inputs/model.pt", data="../first/inputs/data.npz", limit=40, batch_size=8)
     assert record(again, out2, resume=True, device="cpu").complete
+
+
+def test_a_recording_written_here_is_not_read_through_again(tmp_path, monkeypatch):
+    """The HDF5 read-through child is for files from outside: the recording this process has just
+    written opens without one; a copy of it (another file, as far as anyone knows) is read through,
+    once; changing the written file makes it a file from outside again."""
+    import shutil
+    import subprocess
+
+    import resprobe.hdf5_probe as hdf5_probe
+
+    children = []
+    real_run = subprocess.run
+
+    def counted(command, *args, **kwargs):
+        children.append(command[-1])
+        return real_run(command, *args, **kwargs)
+
+    monkeypatch.setattr(hdf5_probe.subprocess, "run", counted)
+    out = tmp_path / "run.h5"
+    record(options(limit=16), out, device="cpu")
+    assert open_recording(out).complete and children == []
+    copy = tmp_path / "copy.h5"
+    shutil.copy(out, copy)
+    open_recording(copy)
+    open_recording(copy)
+    assert children == [str(copy)]
+    with h5py.File(out, "a") as f:
+        f.attrs["note"] = "touched"
+    open_recording(out)
+    assert children == [str(copy), str(out)]

@@ -19,7 +19,7 @@ from resprobe.train import (
     compiled_forward,
     epoch_order,
     finetune,
-    light_augment,
+    light_augment_samples,
     lr_factor,
     make_optimizer,
 )
@@ -54,9 +54,9 @@ def test_no_weight_decay_on_norms_and_biases():
 
 def test_light_augment_flips_and_shifts_with_zero_padding():
     images = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).view(2, 3, 16, 16)
-    out = light_augment(images, torch.Generator().manual_seed(0))
+    out = light_augment_samples(images, 0, 0, torch.arange(2))
     assert out.shape == images.shape
-    again = light_augment(images, torch.Generator().manual_seed(0))
+    again = light_augment_samples(images, 0, 0, torch.arange(2))
     assert torch.equal(out, again)
     for b in range(2):  # each output is a window of the (maybe flipped) image padded by 2 zeros
         padded = [torch.nn.functional.pad(img, (2, 2, 2, 2)) for img in (images[b], images[b].flip(2))]
@@ -145,6 +145,31 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, augment, stops):
     for group_a, group_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(group_a["momentum_buffer"], group_b["momentum_buffer"])
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 6
+
+
+def test_a_resume_file_of_version_1_still_resumes(tmp_path):
+    """Version 1 of the resume state carried a batch-augmentation generator (unused since augmentation
+    is drawn per sample): such a file resumes to the uninterrupted run; a newer version is refused."""
+    model, (whole,) = _run(tmp_path, "whole.pt", "light")
+    _run(tmp_path, "old.pt", "light", (2,))  # stopped after step 2
+    raw = torch.load(tmp_path / "old.pt", weights_only=True)
+    training = raw["training"]
+    assert training["version"] == 2 and "augment" not in training["rng"] and training["ranks"] is None
+    del training["ranks"]
+    training["version"], training["rng"]["augment"] = 1, torch.Generator().manual_seed(0).get_state()
+    torch.save(raw, tmp_path / "old.pt")
+    probe = tiny_probe()
+    train, val = sources(probe)
+    final = finetune(probe, train, val, FinetuneOptions(out=tmp_path / "old.pt", epochs=2, batch_size=8,
+                                                        augment="light", recalibrate=8, warmup_steps=1, resume=True))
+    assert final.history == whole.history and final.steps == 6
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, probe.model.state_dict()[key]), key
+    training["version"] = 3
+    torch.save(raw, tmp_path / "new.pt")
+    with pytest.raises(BadValue, match="newer resprobe"):
+        finetune(tiny_probe(), train, val, FinetuneOptions(out=tmp_path / "new.pt", epochs=2, batch_size=8,
+                                                           augment="light", recalibrate=8, warmup_steps=1, resume=True))
 
 
 def test_checkpoint_round_trip_and_resume_of_a_finished_run(tmp_path):
