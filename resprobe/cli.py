@@ -664,6 +664,7 @@ Unroll = Annotated[Optional[str], typer.Option("--unroll", help="BLOCK:K[:S] —
 SavePruned = Annotated[Optional[str], typer.Option("--save-pruned", help="Write the model without the blocks "
                                                    "of --remove / --remove-blocks as a resprobe checkpoint.",
                                                    show_default=False)]
+ReplacePruned = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --save-pruned file.")]
 Remove = Annotated[Optional[int], typer.Option("--remove", help="For --save-pruned: the first N blocks of the "
                                                "greedy order (--cumulative), else of the one-shot order.",
                                                show_default=False)]
@@ -686,8 +687,8 @@ def ablate_command(
     model: Model,
     data: Data = None, by: By = "loss", include_transitions: IncludeTransitions = False,
     cumulative: Cumulative = None, one_shot: OneShot = None, proxies: Proxies = False, recording: Recording = None,
-    unroll: Unroll = None, save_pruned: SavePruned = None, remove: Remove = None, remove_blocks: RemoveBlocks = None,
-    limit: Limit = None, seed: Seed = 0, batch_size: BatchSize = 64, workers: Workers = None,
+    unroll: Unroll = None, save_pruned: SavePruned = None, overwrite: ReplacePruned = False, remove: Remove = None,
+    remove_blocks: RemoveBlocks = None, limit: Limit = None, seed: Seed = 0, batch_size: BatchSize = 64, workers: Workers = None,
     class_map: ClassMap = None,
     checkpoint: Checkpoint = None, pretrained: Pretrained = False, num_classes: NumClasses = None,
     model_kwargs: ModelKwargs = None, ema: Ema = False, trust_checkpoint: Trust = False, blocks: BlocksGlob = None,
@@ -707,7 +708,7 @@ def ablate_command(
         options = AblateOptions(by=by, include_transitions=include_transitions, cumulative=cumulative,
                                 one_shot=one_shot, proxies=proxies, recording=recording,
                                 unroll=parse_unroll(unroll) if unroll is not None else None,
-                                save_pruned=save_pruned, remove=remove,
+                                save_pruned=save_pruned, overwrite=overwrite, remove=remove,
                                 remove_blocks=split_list(remove_blocks) if remove_blocks is not None else None,
                                 data=data)
         if remove_blocks is not None and not options.remove_blocks:
@@ -827,7 +828,8 @@ def share_command(
                    "recalibrated": recalibrated if recalibrate is not None else None}
         save_resprobe_checkpoint(out_path, probe.loaded, probe.model, recipes=[*probe.loaded.recipes, result.recipe],
                                  preprocessing=probe.preprocessing_used.to_dict(),
-                                 meta={"share": {k: v for k, v in payload.items() if k != "out"}})
+                                 meta={"share": {k: v for k, v in payload.items() if k != "out"}},
+                                 replace=overwrite)  # without --overwrite a file that appeared meanwhile stays
         emit(payload, fmt, share_table, lambda p: p["stages"])
 
 

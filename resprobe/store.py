@@ -423,6 +423,20 @@ def _holds_batches(directory: Path) -> bool:
     return (directory / "meta.json").exists() and any(directory.glob(f"{_BATCH_PREFIX}*.npz"))
 
 
+def _foreign_entries(directory: Path) -> list[str]:
+    """Names in a ``RUN.h5.partial`` folder that a recording never writes there (sorted)."""
+    def ours(entry: Path) -> bool:
+        name = entry.name
+        if name in ("lock", "meta.json") or name.startswith("tmp-"):
+            return entry.is_file()
+        return name.startswith(_BATCH_PREFIX) and name.endswith(".npz") and entry.is_file()
+
+    try:
+        return sorted(entry.name for entry in directory.iterdir() if not ours(entry))
+    except OSError:
+        return []
+
+
 def check_can_create(path: Path, overwrite: bool = False) -> None:
     """Refuse, before any work, what :meth:`RunWriter.create` would refuse."""
     path = Path(path)
@@ -435,6 +449,11 @@ def check_can_create(path: Path, overwrite: bool = False) -> None:
         if RunWriter.is_locked(directory):
             raise RecordingError(f"{path} is being written by another resprobe process; wait for it or choose "
                                  "another --out")
+        foreign = _foreign_entries(directory)
+        if foreign:  # the folder is emptied for the new run: never one resprobe did not make
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise RecordingError(f"{directory} holds files resprobe did not write ({shown}), and a recording keeps its "
+                                 "batches there; move it or choose another --out")
         if _holds_batches(directory) and not overwrite:
             raise RecordingError(f"an interrupted recording exists at {directory}: finish it with --resume or "
                                  "start anew with --overwrite")

@@ -287,3 +287,17 @@ def test_resume_of_a_complete_run_or_of_nothing(tmp_path, reference):
     # Nothing at all and no MODEL: one line saying so.
     missing = cli("record", "--out", tmp_path / "none.h5", "--resume", code=1)
     assert "nothing to resume" in missing.stderr
+
+
+def test_a_partial_folder_resprobe_did_not_make_is_never_emptied(tmp_path):
+    """A new run empties RUN.h5.partial for its batches: a folder of that name holding other files (the
+    user's) is refused, with or without --overwrite, and left as it was."""
+    out = tmp_path / "run.h5"
+    partial_dir(out).mkdir()
+    (partial_dir(out) / "notes.txt").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        result = cli("record", MODEL, "--data", DATA, "--limit", "8", "--out", out, *extra, code=1)
+        assert result.stderr == (f"error: {partial_dir(out)} holds files resprobe did not write (notes.txt), and a "
+                                 "recording keeps its batches there; move it or choose another --out\n")
+    assert [p.name for p in partial_dir(out).iterdir()] == ["notes.txt"] and not out.exists()
+    assert (partial_dir(out) / "notes.txt").read_text() == "mine"
