@@ -229,9 +229,11 @@ def command_errors(debug: bool, quiet: bool = False, scale_out: bool = False) ->
             stack.enter_context(distributed.alone())
         if several and not launched.main:  # one report: rank 0's
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        distributed.reset_error_channel()
         pending = stack.enter_context(_errors_once(debug, launched, quiet))
         if several:  # entered inside the error handling: a group that cannot form is one line too
             stack.enter_context(distributed.process_group())
+            stack.enter_context(distributed.error_channel())  # an error every rank hits: one line
             stack.enter_context(_warnings_to_rank_0(pending))
             stack.enter_context(distributed.lockstep())
         yield
@@ -253,10 +255,10 @@ def _warnings_to_rank_0(pending: list[str]) -> Iterator[None]:
 @contextlib.contextmanager
 def _errors_once(debug: bool, launched: Any, quiet: bool = False) -> Iterator[list[str]]:
     """:func:`command_errors`' work: one line per failure, and in a run of several processes one line
-    per run (a rank other than 0 waits a moment before speaking, so that when rank 0 fails too it
-    speaks alone: torchrun ends the others as soon as one process exits with an error). Yields the
-    list of held warnings and notes."""
-    from resprobe.distributed import PEER_GRACE_SECONDS, PeerFailed
+    per run (a rank other than 0 prints its error only when rank 0 does not print the same line:
+    :func:`resprobe.distributed.should_speak`; torchrun ends the others as soon as one process exits
+    with an error). Yields the list of held warnings and notes."""
+    from resprobe.distributed import PEER_GRACE_SECONDS, PeerFailed, should_speak
 
     saved = warnings.showwarning
     pending: list[str] = []
@@ -270,8 +272,8 @@ def _errors_once(debug: bool, launched: Any, quiet: bool = False) -> Iterator[li
     several = launched.distributed
 
     def say(text: str) -> None:
-        if several and not launched.main:
-            time.sleep(2.0)
+        if several and not should_speak(text, launched.main):  # rank 0 printed the same line
+            return
         stderr.print(text, markup=False)
 
     def hold_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None,

@@ -640,6 +640,17 @@ def loader_workers(source: DataSource, batch_size: int, workers: int | None) -> 
     return workers
 
 
+class _RankLoader(DataLoader):
+    """A DataLoader that marks, when first iterated, that this rank works on its own batches from
+    here on (:func:`resprobe.distributed.diverge`: an error after it may be this rank's alone)."""
+
+    def __iter__(self):  # type: ignore[override]
+        from resprobe.distributed import diverge
+
+        diverge()
+        return super().__iter__()
+
+
 def make_loader(
     source: DataSource,
     batch_size: int = 64,
@@ -652,7 +663,7 @@ def make_loader(
     """A loader of (images, labels, indices) batches; pinned memory and prefetching on CUDA."""
     workers = loader_workers(source, batch_size, workers)
     cuda = device is not None and device.type == "cuda"
-    return DataLoader(
+    return _RankLoader(
         source.dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=_collate,
         pin_memory=cuda, persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
         generator=generator, drop_last=drop_last,

@@ -643,6 +643,7 @@ def finetune(
         # DDP broadcasts rank 0's parameters and buffers and averages gradients over the ranks.
         from torch.nn.parallel import DistributedDataParallel
 
+        distributed.advance()  # entering a collective (DDP broadcasts rank 0's weights): see should_speak
         trained = DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda"
                                           else None)
     forward = compiled_forward(trained) if options.compile else trained
