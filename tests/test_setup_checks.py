@@ -180,6 +180,24 @@ def test_mean_and_std_above_one_are_refused(run, option):
     one_error_line(result, option, "[0, 1] scale")
 
 
+def test_mean_and_std_both_on_0_255_are_named_in_one_error(run):
+    result = run("eval", FIXTURE_MODEL, "--data", FIXTURE_DATA, "--mean", "125.3,123.0,113.9", "--std",
+                 "63.0,62.1,66.7", code=1)
+    line = one_error_line(result, "--mean 125.3,123.0,113.9 and --std 63.0,62.1,66.7 are on the 0-255 scale")
+    # 125.3/255 = 0.49137, 123/255 = 0.48235, 113.9/255 = 0.44667; 63/255 = 0.24706, 62.1/255 = 0.24353,
+    # 66.7/255 = 0.26157
+    assert line.endswith("divided by 255 that is --mean 0.4914,0.4824,0.4467 --std 0.2471,0.2435,0.2616")
+
+
+def test_values_mixing_scales_are_said_to_and_not_divided(run):
+    result = run("eval", FIXTURE_MODEL, "--data", FIXTURE_DATA, "--std", "0.5,0.5,60", code=1)
+    line = one_error_line(result, "--std 0.5,0.5,60 mixes scales (some values at most 1, some above 1)")
+    assert "divided by 255" not in line and "0.0020" not in line
+    both = one_error_line(run("eval", FIXTURE_MODEL, "--data", FIXTURE_DATA, "--mean", "125.3,123.0,113.9",
+                              "--std", "0.5,0.5,60", code=1), "--std 0.5,0.5,60 mixes scales")
+    assert "--mean 125.3,123.0,113.9 is on the 0-255 scale" in both and "--std 0.0020" not in both
+
+
 @pytest.mark.parametrize("images", ["0-255", "normalized"])
 def test_float_arrays_outside_0_1_are_refused(run, tmp_path, images):
     rng = np.random.default_rng(0)
