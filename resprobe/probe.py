@@ -83,6 +83,9 @@ class Probe:
             if message:
                 warnings.warn(message, stacklevel=2)
         self._note(describe_preprocessing(source, self.preprocessing))
+        if limit is not None and limit > len(source):  # capped, as documented; said, not silent
+            self._note(f"{spec} holds {len(source)} samples, fewer than the {limit} asked for: all {len(source)} "
+                       "are used")
         return limit_source(source, limit, seed)
 
     @property

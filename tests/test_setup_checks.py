@@ -378,3 +378,18 @@ def test_library_errors_are_resprobe_errors():
         from resprobe.data import arrays_to_tensor
 
         arrays_to_tensor(np.full((1, 3, 2, 2), 2.0, dtype=np.float32))
+
+
+# --------------------------------------------------------------------------------------------------
+# --limit above the data set's size (trial finding 7)
+
+
+def test_a_limit_above_the_data_size_is_noted_once_and_n_is_the_real_count(run):
+    real = len(np.load(FIXTURE_DATA)["labels"])  # 256
+    args = ("eval", FIXTURE_MODEL, "--data", FIXTURE_DATA, "--device", "cpu", "-f", "json")
+    result = run(*args, "--limit", "1000")
+    assert json.loads(result.stdout)["n"] == real
+    note = f"{FIXTURE_DATA} holds {real} samples, fewer than the 1000 asked for: all {real} are used"
+    assert [line for line in result.stderr.splitlines() if "asked for" in line] == [note]
+    assert "asked for" not in run(*args, "--limit", "1000", "-q").stderr  # a note: --quiet drops it
+    assert "asked for" not in run(*args, "--limit", str(real)).stderr  # exactly the data set: nothing to say
