@@ -129,13 +129,14 @@ class ModelArgs:
     offline: bool = False
     decode: str = "auto"
 
-    def open(self):  # -> Probe
+    def open(self, for_training: bool = False):  # -> Probe
         from resprobe.probe import open_probe
 
         probe = open_probe(
             self.model, self.checkpoint, self.pretrained, self.num_classes, parse_json_option(self.model_kwargs),
             self.ema, self.trust_checkpoint, split_list(self.blocks), self.input_size, self.mean, self.std,
             self.crop_pct, self.interpolation, self.device, self.precision, offline=self.offline,
+            for_training=for_training,
         )
         probe.decode = self.decode
         return probe
@@ -905,8 +906,13 @@ def finetune_command(
 
             check_out_path(out, overwrite)
         probe = ModelArgs(model, checkpoint, pretrained, num_classes, model_kwargs, ema, trust_checkpoint, blocks,
-                          input_size, mean, std, crop_pct, interpolation, device, precision, offline).open()
+                          input_size, mean, std, crop_pct, interpolation, device, precision,
+                          offline).open(for_training=True)  # training from scratch: random weights are meant
         check_rebuildable(probe.loaded)
+        from resprobe.probe import randomly_initialized
+
+        if randomly_initialized(probe.loaded, pretrained) and not resume:  # a note, held as the others are
+            logging.getLogger("resprobe").info(f"{model} is randomly initialized: finetune trains it from scratch")
         train_source = probe.data(data, limit, seed, class_map)
         val_source = probe.data(val_data, val_limit, seed, class_map) if val_data else None
         with make_progress(quiet) as progress:

@@ -159,6 +159,22 @@ def test_random_weights_warn_on_every_command(run, tmp_path, arrays_file):
     assert not any("random" in w for w in warnings_of(trained)), trained.stderr
 
 
+def test_finetune_from_scratch_does_not_warn_about_an_untrained_network(run, tmp_path, arrays_file):
+    """Training a randomly initialized model is what finetune is for (docs/paper.md makes ResNet-20 so):
+    no "untrained network" warning, one note instead; the commands that analyse the model still warn."""
+    data = arrays_file(n=8)
+    result = run("finetune", TINY, "--data", data, "--out", tmp_path / "ft.pt", "--max-steps", "1", "-b", "4",
+                 "--device", "cpu", "-f", "json")
+    assert not [w for w in warnings_of(result) if "random" in w or "untrained" in w], result.stderr
+    assert [line for line in result.stderr.splitlines() if "random" in line] == [
+        f"{TINY} is randomly initialized: finetune trains it from scratch"]
+    quiet = run("finetune", TINY, "--data", data, "--out", tmp_path / "ft2.pt", "--max-steps", "1", "-b", "4",
+                "--device", "cpu", "-f", "json", "-q")
+    assert "random" not in quiet.stderr
+    ablated = run("ablate", TINY, "--data", data, "--device", "cpu", "-f", "json")
+    assert [w for w in warnings_of(ablated) if "untrained network" in w], ablated.stderr
+
+
 def test_random_weights_warn_in_the_library():
     from resprobe.probe import open_probe
 
