@@ -128,7 +128,9 @@ class RunWriter:
                 writer._clear_partial()
             else:
                 writer._acquire_lock()
-            writer.meta = dict(meta)
+            # Whether RUN.h5 may be replaced at the end: without --overwrite, not even by a file that
+            # appeared during the run (finish installs with a hard link, which never replaces).
+            writer.meta = {**meta, "overwrite": bool(overwrite)}
             writer._write_json("meta.json", writer.meta, kept=False)
         except BaseException:
             writer.close()
@@ -341,10 +343,17 @@ class RunWriter:
                                  "file was lost or damaged); run the same command with --resume to recompute them")
         self._remove_stale(f".{self.path.name}.tmp-*")  # left by a run killed while finishing (we hold the lock)
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        replace = bool(self.meta.get("overwrite", True))  # runs begun before the key existed: as they were
         with _removed_on_failure(tmp, self.path):
             write_hdf5(tmp, recorded, complete=True)
-            os.replace(tmp, self.path)  # atomic: RUN.h5 is the old file or the whole new one
+            if replace:
+                os.replace(tmp, self.path)  # atomic: RUN.h5 is the old file or the whole new one
+            installed = replace or _install_new(tmp, self.path)
             _fsync_dir(self.path.parent)
+        if not installed:
+            raise RecordingError(f"{self.path} appeared during the run and is not replaced without --overwrite; the "
+                                 f"recording is kept in {self.dir}: move that file away and run the same command "
+                                 "with --resume")
         written_here(self.path)  # opening it again (align --out, a notebook) starts no read-through child
         # Retire the partial folder by renaming it first, so that it never exists half deleted under
         # its own name (a kill during the removal leaves only a hidden folder, removed next time).
@@ -416,6 +425,23 @@ def _batch_number(file: Path) -> int | None:
     """K of ``batch-K.npz`` (the run's K-th batch of B samples), None for any other name."""
     digits = file.name[len(_BATCH_PREFIX):-len(".npz")]
     return int(digits) if file.name.startswith(_BATCH_PREFIX) and digits.isdigit() else None
+
+
+def _install_new(tmp: Path, path: Path) -> bool:
+    """Move ``tmp`` to ``path`` unless ``path`` exists (a hard link never replaces); whether it moved."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        tmp.unlink()
+        return False
+    except OSError:  # file systems without hard links: check, then rename
+        if path.exists():
+            tmp.unlink()
+            return False
+        os.replace(tmp, path)
+        return True
+    tmp.unlink()
+    return True
 
 
 def _holds_batches(directory: Path) -> bool:
