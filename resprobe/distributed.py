@@ -462,7 +462,7 @@ def error_channel() -> Iterator[None]:
             import torch.distributed as dist
 
             _Channel.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                           is_master=False, timeout=datetime.timedelta(seconds=30))
+                                           is_master=False, timeout=datetime.timedelta(seconds=10))
         except Exception:  # noqa: BLE001 - no store: the ranks do not exchange their errors
             _Channel.store = None
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun keeps its store over restarts
