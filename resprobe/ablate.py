@@ -47,6 +47,7 @@ from resprobe.errors import BadValue, ModelError, RecordingError
 from resprobe.evaluate import EvalResult, Tally, borderline_mask, reduce_tallies
 from resprobe.models import register_recipe, save_resprobe_checkpoint
 from resprobe.runtime import Runtime
+from resprobe.share import check_out_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from resprobe.probe import Probe
@@ -814,11 +815,12 @@ def _build_pruned(model: nn.Module, recipe: Mapping[str, Any]) -> nn.Module:
 
 
 def save_pruned(probe: Probe, names: Sequence[str], path: str | Path,
-                figures: Mapping[str, Any] | None = None) -> Path:
+                figures: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Write a resprobe checkpoint of ``probe``'s model without the named blocks.
 
     The recipe ``{"kind": "prune", "removed": [...]}`` is appended to the model's own recipes, and the
-    probe's preprocessing is kept, so ``resprobe eval PATH`` reproduces the ablation's figures.
+    probe's preprocessing is kept, so ``resprobe eval PATH`` reproduces the ablation's figures. An
+    existing ``path`` is replaced (atomically) only with ``overwrite``.
     """
     check_rebuildable(probe)
     pruned = prune_model(copy.deepcopy(probe.model), names)
@@ -826,7 +828,8 @@ def save_pruned(probe: Probe, names: Sequence[str], path: str | Path,
     meta = {"pruned_from": str(probe.loaded.spec), "pruned_checkpoint": probe.loaded.checkpoint,
             "ablation": dict(figures or {})}
     return save_resprobe_checkpoint(path, probe.loaded, model=pruned, recipes=[*probe.loaded.recipes, recipe],
-                                    preprocessing=probe.preprocessing_used.to_dict(), meta=meta)
+                                    preprocessing=probe.preprocessing_used.to_dict(), meta=meta,
+                                    replace=overwrite, option="--save-pruned")
 
 
 def check_rebuildable(probe: Probe) -> None:
@@ -863,6 +866,7 @@ class AblateOptions:
     recording: str | Path | None = None
     unroll: UnrollSpec | None = None
     save_pruned: str | Path | None = None
+    overwrite: bool = False  # replace an existing --save-pruned file
     remove: int | None = None
     remove_blocks: list[str] | None = None
     data: str | None = None  # the --data spec, which a --recording must have been made on
@@ -886,12 +890,12 @@ class AblateOptions:
             raise BadValue("give either --remove N or --remove-blocks A,B, not both")
         if (self.remove is not None or self.remove_blocks) and self.save_pruned is None:
             raise BadValue("--remove and --remove-blocks choose what --save-pruned PATH writes: add --save-pruned")
+        if self.overwrite and self.save_pruned is None:
+            raise BadValue("--overwrite replaces an existing --save-pruned PATH: add --save-pruned")
         if self.save_pruned is not None:
             if self.remove is None and not self.remove_blocks:
                 raise BadValue("--save-pruned needs --remove N or --remove-blocks A,B")
-            parent = Path(self.save_pruned).expanduser().parent
-            if not parent.is_dir():
-                raise BadValue(f"--save-pruned {self.save_pruned}: directory {parent} does not exist")
+            check_out_path(self.save_pruned, self.overwrite, option="--save-pruned")
         if self.remove is not None:
             if self.remove < 1:
                 raise BadValue(f"--remove {self.remove}: N must be at least 1")
@@ -1071,7 +1075,7 @@ def run_ablation(probe: Probe, loader: Iterable, options: AblateOptions,
         figures = {"loss": pruned_point.loss, "acc": pruned_point.acc}
         path = Path(options.save_pruned).expanduser()
         if is_main():  # torchrun: one writer; the others wait until the file is there
-            path = save_pruned(probe, pruned_point.removed, path, figures)
+            path = save_pruned(probe, pruned_point.removed, path, figures, options.overwrite)
         barrier()
         report.pruned = PrunedResult(str(path), pruned_point.removed, pruned_point.loss, pruned_point.acc)
     return report

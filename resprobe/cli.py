@@ -129,13 +129,14 @@ class ModelArgs:
     offline: bool = False
     decode: str = "auto"
 
-    def open(self):  # -> Probe
+    def open(self, for_training: bool = False):  # -> Probe
         from resprobe.probe import open_probe
 
         probe = open_probe(
             self.model, self.checkpoint, self.pretrained, self.num_classes, parse_json_option(self.model_kwargs),
             self.ema, self.trust_checkpoint, split_list(self.blocks), self.input_size, self.mean, self.std,
             self.crop_pct, self.interpolation, self.device, self.precision, offline=self.offline,
+            for_training=for_training,
         )
         probe.decode = self.decode
         return probe
@@ -229,9 +230,11 @@ def command_errors(debug: bool, quiet: bool = False, scale_out: bool = False) ->
             stack.enter_context(distributed.alone())
         if several and not launched.main:  # one report: rank 0's
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        distributed.reset_error_channel()
         pending = stack.enter_context(_errors_once(debug, launched, quiet))
         if several:  # entered inside the error handling: a group that cannot form is one line too
             stack.enter_context(distributed.process_group())
+            stack.enter_context(distributed.error_channel())  # an error every rank hits: one line
             stack.enter_context(_warnings_to_rank_0(pending))
             stack.enter_context(distributed.lockstep())
         yield
@@ -253,10 +256,10 @@ def _warnings_to_rank_0(pending: list[str]) -> Iterator[None]:
 @contextlib.contextmanager
 def _errors_once(debug: bool, launched: Any, quiet: bool = False) -> Iterator[list[str]]:
     """:func:`command_errors`' work: one line per failure, and in a run of several processes one line
-    per run (a rank other than 0 waits a moment before speaking, so that when rank 0 fails too it
-    speaks alone: torchrun ends the others as soon as one process exits with an error). Yields the
-    list of held warnings and notes."""
-    from resprobe.distributed import PEER_GRACE_SECONDS, PeerFailed
+    per run (a rank other than 0 prints its error only when rank 0 does not print the same line:
+    :func:`resprobe.distributed.should_speak`; torchrun ends the others as soon as one process exits
+    with an error). Yields the list of held warnings and notes."""
+    from resprobe.distributed import PEER_GRACE_SECONDS, PeerFailed, should_speak
 
     saved = warnings.showwarning
     pending: list[str] = []
@@ -270,8 +273,8 @@ def _errors_once(debug: bool, launched: Any, quiet: bool = False) -> Iterator[li
     several = launched.distributed
 
     def say(text: str) -> None:
-        if several and not launched.main:
-            time.sleep(2.0)
+        if several and not should_speak(text, launched.main):  # rank 0 printed the same line
+            return
         stderr.print(text, markup=False)
 
     def hold_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
@@ -664,6 +667,7 @@ Unroll = Annotated[Optional[str], typer.Option("--unroll", help="BLOCK:K[:S] —
 SavePruned = Annotated[Optional[str], typer.Option("--save-pruned", help="Write the model without the blocks "
                                                    "of --remove / --remove-blocks as a resprobe checkpoint.",
                                                    show_default=False)]
+ReplacePruned = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --save-pruned file.")]
 Remove = Annotated[Optional[int], typer.Option("--remove", help="For --save-pruned: the first N blocks of the "
                                                "greedy order (--cumulative), else of the one-shot order.",
                                                show_default=False)]
@@ -686,8 +690,8 @@ def ablate_command(
     model: Model,
     data: Data = None, by: By = "loss", include_transitions: IncludeTransitions = False,
     cumulative: Cumulative = None, one_shot: OneShot = None, proxies: Proxies = False, recording: Recording = None,
-    unroll: Unroll = None, save_pruned: SavePruned = None, remove: Remove = None, remove_blocks: RemoveBlocks = None,
-    limit: Limit = None, seed: Seed = 0, batch_size: BatchSize = 64, workers: Workers = None,
+    unroll: Unroll = None, save_pruned: SavePruned = None, overwrite: ReplacePruned = False, remove: Remove = None,
+    remove_blocks: RemoveBlocks = None, limit: Limit = None, seed: Seed = 0, batch_size: BatchSize = 64, workers: Workers = None,
     class_map: ClassMap = None,
     checkpoint: Checkpoint = None, pretrained: Pretrained = False, num_classes: NumClasses = None,
     model_kwargs: ModelKwargs = None, ema: Ema = False, trust_checkpoint: Trust = False, blocks: BlocksGlob = None,
@@ -707,7 +711,7 @@ def ablate_command(
         options = AblateOptions(by=by, include_transitions=include_transitions, cumulative=cumulative,
                                 one_shot=one_shot, proxies=proxies, recording=recording,
                                 unroll=parse_unroll(unroll) if unroll is not None else None,
-                                save_pruned=save_pruned, remove=remove,
+                                save_pruned=save_pruned, overwrite=overwrite, remove=remove,
                                 remove_blocks=split_list(remove_blocks) if remove_blocks is not None else None,
                                 data=data)
         if remove_blocks is not None and not options.remove_blocks:
@@ -827,7 +831,8 @@ def share_command(
                    "recalibrated": recalibrated if recalibrate is not None else None}
         save_resprobe_checkpoint(out_path, probe.loaded, probe.model, recipes=[*probe.loaded.recipes, result.recipe],
                                  preprocessing=probe.preprocessing_used.to_dict(),
-                                 meta={"share": {k: v for k, v in payload.items() if k != "out"}})
+                                 meta={"share": {k: v for k, v in payload.items() if k != "out"}},
+                                 replace=overwrite)  # without --overwrite a file that appeared meanwhile stays
         emit(payload, fmt, share_table, lambda p: p["stages"])
 
 
@@ -901,8 +906,13 @@ def finetune_command(
 
             check_out_path(out, overwrite)
         probe = ModelArgs(model, checkpoint, pretrained, num_classes, model_kwargs, ema, trust_checkpoint, blocks,
-                          input_size, mean, std, crop_pct, interpolation, device, precision, offline).open()
+                          input_size, mean, std, crop_pct, interpolation, device, precision,
+                          offline).open(for_training=True)  # training from scratch: random weights are meant
         check_rebuildable(probe.loaded)
+        from resprobe.probe import randomly_initialized
+
+        if randomly_initialized(probe.loaded, pretrained) and not resume:  # a note, held as the others are
+            logging.getLogger("resprobe").info(f"{model} is randomly initialized: finetune trains it from scratch")
         train_source = probe.data(data, limit, seed, class_map)
         val_source = probe.data(val_data, val_limit, seed, class_map) if val_data else None
         with make_progress(quiet) as progress:

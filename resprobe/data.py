@@ -114,12 +114,28 @@ def parse_triplet(text: str, option: str) -> tuple[float, ...]:
         raise BadValue(f"{option} {text!r}: expected three finite comma-separated numbers")
     if option == "--std" and min(values) <= 0:
         raise BadValue(f"--std {text!r}: every value must be positive")
-    if max(values) > 1:
-        # Images are scaled to [0, 1] before they are normalized, so 0-255 statistics would be wrong.
-        scaled = ",".join(f"{v / 255:.4f}" for v in values)
-        raise BadValue(f"{option} {text!r}: values are on the [0, 1] scale (images are scaled to [0, 1] before "
-                       f"normalizing), not 0-255; divided by 255 that is {option} {scaled}")
     return values
+
+
+def check_unit_scale(given: Sequence[tuple[str, str, tuple[float, ...]]]) -> None:
+    """``(option, text, values)`` of ``--mean`` and ``--std``: values are on the [0, 1] scale, as images
+    are scaled to [0, 1] before they are normalized, so 0-255 statistics would be wrong. One error names
+    every offending option: all values above 1 get their values divided by 255; values mixing the
+    scales (some at most 1, some above) are said to, with no division suggested."""
+    whole = [(option, text, values) for option, text, values in given if min(values) > 1]
+    mixed = [(option, text) for option, text, values in given if min(values) <= 1 < max(values)]
+    problems = []
+    if whole:
+        named = " and ".join(f"{option} {text}" for option, text, _ in whole)
+        scaled = " ".join(f"{option} " + ",".join(f"{v / 255:.4f}" for v in values) for option, _, values in whole)
+        problems.append(f"{named} {'are' if len(whole) > 1 else 'is'} on the 0-255 scale, but values are on the "
+                        f"[0, 1] scale (images are scaled to [0, 1] before normalizing); divided by 255 that is "
+                        f"{scaled}")
+    for option, text in mixed:
+        problems.append(f"{option} {text} mixes scales (some values at most 1, some above 1): give every value on "
+                        "the [0, 1] scale images are normalized on")
+    if problems:
+        raise BadValue("; ".join(problems))
 
 
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
@@ -142,6 +158,7 @@ def override_preprocessing(
         changes["mean"] = parse_triplet(mean, "--mean")
     if std:
         changes["std"] = parse_triplet(std, "--std")
+    check_unit_scale([(f"--{key}", text, changes[key]) for key, text in (("mean", mean), ("std", std)) if text])
     if crop_pct is not None:
         if not 0 < crop_pct <= 1:
             raise BadValue(f"--crop-pct {crop_pct}: must be in (0, 1]")
@@ -640,6 +657,17 @@ def loader_workers(source: DataSource, batch_size: int, workers: int | None) -> 
     return workers
 
 
+class _RankLoader(DataLoader):
+    """A DataLoader that marks, when first iterated, that this rank works on its own batches from
+    here on (:func:`resprobe.distributed.diverge`: an error after it may be this rank's alone)."""
+
+    def __iter__(self):  # type: ignore[override]
+        from resprobe.distributed import diverge
+
+        diverge()
+        return super().__iter__()
+
+
 def make_loader(
     source: DataSource,
     batch_size: int = 64,
@@ -652,7 +680,7 @@ def make_loader(
     """A loader of (images, labels, indices) batches; pinned memory and prefetching on CUDA."""
     workers = loader_workers(source, batch_size, workers)
     cuda = device is not None and device.type == "cuda"
-    return DataLoader(
+    return _RankLoader(
         source.dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=_collate,
         pin_memory=cuda, persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
         generator=generator, drop_last=drop_last,

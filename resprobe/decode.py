@@ -184,6 +184,9 @@ class DeviceDecodedLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        from resprobe.distributed import diverge
+
+        diverge()  # this rank's own batches from here on (an error may be this rank's alone)
         for payloads, encoded, labels, index in self.loader:
             images = decode_on_device(payloads, encoded, self.device)
             yield self.transform(images), labels, index

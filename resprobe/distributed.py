@@ -17,7 +17,8 @@ file through): :func:`on_main` runs it on rank 0 and broadcasts the result; whil
 (:func:`alone`) it is a run of one, so nothing there waits for the other ranks.
 
 Errors: the rank that fails prints its one line and exits 1; ``torchrun`` then ends the other ranks
-(within its monitor interval, 0.1 s by default). A rank that finds a peer gone in a collective
+(within its monitor interval, 0.1 s by default). An error every rank hits is printed by rank 0 only
+(:func:`error_channel`, :func:`should_speak`). A rank that finds a peer gone in a collective
 (:class:`PeerFailed`) exits 1 without a line of its own, unless it is rank 0 and no one ended it
 within :data:`PEER_GRACE_SECONDS`. The process group's :data:`TIMEOUT` bounds any wait for a rank
 that hangs without exiting.
@@ -171,6 +172,7 @@ def local_device(device: torch.device) -> torch.device:
 @contextlib.contextmanager
 def _collective(what: str) -> Iterator[None]:
     """A peer that stopped makes a collective fail: that is :class:`PeerFailed`, not an error of ours."""
+    advance()  # entering it: a rank that failed before it knows rank 0 got past that point
     try:
         yield
     except ResprobeError:
@@ -425,3 +427,98 @@ def revert_sync_batchnorm(model: Any) -> Any:
         if plain is not None:
             module.__class__ = plain
     return model
+
+
+# --------------------------------------------------------------------------------------------------
+# One error line per run
+
+
+ERROR_GRACE_SECONDS = 2.0  # how long a rank whose own batches failed waits for rank 0 to fail the same way
+COMMON_WAIT_SECONDS = 120.0  # the longest a rank that failed before the ranks diverged waits for rank 0
+
+
+class _Channel:
+    """The command's error channel (:func:`error_channel`): the store, its key prefix, this rank's
+    progress (collectives entered, and the ranks' divergence) and whether its own batches began."""
+
+    store: Any = None
+    prefix = ""
+    progress = 0
+    diverged = False
+    commands = 0
+
+
+@contextlib.contextmanager
+def error_channel() -> Iterator[None]:
+    """For a command that runs on every rank: a client of torchrun's key-value store (MASTER_ADDR,
+    MASTER_PORT), through which rank 0 tells the others the error line it printed and how far it got,
+    so that an error every rank hits is printed once (:func:`should_speak`). Without a store (another
+    launcher) nothing is exchanged and a rank other than 0 speaks after :data:`ERROR_GRACE_SECONDS`.
+    The channel stays readable after the block: the error is handled outside it."""
+    reset_error_channel()
+    _Channel.commands += 1  # the same on every rank: every rank runs the same commands
+    if world().distributed:
+        try:
+            import torch.distributed as dist
+
+            _Channel.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                           is_master=False, timeout=datetime.timedelta(seconds=10))
+        except Exception:  # noqa: BLE001 - no store: the ranks do not exchange their errors
+            _Channel.store = None
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun keeps its store over restarts
+        _Channel.prefix = f"resprobe/{restart}/{_Channel.commands}/"
+    yield
+
+
+def reset_error_channel() -> None:
+    """No channel (yet): a command's start, before its process group is up."""
+    _Channel.progress, _Channel.diverged, _Channel.store = 0, False, None
+
+
+def advance() -> None:
+    """Count a step every rank takes in the same order (entering a collective, the ranks diverging);
+    rank 0 publishes its count."""
+    _Channel.progress += 1
+    if _Channel.store is not None and world().main:
+        with contextlib.suppress(Exception):
+            _Channel.store.set(_Channel.prefix + "progress", str(_Channel.progress))
+
+
+def diverge() -> None:
+    """This rank starts on its own batches: from here on an error may be this rank's alone (a damaged
+    image in its shard). Before it, ranks have done the same work on the same arguments, model and
+    data description, so an error is every rank's."""
+    if not _Channel.diverged and is_distributed():
+        _Channel.diverged = True
+        advance()
+
+
+def should_speak(line: str, main: bool) -> bool:
+    """Whether this rank prints the error ``line``: rank 0 always (after telling the others); another
+    rank unless rank 0 printed the same line. Before the ranks diverged it waits (up to
+    :data:`COMMON_WAIT_SECONDS`) until rank 0 failed or got past the point where this rank failed;
+    after, its error is likely its own and it waits :data:`ERROR_GRACE_SECONDS` at most."""
+    import time
+
+    store = _Channel.store
+    if main:
+        if store is not None:
+            with contextlib.suppress(Exception):
+                store.set(_Channel.prefix + "error", line)
+        return True
+    if store is None:
+        time.sleep(ERROR_GRACE_SECONDS)
+        return True
+    deadline = time.monotonic() + (ERROR_GRACE_SECONDS if _Channel.diverged else COMMON_WAIT_SECONDS)
+    try:
+        while time.monotonic() < deadline:
+            if store.check([_Channel.prefix + "error"]):
+                return store.get(_Channel.prefix + "error").decode() != line
+            if store.check([_Channel.prefix + "progress"]) \
+                    and int(store.get(_Channel.prefix + "progress")) > _Channel.progress:
+                return True  # rank 0 got past this rank's failure without failing: this rank's own error
+            time.sleep(0.05)
+    except Exception:  # noqa: BLE001 - the store is gone (rank 0 hosted it and ended): say it
+        return True
+    return True
+

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from resprobe import __version__
-from resprobe.errors import ModelError
+from resprobe.errors import BadValue, ModelError
 
 CHECKPOINT_FORMAT = "resprobe-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -612,10 +612,13 @@ def save_resprobe_checkpoint(
     preprocessing: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    replace: bool = True,
+    option: str = "--out",
 ) -> Path:
     """Write a resprobe checkpoint: tensors plus JSON-able metadata, loadable with ``weights_only=True``.
 
     Written to a temporary name and renamed into place, so a crash never leaves a half file at PATH.
+    ``replace=False`` (no ``--overwrite``): a file that appeared at PATH meanwhile is refused, never replaced.
     """
     path = Path(path)
     model = model if model is not None else loaded.model
@@ -631,11 +634,15 @@ def save_resprobe_checkpoint(
     }
     if extra:
         payload.update(extra)
-    atomic_torch_save(payload, path)
+    atomic_torch_save(payload, path, replace, option)
     return path
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
+def atomic_torch_save(obj: Any, path: str | Path, replace: bool = True, option: str = "--out") -> None:
+    """``torch.save`` to a temporary name beside ``path``, then renamed into place (atomic: PATH is the
+    old file or the whole new one, also when PATH is the model being analysed). ``replace=False``
+    installs with a hard link, which fails if PATH exists: a file that appeared since the command's
+    first check is not replaced without ``--overwrite``."""
     path = Path(path)
     if not path.parent.exists():
         raise ModelError(f"cannot write {path}: directory {path.parent} does not exist")
@@ -644,10 +651,27 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         torch.save(obj, tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _install_new(tmp, path, option)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise ModelError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _install_new(tmp: Path, path: Path, option: str) -> None:
+    """Move ``tmp`` to ``path`` only if ``path`` does not exist (no --overwrite)."""
+    exists = BadValue(f"{option} {path} already exists; pass --overwrite to replace it")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise exists from None
+    except OSError:  # file systems without hard links: check, then rename
+        if path.exists():
+            raise exists from None
+        os.replace(tmp, path)
 
 
 # timm.create_model arguments that load files or configurations: never taken from a checkpoint.

@@ -83,6 +83,9 @@ class Probe:
             if message:
                 warnings.warn(message, stacklevel=2)
         self._note(describe_preprocessing(source, self.preprocessing))
+        if limit is not None and limit > len(source):  # capped, as documented; said, not silent
+            self._note(f"{spec} holds {len(source)} samples, fewer than the {limit} asked for: all {len(source)} "
+                       "are used")
         return limit_source(source, limit, seed)
 
     @property
@@ -134,18 +137,27 @@ def open_probe(
     device: str = "auto",
     precision: str = "fp32",
     offline: bool = False,
+    for_training: bool = False,
 ) -> Probe:
-    """Load MODEL and resolve its preprocessing (with overrides); ``probe.anatomy`` has its blocks."""
+    """Load MODEL and resolve its preprocessing (with overrides); ``probe.anatomy`` has its blocks.
+
+    Random weights are warned about (figures of an untrained network are rarely meant), except
+    ``for_training``: a model about to be trained (``finetune`` from scratch) starts from them."""
     runtime = make_runtime(device, precision)
     loaded = load_model(model, LoadOptions(checkpoint, pretrained, num_classes, dict(model_kwargs or {}), ema,
                                            trust_checkpoint, offline))
     pre = override_preprocessing(default_preprocessing(loaded), input_size, mean, std, crop_pct, interpolation)
     require_blocks(loaded.model, blocks)  # a model without residual blocks fails now, not later
-    if not pretrained and loaded.checkpoint is None and loaded.torchvision_weights is None:
+    if randomly_initialized(loaded, pretrained) and not for_training:
         warnings.warn(random_weights_message(loaded), stacklevel=2)
     loaded.model.requires_grad_(False)
     runtime.prepare(loaded.model)
     return Probe(loaded, pre, runtime, blocks, input_size_given=bool(input_size), offline=offline)
+
+
+def randomly_initialized(loaded: LoadedModel, pretrained: bool = False) -> bool:
+    """No weights given: no checkpoint, no --pretrained, no torchvision weights enum."""
+    return not pretrained and loaded.checkpoint is None and loaded.torchvision_weights is None
 
 
 def random_weights_message(loaded: LoadedModel) -> str:

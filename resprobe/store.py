@@ -128,7 +128,9 @@ class RunWriter:
                 writer._clear_partial()
             else:
                 writer._acquire_lock()
-            writer.meta = dict(meta)
+            # Whether RUN.h5 may be replaced at the end: without --overwrite, not even by a file that
+            # appeared during the run (finish installs with a hard link, which never replaces).
+            writer.meta = {**meta, "overwrite": bool(overwrite)}
             writer._write_json("meta.json", writer.meta, kept=False)
         except BaseException:
             writer.close()
@@ -341,10 +343,17 @@ class RunWriter:
                                  "file was lost or damaged); run the same command with --resume to recompute them")
         self._remove_stale(f".{self.path.name}.tmp-*")  # left by a run killed while finishing (we hold the lock)
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        replace = bool(self.meta.get("overwrite", True))  # runs begun before the key existed: as they were
         with _removed_on_failure(tmp, self.path):
             write_hdf5(tmp, recorded, complete=True)
-            os.replace(tmp, self.path)  # atomic: RUN.h5 is the old file or the whole new one
+            if replace:
+                os.replace(tmp, self.path)  # atomic: RUN.h5 is the old file or the whole new one
+            installed = replace or _install_new(tmp, self.path)
             _fsync_dir(self.path.parent)
+        if not installed:
+            raise RecordingError(f"{self.path} appeared during the run and is not replaced without --overwrite; the "
+                                 f"recording is kept in {self.dir}: move that file away and run the same command "
+                                 "with --resume")
         written_here(self.path)  # opening it again (align --out, a notebook) starts no read-through child
         # Retire the partial folder by renaming it first, so that it never exists half deleted under
         # its own name (a kill during the removal leaves only a hidden folder, removed next time).
@@ -418,9 +427,40 @@ def _batch_number(file: Path) -> int | None:
     return int(digits) if file.name.startswith(_BATCH_PREFIX) and digits.isdigit() else None
 
 
+def _install_new(tmp: Path, path: Path) -> bool:
+    """Move ``tmp`` to ``path`` unless ``path`` exists (a hard link never replaces); whether it moved."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        tmp.unlink()
+        return False
+    except OSError:  # file systems without hard links: check, then rename
+        if path.exists():
+            tmp.unlink()
+            return False
+        os.replace(tmp, path)
+        return True
+    tmp.unlink()
+    return True
+
+
 def _holds_batches(directory: Path) -> bool:
     """Whether an interrupted run's folder holds recorded work (else it can simply be reused)."""
     return (directory / "meta.json").exists() and any(directory.glob(f"{_BATCH_PREFIX}*.npz"))
+
+
+def _foreign_entries(directory: Path) -> list[str]:
+    """Names in a ``RUN.h5.partial`` folder that a recording never writes there (sorted)."""
+    def ours(entry: Path) -> bool:
+        name = entry.name
+        if name in ("lock", "meta.json") or name.startswith("tmp-"):
+            return entry.is_file()
+        return name.startswith(_BATCH_PREFIX) and name.endswith(".npz") and entry.is_file()
+
+    try:
+        return sorted(entry.name for entry in directory.iterdir() if not ours(entry))
+    except OSError:
+        return []
 
 
 def check_can_create(path: Path, overwrite: bool = False) -> None:
@@ -435,6 +475,11 @@ def check_can_create(path: Path, overwrite: bool = False) -> None:
         if RunWriter.is_locked(directory):
             raise RecordingError(f"{path} is being written by another resprobe process; wait for it or choose "
                                  "another --out")
+        foreign = _foreign_entries(directory)
+        if foreign:  # the folder is emptied for the new run: never one resprobe did not make
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise RecordingError(f"{directory} holds files resprobe did not write ({shown}), and a recording keeps its "
+                                 "batches there; move it or choose another --out")
         if _holds_batches(directory) and not overwrite:
             raise RecordingError(f"an interrupted recording exists at {directory}: finish it with --resume or "
                                  "start anew with --overwrite")

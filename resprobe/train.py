@@ -454,6 +454,16 @@ def _read_resume_state(out: Path, options: FinetuneOptions, data: dict[str, Any]
     return training
 
 
+def _refuse_removing_the_model(out: Path, best_file: Path, checkpoint: str | None) -> None:
+    """``--overwrite`` removes a stale ``PATH.best.pt`` when the run starts. When that file is the MODEL
+    being fine-tuned (``finetune ft.best.pt --out ft.pt --overwrite``), removing it would lose the
+    user's model: on a failure, or for good without --val-data (no new best is written)."""
+    if checkpoint and best_file.exists() and Path(checkpoint).expanduser().exists() \
+            and os.path.samefile(best_file, Path(checkpoint).expanduser()):
+        raise BadValue(f"--out {out}: its best checkpoint {best_file} is MODEL itself, which --overwrite would "
+                       "remove; choose another --out")
+
+
 def _same_path(stored: Any, given: Any, stored_cwd: str | None) -> bool:
     """Whether a stored data path (relative to the directory the run was in) and a given one (relative
     to this directory) name the same file or folder, so --resume works from any directory."""
@@ -545,6 +555,7 @@ def finetune(
     if resumed is None:
         check_out_path(out, options.overwrite)
         check_out_path(best_file, options.overwrite, option="the best checkpoint")
+        _refuse_removing_the_model(out, best_file, probe.loaded.checkpoint)
         if world.main:
             best_file.unlink(missing_ok=True)  # a stale best from an earlier run would be misleading
 
@@ -632,6 +643,7 @@ def finetune(
         # DDP broadcasts rank 0's parameters and buffers and averages gradients over the ranks.
         from torch.nn.parallel import DistributedDataParallel
 
+        distributed.advance()  # entering a collective (DDP broadcasts rank 0's weights): see should_speak
         trained = DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda"
                                           else None)
     forward = compiled_forward(trained) if options.compile else trained

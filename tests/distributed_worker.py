@@ -8,7 +8,10 @@ JOBS.json: ``{"dir": OUTDIR, "jobs": [[name, [args...], {settings}], ...]}``. Ea
 ``stop_after_step`` K stops a ``finetune`` after step K as a ``stop`` callback of the library would
 (the run saves its state; ``--resume`` continues it); ``count_recalibration`` writes the number of
 images each rank recalibrated on to ``OUTDIR/NAME.rankR.recalibrated``; ``count_hdf5_probes`` writes
-the number of HDF5 files each rank read through in a child process to ``OUTDIR/NAME.rankR.probes``.
+the number of HDF5 files each rank read through in a child process to ``OUTDIR/NAME.rankR.probes``;
+``delay_rank_0`` S makes rank 0 start the job S seconds late (a slow rank 0); ``fail_open_on_rank`` R
+makes loading the model fail on rank R alone (an error only that rank hits); ``exit_on_error`` ends the
+process with the job's exit status when it fails, as the command line does (torchrun then ends the others).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import functools
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -27,7 +31,20 @@ def instrumented(settings: dict, stem: Path):
     import resprobe.hdf5_probe as hdf5_probe
     import resprobe.train as train
 
+    import resprobe.probe as probe
+
     saved = train.finetune, train.recalibrate, hdf5_probe.crash_reason
+    open_probe = probe.open_probe
+    rank = int(os.environ.get("RANK", "0"))
+    if settings.get("delay_rank_0") and rank == 0:
+        time.sleep(float(settings["delay_rank_0"]))
+    if settings.get("fail_open_on_rank") == rank:
+        from resprobe.errors import ModelError
+
+        def failing(*args, **kwargs):
+            raise ModelError(f"cannot load the model on rank {rank}")
+
+        probe.open_probe = failing
     recalibrated, probes = Path(f"{stem}.recalibrated"), Path(f"{stem}.probes")
     stop_after = settings.get("stop_after_step")
     if stop_after is not None:
@@ -53,6 +70,7 @@ def instrumented(settings: dict, stem: Path):
         yield
     finally:
         train.finetune, train.recalibrate, hdf5_probe.crash_reason = saved
+        probe.open_probe = open_probe
 
 
 def main() -> None:
@@ -75,6 +93,9 @@ def main() -> None:
             except SystemExit as exc:  # usage errors
                 code = exc.code
         (out / f"{name}.rank{rank}.code").write_text(str(code or 0))
+        if code and settings.get("exit_on_error"):
+            sys.stderr.flush()
+            os._exit(code)
     dist.destroy_process_group()
 
 

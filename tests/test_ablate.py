@@ -29,6 +29,7 @@ from resprobe.ablate import (
     rank_removals,
     rankdata,
     removal_order,
+    save_pruned,
     spearman,
     unrolled,
 )
@@ -500,6 +501,47 @@ def test_cli_proxies_computed_equal_recorded(run, tmp_path):
     csv_text = run("ablate", *args, "--proxies", "--device", "cpu", "-f", "csv").stdout
     header, *rows = csv_text.strip().splitlines()
     assert len(rows) == 7 and "delta_loss" in header and "taylor" in header
+
+
+def test_save_pruned_never_replaces_a_file_without_overwrite(run, tmp_path):
+    """--save-pruned naming the MODEL itself (or any existing file) is refused, the file untouched;
+    with --overwrite the model file is replaced, atomically, by the pruned model."""
+    import shutil
+
+    model = tmp_path / "model.pt"
+    shutil.copyfile(FIXTURE_MODEL, model)
+    before = model.read_bytes()
+    args = ("ablate", str(model), "--data", FIXTURE_DATA, "--limit", "16", "--device", "cpu", "--save-pruned",
+            str(model), "--remove", "1")
+    refused = run(*args, code=1)
+    assert refused.stderr == f"error: --save-pruned {model} already exists; pass --overwrite to replace it\n"
+    assert refused.stdout == "" and model.read_bytes() == before
+    payload = json.loads(run(*args, "--overwrite", "-f", "json").stdout)
+    assert payload["pruned"]["path"] == str(model) and len(payload["pruned"]["removed"]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # no temporary file left
+    evaluated = json.loads(run("eval", str(model), "--data", FIXTURE_DATA, "--limit", "16", "--device", "cpu",
+                               "-f", "json").stdout)  # the file now holds the pruned model
+    assert evaluated["loss"] == pytest.approx(payload["pruned"]["loss"], abs=1e-6)
+    assert evaluated["acc"] == payload["pruned"]["acc"]
+    alone = run("ablate", FIXTURE_MODEL, "--data", FIXTURE_DATA, "--limit", "8", "--device", "cpu", "--overwrite",
+                code=1)
+    assert alone.stderr == "error: --overwrite replaces an existing --save-pruned PATH: add --save-pruned\n"
+
+
+def test_save_pruned_refuses_a_file_that_appeared_during_the_run(tmp_path):
+    """The check before the model loads is repeated at the write: a file created meanwhile (another run)
+    is not replaced without --overwrite (a hard link, not a rename, installs the new file)."""
+    from resprobe.errors import BadValue
+    from resprobe.probe import open_probe
+
+    probe = open_probe(FIXTURE_MODEL, device="cpu")
+    path = tmp_path / "p.pt"
+    path.write_bytes(b"someone else's file")
+    with pytest.raises(BadValue, match="already exists; pass --overwrite"):
+        save_pruned(probe, ["layer1.1"], path)
+    assert path.read_bytes() == b"someone else's file" and sorted(tmp_path.iterdir()) == [path]
+    save_pruned(probe, ["layer1.1"], path, overwrite=True)
+    assert torch.load(path, weights_only=True)["recipes"][-1] == {"kind": "prune", "removed": ["layer1.1"]}
 
 
 @pytest.mark.parametrize("args", [

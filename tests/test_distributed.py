@@ -370,6 +370,30 @@ def test_a_failing_rank_ends_every_rank_with_one_line(tmp_path):
     assert time.monotonic() - start < LAUNCH_TIMEOUT
 
 
+def _launch_one_job(tmp: Path, name: str, args: list, settings: dict) -> subprocess.CompletedProcess:
+    spec = tmp / f"{name}.json"
+    spec.write_text(json.dumps({"dir": str(tmp), "jobs": [[name, [str(a) for a in args], settings]]}))
+    return torchrun(str(HERE / "distributed_worker.py"), str(spec), cwd=tmp)
+
+
+def test_an_error_every_rank_hits_is_printed_once_even_when_rank_0_is_late(tmp_path):
+    """A missing checkpoint fails on both ranks; rank 0 gets there 4 s after rank 1 (a busy machine),
+    later than any fixed grace: still one line, printed by rank 0. Then an error only rank 1 hits
+    before the ranks diverge (loading the model) is shown, once."""
+    done = _launch_one_job(tmp_path, "missing", ["eval", tmp_path / "nope.pt", "--data", DATA, "--limit", "8",
+                                                 "--device", "cpu"], {"delay_rank_0": 4})
+    assert done.returncode == 0, done.stderr[-3000:]  # the worker goes on after a failed job
+    assert [(tmp_path / f"missing.rank{r}.code").read_text() for r in (0, 1)] == ["1", "1"]
+    ours = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert ours == [f"error: checkpoint not found: {tmp_path / 'nope.pt'}"], done.stderr[-3000:]
+
+    alone = _launch_one_job(tmp_path, "rank1", ["eval", MODEL, "--data", DATA, "--limit", "8", "--device", "cpu"],
+                            {"fail_open_on_rank": 1, "exit_on_error": True})
+    assert alone.returncode == 1
+    ours = [line for line in alone.stderr.splitlines() if line.startswith("error:")]
+    assert ours == ["error: cannot load the model on rank 1"], alone.stderr[-3000:]
+
+
 # --------------------------------------------------------------------------------------------------
 # The pieces, without processes
 

@@ -287,3 +287,45 @@ def test_resume_of_a_complete_run_or_of_nothing(tmp_path, reference):
     # Nothing at all and no MODEL: one line saying so.
     missing = cli("record", "--out", tmp_path / "none.h5", "--resume", code=1)
     assert "nothing to resume" in missing.stderr
+
+
+def test_a_partial_folder_resprobe_did_not_make_is_never_emptied(tmp_path):
+    """A new run empties RUN.h5.partial for its batches: a folder of that name holding other files (the
+    user's) is refused, with or without --overwrite, and left as it was."""
+    out = tmp_path / "run.h5"
+    partial_dir(out).mkdir()
+    (partial_dir(out) / "notes.txt").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        result = cli("record", MODEL, "--data", DATA, "--limit", "8", "--out", out, *extra, code=1)
+        assert result.stderr == (f"error: {partial_dir(out)} holds files resprobe did not write (notes.txt), and a "
+                                 "recording keeps its batches there; move it or choose another --out\n")
+    assert [p.name for p in partial_dir(out).iterdir()] == ["notes.txt"] and not out.exists()
+    assert (partial_dir(out) / "notes.txt").read_text() == "mine"
+
+
+def test_a_file_that_appears_during_a_run_is_not_replaced_without_overwrite(tmp_path):
+    """RUN.h5 absent when the run starts, written by someone else while it records: the finished run does
+    not replace it (a hard link installs RUN.h5); its batches stay in the partial folder, and --resume
+    finishes once the file is moved away. With --overwrite the run replaces it."""
+    from resprobe.errors import RecordingError
+    from resprobe.store import RecordOptions, record
+
+    out = tmp_path / "run.h5"
+    options = RecordOptions(model=MODEL, data=DATA, limit=32, seed=0, batch_size=16)
+
+    def appear(done: int, total: int) -> None:
+        if not out.exists():
+            out.write_bytes(b"someone else's file")
+
+    with pytest.raises(RecordingError, match="appeared during the run and is not replaced without --overwrite"):
+        record(options, out, device="cpu", progress=appear)
+    assert out.read_bytes() == b"someone else's file" and partial_dir(out).is_dir()
+    assert not list(tmp_path.glob(".run.h5.tmp-*"))
+    out.rename(tmp_path / "theirs.h5")
+    result = record(options, out, resume=True, device="cpu")
+    assert result.complete and open_recording(out).n_samples == 32 and not partial_dir(out).exists()
+
+    again = tmp_path / "again.h5"
+    result = record(options, again, overwrite=True, device="cpu",
+                    progress=lambda done, total: again.exists() or again.write_bytes(b"x"))
+    assert result.complete and open_recording(again).n_samples == 32

@@ -159,6 +159,22 @@ def test_random_weights_warn_on_every_command(run, tmp_path, arrays_file):
     assert not any("random" in w for w in warnings_of(trained)), trained.stderr
 
 
+def test_finetune_from_scratch_does_not_warn_about_an_untrained_network(run, tmp_path, arrays_file):
+    """Training a randomly initialized model is what finetune is for (docs/paper.md makes ResNet-20 so):
+    no "untrained network" warning, one note instead; the commands that analyse the model still warn."""
+    data = arrays_file(n=8)
+    result = run("finetune", TINY, "--data", data, "--out", tmp_path / "ft.pt", "--max-steps", "1", "-b", "4",
+                 "--device", "cpu", "-f", "json")
+    assert not [w for w in warnings_of(result) if "random" in w or "untrained" in w], result.stderr
+    assert [line for line in result.stderr.splitlines() if "random" in line] == [
+        f"{TINY} is randomly initialized: finetune trains it from scratch"]
+    quiet = run("finetune", TINY, "--data", data, "--out", tmp_path / "ft2.pt", "--max-steps", "1", "-b", "4",
+                "--device", "cpu", "-f", "json", "-q")
+    assert "random" not in quiet.stderr
+    ablated = run("ablate", TINY, "--data", data, "--device", "cpu", "-f", "json")
+    assert [w for w in warnings_of(ablated) if "untrained network" in w], ablated.stderr
+
+
 def test_random_weights_warn_in_the_library():
     from resprobe.probe import open_probe
 
@@ -178,6 +194,24 @@ def test_mean_and_std_above_one_are_refused(run, option):
     value = "125.3,123.0,113.9" if option == "--mean" else "63.0,62.1,66.7"
     result = run("eval", FIXTURE_MODEL, "--data", FIXTURE_DATA, option, value, code=1)
     one_error_line(result, option, "[0, 1] scale")
+
+
+def test_mean_and_std_both_on_0_255_are_named_in_one_error(run):
+    result = run("eval", FIXTURE_MODEL, "--data", FIXTURE_DATA, "--mean", "125.3,123.0,113.9", "--std",
+                 "63.0,62.1,66.7", code=1)
+    line = one_error_line(result, "--mean 125.3,123.0,113.9 and --std 63.0,62.1,66.7 are on the 0-255 scale")
+    # 125.3/255 = 0.49137, 123/255 = 0.48235, 113.9/255 = 0.44667; 63/255 = 0.24706, 62.1/255 = 0.24353,
+    # 66.7/255 = 0.26157
+    assert line.endswith("divided by 255 that is --mean 0.4914,0.4824,0.4467 --std 0.2471,0.2435,0.2616")
+
+
+def test_values_mixing_scales_are_said_to_and_not_divided(run):
+    result = run("eval", FIXTURE_MODEL, "--data", FIXTURE_DATA, "--std", "0.5,0.5,60", code=1)
+    line = one_error_line(result, "--std 0.5,0.5,60 mixes scales (some values at most 1, some above 1)")
+    assert "divided by 255" not in line and "0.0020" not in line
+    both = one_error_line(run("eval", FIXTURE_MODEL, "--data", FIXTURE_DATA, "--mean", "125.3,123.0,113.9",
+                              "--std", "0.5,0.5,60", code=1), "--std 0.5,0.5,60 mixes scales")
+    assert "--mean 125.3,123.0,113.9 is on the 0-255 scale" in both and "--std 0.0020" not in both
 
 
 @pytest.mark.parametrize("images", ["0-255", "normalized"])
@@ -360,3 +394,18 @@ def test_library_errors_are_resprobe_errors():
         from resprobe.data import arrays_to_tensor
 
         arrays_to_tensor(np.full((1, 3, 2, 2), 2.0, dtype=np.float32))
+
+
+# --------------------------------------------------------------------------------------------------
+# --limit above the data set's size (trial finding 7)
+
+
+def test_a_limit_above_the_data_size_is_noted_once_and_n_is_the_real_count(run):
+    real = len(np.load(FIXTURE_DATA)["labels"])  # 256
+    args = ("eval", FIXTURE_MODEL, "--data", FIXTURE_DATA, "--device", "cpu", "-f", "json")
+    result = run(*args, "--limit", "1000")
+    assert json.loads(result.stdout)["n"] == real
+    note = f"{FIXTURE_DATA} holds {real} samples, fewer than the 1000 asked for: all {real} are used"
+    assert [line for line in result.stderr.splitlines() if "asked for" in line] == [note]
+    assert "asked for" not in run(*args, "--limit", "1000", "-q").stderr  # a note: --quiet drops it
+    assert "asked for" not in run(*args, "--limit", str(real)).stderr  # exactly the data set: nothing to say

@@ -289,6 +289,21 @@ def test_cli_share_then_finetune(tmp_path, run):
     assert "used 3" in run(*args, "--max-steps", 4, code=1).stderr
 
 
+def test_overwrite_never_removes_the_model_being_fine_tuned(tmp_path, run):
+    """`finetune ft.best.pt --out ft.pt --overwrite`: --overwrite removes a stale ft.best.pt at the start,
+    which here is MODEL itself (gone for good without --val-data): refused, the file untouched."""
+    import shutil
+
+    model = tmp_path / "ft.best.pt"
+    shutil.copyfile(MODEL, model)
+    before = model.read_bytes()
+    result = run("finetune", model, "--data", DATA, "--limit", 16, "--out", tmp_path / "ft.pt", "--overwrite",
+                 "--max-steps", 1, "-b", 8, "--device", "cpu", code=1)
+    assert result.stderr == (f"error: --out {tmp_path / 'ft.pt'}: its best checkpoint {model} is MODEL itself, which "
+                             "--overwrite would remove; choose another --out\n")
+    assert model.read_bytes() == before and not (tmp_path / "ft.pt").exists()
+
+
 @pytest.mark.parametrize("args,message", [
     (("--epochs", "1", "--max-steps", "2"), "not both"),
     (("--lr", "-1"), "--lr"),
