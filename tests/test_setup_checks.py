@@ -4,6 +4,7 @@ error, and checkpoints record the preprocessing that was really used."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -246,6 +247,7 @@ def test_preprocessing_is_printed_once_and_reported(run, tmp_path):
 def test_every_report_that_loads_a_model_names_checkpoint_and_preprocessing(run, tmp_path):
     data = ["--data", FIXTURE_DATA, "--limit", "8", "--device", "cpu", "-f", "json"]
     expected = read_checkpoint(FIXTURE_MODEL)["preprocessing"]
+    sha256 = hashlib.sha256(Path(FIXTURE_MODEL).read_bytes()).hexdigest()  # as `sha256sum` gives it
     reports = {
         "blocks": run("blocks", FIXTURE_MODEL, "-f", "json"),
         "eval": run("eval", FIXTURE_MODEL, *data),
@@ -260,6 +262,7 @@ def test_every_report_that_loads_a_model_names_checkpoint_and_preprocessing(run,
         payload = as_json(result)
         assert payload["checkpoint"] == FIXTURE_MODEL, name
         assert payload["preprocessing"] == expected, name
+        assert payload["checkpoint_sha256"] == sha256, name  # align too (docs/reliability.md lists it)
     csv = run("eval", FIXTURE_MODEL, *data[:-2], "-f", "csv").stdout.splitlines()
     assert csv[0].split(",")[:3] == ["model", "checkpoint", "checkpoint_sha256"] and len(csv) == 2
 
