@@ -154,6 +154,46 @@ def override_preprocessing(
     return replace(pre, **changes) if changes else pre
 
 
+def contradicted_preprocessing(recorded: Preprocessing, used: Preprocessing, input_size: str | None = None,
+                               mean: str | None = None, std: str | None = None, crop_pct: float | None = None,
+                               interpolation: str | None = None) -> list[tuple[str, str]]:
+    """The options given that differ from a checkpoint's recorded preprocessing, as pairs of (what the
+    checkpoint records, what was given): e.g. ``("32×32 inputs", "--input-size 64")``. Statistics count
+    as equal to 4 decimals, as they are usually typed."""
+
+    def close(a: Sequence[float], b: Sequence[float]) -> bool:
+        return len(a) == len(b) and all(math.isclose(x, y, rel_tol=0, abs_tol=5e-4) for x, y in zip(a, b))
+
+    def size(shape: Sequence[int]) -> str:
+        return f"{shape[1]}×{shape[2]}"
+
+    found = []
+    if input_size and tuple(used.input_size) != tuple(recorded.input_size):
+        _, h, w = used.input_size
+        found.append((f"{size(recorded.input_size)} inputs", f"--input-size {h if h == w else f'{h}x{w}'}"))
+    if mean and not close(used.mean, recorded.mean):
+        found.append((f"mean {_triple(recorded.mean)}", f"--mean {_triple(used.mean)}"))
+    if std and not close(used.std, recorded.std):
+        found.append((f"std {_triple(recorded.std)}", f"--std {_triple(used.std)}"))
+    if crop_pct is not None and not close([used.crop_pct], [recorded.crop_pct]):
+        found.append((f"crop_pct {recorded.crop_pct:g}", f"--crop-pct {used.crop_pct:g}"))
+    if interpolation and used.interpolation != recorded.interpolation:
+        found.append((f"{recorded.interpolation} interpolation", f"--interpolation {used.interpolation}"))
+    return found
+
+
+def contradiction_warning(name: str, found: list[tuple[str, str]]) -> str | None:
+    """One warning for every option that contradicts checkpoint ``name``'s recorded preprocessing."""
+    if not found:
+        return None
+    recorded, given = (" and ".join(", ".join(part) for part in (parts[:-1], parts[-1:]) if part)
+                       for parts in zip(*found))
+    one = len(found) == 1
+    return (f"{name} was made with {recorded}; {given} {'overrides that' if one else 'override those'} (the "
+            f"figures may differ from the model's own: leave {'it' if one else 'them'} out to use what the checkpoint "
+            "records)")
+
+
 def _resize_transform(pre: Preprocessing) -> Callable[[Any], Tensor]:
     """The evaluation transform for images that are not already of the input size (PIL → tensor)."""
     _, h, w = pre.input_size

@@ -22,6 +22,8 @@ from resprobe.data import (
     DataSource,
     Preprocessing,
     check_labels_fit,
+    contradicted_preprocessing,
+    contradiction_warning,
     default_preprocessing,
     describe_preprocessing,
     limit_source,
@@ -140,12 +142,23 @@ def open_probe(
     loaded = load_model(model, LoadOptions(checkpoint, pretrained, num_classes, dict(model_kwargs or {}), ema,
                                            trust_checkpoint, offline))
     pre = override_preprocessing(default_preprocessing(loaded), input_size, mean, std, crop_pct, interpolation)
+    _warn_contradicted(loaded, pre, input_size, mean, std, crop_pct, interpolation)
     require_blocks(loaded.model, blocks)  # a model without residual blocks fails now, not later
     if not pretrained and loaded.checkpoint is None and loaded.torchvision_weights is None:
         warnings.warn(random_weights_message(loaded), stacklevel=2)
     loaded.model.requires_grad_(False)
     runtime.prepare(loaded.model)
     return Probe(loaded, pre, runtime, blocks, input_size_given=bool(input_size), offline=offline)
+
+
+def _warn_contradicted(loaded: LoadedModel, pre: Preprocessing, *given: Any) -> None:
+    """An option that contradicts a resprobe checkpoint's recorded preprocessing is used (the user may
+    mean it), but said: the model was made, and its figures are usually wanted, with the recorded one."""
+    if loaded.preprocessing:
+        found = contradicted_preprocessing(Preprocessing.from_dict(loaded.preprocessing), pre, *given)
+        message = contradiction_warning(loaded.checkpoint or str(loaded.spec), found)
+        if message:
+            warnings.warn(message, stacklevel=3)
 
 
 def random_weights_message(loaded: LoadedModel) -> str:

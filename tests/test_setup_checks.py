@@ -79,6 +79,45 @@ def test_upscaled_images_warn_naming_input_size(run, tmp_path):
     assert not any("upscaled" in w for w in warnings_of(chosen)), chosen.stderr
 
 
+def test_options_contradicting_the_checkpoints_preprocessing_warn_and_are_used(run, tmp_path):
+    # The fixture records 32×32 inputs, mean 0.5, std 0.25, crop_pct 1, bilinear.
+    folder = png_folder(tmp_path / "pngs", 32, classes=("a", "b", "c", "d"))
+    args = ["eval", FIXTURE_MODEL, "--data", folder, "--device", "cpu", "-f", "json"]
+    recorded = run(*args)
+    bigger = run(*args, "--input-size", "64")
+    said = [w for w in warnings_of(bigger) if "was made with" in w]
+    assert said == [f"warning: {FIXTURE_MODEL} was made with 32×32 inputs; --input-size 64 overrides that (the figures "
+                    "may differ from the model's own: leave it out to use what the checkpoint records)"], bigger.stderr
+    assert not any("was made with" in w for w in warnings_of(recorded))
+    assert as_json(bigger)["preprocessing"]["input_size"] == [3, 64, 64]  # the user may mean it: used
+    assert as_json(bigger)["loss"] != as_json(recorded)["loss"]
+    several = run(*args, "--mean", "0.5", "--std", "0.2,0.25,0.25", "--crop-pct", "0.9", "--interpolation", "bicubic")
+    said = [w for w in warnings_of(several) if "was made with" in w]
+    assert len(said) == 1 and "std 0.25,0.25,0.25, crop_pct 1 and bilinear interpolation;" in said[0], said
+    assert "--std 0.2,0.25,0.25, --crop-pct 0.9 and --interpolation bicubic override those" in said[0]
+    assert "--mean" not in said[0]  # 0.5 is what the checkpoint records
+    same = run(*args, "--input-size", "32x32", "--mean", "0.5,0.50001,0.5", "--std", "0.25", "--crop-pct", "1",
+               "--interpolation", "bilinear")
+    assert not any("was made with" in w for w in warnings_of(same)), same.stderr
+    assert as_json(same)["loss"] == pytest.approx(as_json(recorded)["loss"], rel=1e-4)  # mean off by 1e-5
+
+
+def test_options_contradicting_the_checkpoint_warn_in_the_library():
+    from resprobe.probe import open_probe
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probe = open_probe(FIXTURE_MODEL, mean="0.4914,0.4822,0.4465", device="cpu")
+    said = [str(w.message) for w in caught if "was made with" in str(w.message)]
+    assert said == [f"{FIXTURE_MODEL} was made with mean 0.5,0.5,0.5; --mean 0.4914,0.4822,0.4465 overrides that (the "
+                    "figures may differ from the model's own: leave it out to use what the checkpoint records)"]
+    assert probe.preprocessing.mean == (0.4914, 0.4822, 0.4465)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        open_probe("tinymodels:timm_basic", input_size="32", device="cpu")  # nothing recorded: nothing to contradict
+    assert not any("was made with" in str(w.message) for w in caught)
+
+
 def test_upscale_threshold_is_the_resize_actually_done():
     from resprobe.data import upscale_warning
 
