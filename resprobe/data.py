@@ -341,6 +341,7 @@ class DataSource:
     in_memory: bool = False
     notes: list[str] = field(default_factory=list)
     image_size: tuple[int, int] | None = None  # (H, W) of the first stored image, for images that get resized
+    label_names: list[str] | None = None  # the class name of each label 0..n-1, when each has exactly one
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -462,7 +463,8 @@ def _cifar_source(spec: str, kind: str, rest: str, pre: Preprocessing, model_cla
         notes.append(f"{spec} has {len(dataset.classes)} classes but the model has {model_classes}; labels follow "
                      f"{kind}'s order (give --num-classes {len(dataset.classes)} if the model was trained on {kind})")
     return DataSource(spec, IndexedDataset(dataset), num_classes=len(dataset.classes), class_names=list(dataset.classes),
-                      notes=notes, image_size=(int(dataset.data.shape[1]), int(dataset.data.shape[2])))
+                      notes=notes, image_size=(int(dataset.data.shape[1]), int(dataset.data.shape[2])),
+                      label_names=list(dataset.classes))
 
 
 def _read_class_map(path: str) -> dict[str, int]:
@@ -513,7 +515,7 @@ def _holds_folders(path: Path) -> bool:
 
 
 def _folder_source(spec: str, path: Path, pre: Preprocessing, model_classes: int | None,
-                   class_map: str | None) -> DataSource:
+                   class_map: str | None, model_names: Sequence[str] | None = None) -> DataSource:
     from torchvision.datasets import ImageFolder
 
     from resprobe.sources import class_mapping
@@ -533,7 +535,7 @@ def _folder_source(spec: str, path: Path, pre: Preprocessing, model_classes: int
                         "class (ImageFolder layout)") from None
     names = folder.classes
     mapping, notes = class_mapping(names, model_classes, _read_class_map(class_map) if class_map else None,
-                                   str(path), "class folders")
+                                   str(path), "class folders", model_names)
     if mapping != folder.class_to_idx:
         folder.samples = [(p, mapping[names[t]]) for p, t in folder.samples]
         folder.targets = [t for _, t in folder.samples]
@@ -543,8 +545,10 @@ def _folder_source(spec: str, path: Path, pre: Preprocessing, model_classes: int
         return samples[i][0]
 
     n_classes = (max(folder.targets) + 1) if folder.targets else len(names)
+    by_label = sorted(mapping, key=mapping.__getitem__)
+    label_names = by_label if sorted(mapping.values()) == list(range(len(names))) else None  # one name per label
     return DataSource(spec, IndexedDataset(folder, describe), num_classes=n_classes, class_names=list(names), notes=notes,
-                      image_size=_first_image_size(samples[0][0]) if samples else None)
+                      image_size=_first_image_size(samples[0][0]) if samples else None, label_names=label_names)
 
 
 def _first_image_size(path: str) -> tuple[int, int] | None:
@@ -567,9 +571,11 @@ def open_data(
     seed: int = 0,
     labels: str | None = None,
     offline: bool = False,
+    model_names: Sequence[str] | None = None,
 ) -> DataSource:
     """Turn a ``--data`` SPEC into a dataset of (normalized image, label, index); ``offline``: an
-    ``hfds:`` hub dataset only from the local cache (as ``HF_HUB_OFFLINE=1``)."""
+    ``hfds:`` hub dataset only from the local cache (as ``HF_HUB_OFFLINE=1``); ``model_names``: the
+    model's class names by index, which class folders are matched to by name (unless ``class_map``)."""
     spec = spec.strip()
     imagenet_style = _imagenet_style_source(spec, pre, model_classes, class_map, labels, offline)
     if imagenet_style is not None:
@@ -592,7 +598,7 @@ def open_data(
     if path.suffix.lower() in _ARRAY_SUFFIXES:
         source = _arrays_source(spec, path, pre)
     elif path.is_dir():
-        source = _folder_source(spec, path, pre, model_classes, class_map)
+        source = _folder_source(spec, path, pre, model_classes, class_map, model_names)
     elif path.exists():
         raise DataError(f"--data {spec}: a file, but not an arrays file (.npz, .h5); give a folder or an arrays file")
     else:

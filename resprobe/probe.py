@@ -75,7 +75,7 @@ class Probe:
              labels: str | None = None) -> DataSource:
         """Open ``--data SPEC`` with this model's preprocessing; checks that labels fit the classifier."""
         source = open_data(spec, self.preprocessing, self.num_classes, class_map, seed, labels=labels,
-                           offline=self.offline)
+                           offline=self.offline, model_names=self.loaded.classes)
         check_labels_fit(source, self.num_classes)
         warn_notes(source)  # e.g. a class count that differs from the head: said by every command
         if source.in_memory and self.sample_shape is None and len(source):

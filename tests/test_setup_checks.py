@@ -307,6 +307,77 @@ def test_every_report_that_loads_a_model_names_checkpoint_and_preprocessing(run,
 
 
 # --------------------------------------------------------------------------------------------------
+# Class folders matched to a checkpoint's class names
+
+NAMES = ["zebra", "apple", "mango", "kiwi"]  # the model's order on purpose: not the sorted one
+
+
+def named_checkpoint(tmp_path: Path) -> Path:
+    """The fixture with class names recorded (as finetune writes them)."""
+    obj = torch.load(FIXTURE_MODEL, weights_only=True)
+    obj["classes"] = NAMES
+    path = tmp_path / "named.pt"
+    torch.save(obj, path)
+    return path
+
+
+def hand_loss(model_path: Path, folder: Path) -> float:
+    """Mean cross-entropy with labels = the position of the folder's name in NAMES, the images
+    normalized by hand (32×32 PNGs: the fixture's mean 0.5, std 0.25, no resize)."""
+    model = load_model(str(model_path), LoadOptions()).model.eval()
+    images, labels = [], []
+    for name in sorted(p.name for p in folder.iterdir()):
+        for file in sorted((folder / name).iterdir()):
+            pixels = torch.from_numpy(np.asarray(Image.open(file).convert("RGB"), dtype=np.float32) / 255)
+            images.append((pixels.permute(2, 0, 1) - 0.5) / 0.25)
+            labels.append(NAMES.index(name))
+    with torch.no_grad():
+        logits = model(torch.stack(images))
+    return float(torch.nn.functional.cross_entropy(logits.double(), torch.tensor(labels)))
+
+
+def test_class_folders_follow_the_checkpoints_class_names(run, tmp_path):
+    model = named_checkpoint(tmp_path)
+    subset = png_folder(tmp_path / "subset", 32, classes=("mango", "zebra"), per_class=3)
+    result = run("eval", model, "--data", subset, "--device", "cpu", "-f", "json")
+    assert as_json(result)["loss"] == pytest.approx(hand_loss(model, subset), rel=1e-5)  # mango 2, zebra 0
+    assert not any("sorted" in w for w in warnings_of(result)), result.stderr  # no sorted-order guess to warn about
+    unknown = png_folder(tmp_path / "unknown", 32, classes=("apple", "pear", "plum"), per_class=1)
+    bad = run("eval", model, "--data", unknown, "--device", "cpu", code=1)
+    one_error_line(bad, "the class folders pear, plum are not among the model's 4 classes (zebra, apple, mango, kiwi)",
+                   "--class-map")
+    # --class-map still decides: here the folders by sorted order, as a model without names would get.
+    class_map = tmp_path / "map.txt"
+    class_map.write_text("mango\nzebra\n")
+    mapped = run("eval", model, "--data", subset, "--class-map", class_map, "--device", "cpu", "-f", "json")
+    plain = run("eval", FIXTURE_MODEL, "--data", subset, "--device", "cpu", "-f", "json")  # no names: sorted order
+    assert as_json(mapped)["loss"] == pytest.approx(as_json(plain)["loss"], rel=1e-6)
+    assert as_json(mapped)["loss"] != pytest.approx(as_json(result)["loss"], rel=1e-3)
+
+
+def test_finetune_share_and_pruning_keep_the_class_names(run, tmp_path):
+    folder = png_folder(tmp_path / "train", 32, classes=("kiwi", "apple", "zebra", "mango"), per_class=2)
+    tuned = tmp_path / "tuned.pt"
+    run("finetune", FIXTURE_MODEL, "--data", folder, "--max-steps", "1", "--batch-size", "4", "--out", tuned,
+        "--device", "cpu", "-q")
+    assert torch.load(tuned, weights_only=True)["classes"] == ["apple", "kiwi", "mango", "zebra"]  # as trained
+    assert "classes" not in torch.load(FIXTURE_MODEL, weights_only=True)  # trained on arrays: no names
+    model = named_checkpoint(tmp_path)
+    data = ["--data", FIXTURE_DATA, "--limit", "8", "--device", "cpu", "-q"]
+    run("share", model, *data, "--out", tmp_path / "shared.pt")
+    run("ablate", model, *data, "--save-pruned", tmp_path / "pruned.pt", "--remove-blocks", "layer1.1")
+    for written in ("shared.pt", "pruned.pt"):
+        assert torch.load(tmp_path / written, weights_only=True)["classes"] == NAMES, written
+
+
+def test_damaged_class_names_are_refused(run, tmp_path):
+    obj = torch.load(FIXTURE_MODEL, weights_only=True)
+    obj["classes"] = ["a", "b", "c"]  # 3 names for 4 classes
+    torch.save(obj, tmp_path / "damaged.pt")
+    one_error_line(run("blocks", tmp_path / "damaged.pt", code=1), "damaged resprobe checkpoint", "class names")
+
+
+# --------------------------------------------------------------------------------------------------
 # 8. timm train.py checkpoints carry their model kwargs
 
 
