@@ -119,6 +119,16 @@ class Probe:
         }
 
 
+def _warn_contradicted(loaded: LoadedModel, pre: Preprocessing, *given: Any) -> None:
+    """An option that contradicts a resprobe checkpoint's recorded preprocessing is used (the user may
+    mean it), but said: the model was made, and its figures are usually wanted, with the recorded one."""
+    if loaded.preprocessing:
+        found = contradicted_preprocessing(Preprocessing.from_dict(loaded.preprocessing), pre, *given)
+        message = contradiction_warning(loaded.checkpoint or str(loaded.spec), found)
+        if message:
+            warnings.warn(message, stacklevel=3)
+
+
 def open_probe(
     model: str,
     checkpoint: str | None = None,
@@ -149,16 +159,6 @@ def open_probe(
     loaded.model.requires_grad_(False)
     runtime.prepare(loaded.model)
     return Probe(loaded, pre, runtime, blocks, input_size_given=bool(input_size), offline=offline)
-
-
-def _warn_contradicted(loaded: LoadedModel, pre: Preprocessing, *given: Any) -> None:
-    """An option that contradicts a resprobe checkpoint's recorded preprocessing is used (the user may
-    mean it), but said: the model was made, and its figures are usually wanted, with the recorded one."""
-    if loaded.preprocessing:
-        found = contradicted_preprocessing(Preprocessing.from_dict(loaded.preprocessing), pre, *given)
-        message = contradiction_warning(loaded.checkpoint or str(loaded.spec), found)
-        if message:
-            warnings.warn(message, stacklevel=3)
 
 
 def random_weights_message(loaded: LoadedModel) -> str:
