@@ -577,7 +577,7 @@ def open_data(
     ``hfds:`` hub dataset only from the local cache (as ``HF_HUB_OFFLINE=1``); ``model_names``: the
     model's class names by index, which class folders are matched to by name (unless ``class_map``)."""
     spec = spec.strip()
-    imagenet_style = _imagenet_style_source(spec, pre, model_classes, class_map, labels, offline)
+    imagenet_style = _imagenet_style_source(spec, pre, model_classes, class_map, labels, offline, model_names)
     if imagenet_style is not None:
         return imagenet_style
     if not spec:
@@ -607,7 +607,8 @@ def open_data(
 
 
 def _imagenet_style_source(spec: str, pre: Preprocessing, model_classes: int | None, class_map: str | None,
-                           labels: str | None, offline: bool = False) -> DataSource | None:
+                           labels: str | None, offline: bool = False,
+                           model_names: Sequence[str] | None = None) -> DataSource | None:
     """``--labels`` folders, ``.tar`` archives and ``hfds:`` datasets (resprobe.sources), or None."""
     from resprobe import sources
 
@@ -623,7 +624,7 @@ def _imagenet_style_source(spec: str, pre: Preprocessing, model_classes: int | N
         if labels:
             raise DataError("--labels is for a flat folder of images; a tar's class folders are its labels")
         mapping = _read_class_map(class_map) if class_map else None
-        tar, names, notes = sources.open_tar(path, ImageTransform(pre), model_classes, mapping)
+        tar, names, notes = sources.open_tar(path, ImageTransform(pre), model_classes, mapping, model_names)
         assert tar.remap is not None
         return DataSource(spec, IndexedDataset(tar, tar.filename), num_classes=max(tar.remap.values()) + 1,
                           class_names=names, notes=notes, image_size=tar.image_size())

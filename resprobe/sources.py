@@ -258,7 +258,8 @@ class ReaderImages(Dataset):
 
 
 def open_tar(path: Path, transform: Callable[[Any], Any], model_classes: int | None,
-             class_map: dict[str, int] | None) -> tuple[ReaderImages, list[str], list[str]]:
+             class_map: dict[str, int] | None,
+             model_names: Sequence[str] | None = None) -> tuple[ReaderImages, list[str], list[str]]:
     """A tar of ``CLASS/IMAGE`` files, read by timm's tar reader, in the image folder's order with its
     labels: the dataset, its class names and notes for the user.
 
@@ -276,7 +277,7 @@ def open_tar(path: Path, transform: Callable[[Any], Any], model_classes: int | N
     reader = base.reader
     timm_names = {idx: name for name, idx in reader.class_name_to_idx.items()}
     names = sorted(timm_names.values())
-    mapping, notes = class_mapping(names, model_classes, class_map, str(path))
+    mapping, notes = class_mapping(names, model_classes, class_map, str(path), "class folders", model_names)
     remap = {idx: mapping[name] for idx, name in timm_names.items()}
     paths = [str(reader.filename(i)) for i in range(len(reader))]
     targets = [int(t) for t in reader.targets]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import tarfile
 import warnings
 from pathlib import Path
 
@@ -342,6 +343,12 @@ def test_class_folders_follow_the_checkpoints_class_names(run, tmp_path):
     result = run("eval", model, "--data", subset, "--device", "cpu", "-f", "json")
     assert as_json(result)["loss"] == pytest.approx(hand_loss(model, subset), rel=1e-5)  # mango 2, zebra 0
     assert not any("sorted" in w for w in warnings_of(result)), result.stderr  # no sorted-order guess to warn about
+    archive = tmp_path / "subset.tar"  # a tar of the same class folders: matched by name too
+    with tarfile.open(archive, "w") as tar:
+        for file in sorted(subset.rglob("*.png")):
+            tar.add(file, arcname=str(file.relative_to(subset)))
+    from_tar = run("eval", model, "--data", archive, "--device", "cpu", "-f", "json")
+    assert as_json(from_tar)["loss"] == pytest.approx(as_json(result)["loss"], rel=1e-6)
     unknown = png_folder(tmp_path / "unknown", 32, classes=("apple", "pear", "plum"), per_class=1)
     bad = run("eval", model, "--data", unknown, "--device", "cpu", code=1)
     one_error_line(bad, "the class folders pear, plum are not among the model's 4 classes (zebra, apple, mango, kiwi)",
