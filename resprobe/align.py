@@ -136,6 +136,7 @@ def align_report(recorded: Recorded, readout: list[dict[str, Any]] | None = None
     report = {
         "model": attrs.get("model"),
         "checkpoint": attrs.get("checkpoint") or None,
+        "checkpoint_sha256": attrs.get("checkpoint_sha256") or None,  # stored by record, as every report has it
         "preprocessing": attrs.get("preprocessing") or None,
         "data": attrs.get("data"),
         **summary,

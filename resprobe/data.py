@@ -171,6 +171,46 @@ def override_preprocessing(
     return replace(pre, **changes) if changes else pre
 
 
+def contradicted_preprocessing(recorded: Preprocessing, used: Preprocessing, input_size: str | None = None,
+                               mean: str | None = None, std: str | None = None, crop_pct: float | None = None,
+                               interpolation: str | None = None) -> list[tuple[str, str]]:
+    """The options given that differ from a checkpoint's recorded preprocessing, as pairs of (what the
+    checkpoint records, what was given): e.g. ``("32×32 inputs", "--input-size 64")``. Statistics count
+    as equal to 4 decimals, as they are usually typed."""
+
+    def close(a: Sequence[float], b: Sequence[float]) -> bool:
+        return len(a) == len(b) and all(math.isclose(x, y, rel_tol=0, abs_tol=5e-4) for x, y in zip(a, b))
+
+    def size(shape: Sequence[int]) -> str:
+        return f"{shape[1]}×{shape[2]}"
+
+    found = []
+    if input_size and tuple(used.input_size) != tuple(recorded.input_size):
+        _, h, w = used.input_size
+        found.append((f"{size(recorded.input_size)} inputs", f"--input-size {h if h == w else f'{h}x{w}'}"))
+    if mean and not close(used.mean, recorded.mean):
+        found.append((f"mean {_triple(recorded.mean)}", f"--mean {_triple(used.mean)}"))
+    if std and not close(used.std, recorded.std):
+        found.append((f"std {_triple(recorded.std)}", f"--std {_triple(used.std)}"))
+    if crop_pct is not None and not close([used.crop_pct], [recorded.crop_pct]):
+        found.append((f"crop_pct {recorded.crop_pct:g}", f"--crop-pct {used.crop_pct:g}"))
+    if interpolation and used.interpolation != recorded.interpolation:
+        found.append((f"{recorded.interpolation} interpolation", f"--interpolation {used.interpolation}"))
+    return found
+
+
+def contradiction_warning(name: str, found: list[tuple[str, str]]) -> str | None:
+    """One warning for every option that contradicts checkpoint ``name``'s recorded preprocessing."""
+    if not found:
+        return None
+    recorded, given = (" and ".join(", ".join(part) for part in (parts[:-1], parts[-1:]) if part)
+                       for parts in zip(*found))
+    one = len(found) == 1
+    return (f"{name} was made with {recorded}; {given} {'overrides that' if one else 'override those'} (the "
+            f"figures may differ from the model's own: leave {'it' if one else 'them'} out to use what the checkpoint "
+            "records)")
+
+
 def _resize_transform(pre: Preprocessing) -> Callable[[Any], Tensor]:
     """The evaluation transform for images that are not already of the input size (PIL → tensor)."""
     _, h, w = pre.input_size
@@ -318,6 +358,7 @@ class DataSource:
     in_memory: bool = False
     notes: list[str] = field(default_factory=list)
     image_size: tuple[int, int] | None = None  # (H, W) of the first stored image, for images that get resized
+    label_names: list[str] | None = None  # the class name of each label 0..n-1, when each has exactly one
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -439,7 +480,8 @@ def _cifar_source(spec: str, kind: str, rest: str, pre: Preprocessing, model_cla
         notes.append(f"{spec} has {len(dataset.classes)} classes but the model has {model_classes}; labels follow "
                      f"{kind}'s order (give --num-classes {len(dataset.classes)} if the model was trained on {kind})")
     return DataSource(spec, IndexedDataset(dataset), num_classes=len(dataset.classes), class_names=list(dataset.classes),
-                      notes=notes, image_size=(int(dataset.data.shape[1]), int(dataset.data.shape[2])))
+                      notes=notes, image_size=(int(dataset.data.shape[1]), int(dataset.data.shape[2])),
+                      label_names=list(dataset.classes))
 
 
 def _read_class_map(path: str) -> dict[str, int]:
@@ -490,7 +532,7 @@ def _holds_folders(path: Path) -> bool:
 
 
 def _folder_source(spec: str, path: Path, pre: Preprocessing, model_classes: int | None,
-                   class_map: str | None) -> DataSource:
+                   class_map: str | None, model_names: Sequence[str] | None = None) -> DataSource:
     from torchvision.datasets import ImageFolder
 
     from resprobe.sources import class_mapping
@@ -510,7 +552,7 @@ def _folder_source(spec: str, path: Path, pre: Preprocessing, model_classes: int
                         "class (ImageFolder layout)") from None
     names = folder.classes
     mapping, notes = class_mapping(names, model_classes, _read_class_map(class_map) if class_map else None,
-                                   str(path), "class folders")
+                                   str(path), "class folders", model_names)
     if mapping != folder.class_to_idx:
         folder.samples = [(p, mapping[names[t]]) for p, t in folder.samples]
         folder.targets = [t for _, t in folder.samples]
@@ -520,8 +562,10 @@ def _folder_source(spec: str, path: Path, pre: Preprocessing, model_classes: int
         return samples[i][0]
 
     n_classes = (max(folder.targets) + 1) if folder.targets else len(names)
+    by_label = sorted(mapping, key=mapping.__getitem__)
+    label_names = by_label if sorted(mapping.values()) == list(range(len(names))) else None  # one name per label
     return DataSource(spec, IndexedDataset(folder, describe), num_classes=n_classes, class_names=list(names), notes=notes,
-                      image_size=_first_image_size(samples[0][0]) if samples else None)
+                      image_size=_first_image_size(samples[0][0]) if samples else None, label_names=label_names)
 
 
 def _first_image_size(path: str) -> tuple[int, int] | None:
@@ -544,11 +588,13 @@ def open_data(
     seed: int = 0,
     labels: str | None = None,
     offline: bool = False,
+    model_names: Sequence[str] | None = None,
 ) -> DataSource:
     """Turn a ``--data`` SPEC into a dataset of (normalized image, label, index); ``offline``: an
-    ``hfds:`` hub dataset only from the local cache (as ``HF_HUB_OFFLINE=1``)."""
+    ``hfds:`` hub dataset only from the local cache (as ``HF_HUB_OFFLINE=1``); ``model_names``: the
+    model's class names by index, which class folders are matched to by name (unless ``class_map``)."""
     spec = spec.strip()
-    imagenet_style = _imagenet_style_source(spec, pre, model_classes, class_map, labels, offline)
+    imagenet_style = _imagenet_style_source(spec, pre, model_classes, class_map, labels, offline, model_names)
     if imagenet_style is not None:
         return imagenet_style
     if not spec:
@@ -569,7 +615,7 @@ def open_data(
     if path.suffix.lower() in _ARRAY_SUFFIXES:
         source = _arrays_source(spec, path, pre)
     elif path.is_dir():
-        source = _folder_source(spec, path, pre, model_classes, class_map)
+        source = _folder_source(spec, path, pre, model_classes, class_map, model_names)
     elif path.exists():
         raise DataError(f"--data {spec}: a file, but not an arrays file (.npz, .h5); give a folder or an arrays file")
     else:
@@ -578,7 +624,8 @@ def open_data(
 
 
 def _imagenet_style_source(spec: str, pre: Preprocessing, model_classes: int | None, class_map: str | None,
-                           labels: str | None, offline: bool = False) -> DataSource | None:
+                           labels: str | None, offline: bool = False,
+                           model_names: Sequence[str] | None = None) -> DataSource | None:
     """``--labels`` folders, ``.tar`` archives and ``hfds:`` datasets (resprobe.sources), or None."""
     from resprobe import sources
 
@@ -594,7 +641,7 @@ def _imagenet_style_source(spec: str, pre: Preprocessing, model_classes: int | N
         if labels:
             raise DataError("--labels is for a flat folder of images; a tar's class folders are its labels")
         mapping = _read_class_map(class_map) if class_map else None
-        tar, names, notes = sources.open_tar(path, ImageTransform(pre), model_classes, mapping)
+        tar, names, notes = sources.open_tar(path, ImageTransform(pre), model_classes, mapping, model_names)
         assert tar.remap is not None
         return DataSource(spec, IndexedDataset(tar, tar.filename), num_classes=max(tar.remap.values()) + 1,
                           class_names=names, notes=notes, image_size=tar.image_size())

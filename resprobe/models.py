@@ -114,6 +114,7 @@ class LoadedModel:
     checkpoint: str | None = None
     checkpoint_sha256: str | None = None
     preprocessing: dict[str, Any] | None = None  # recorded by resprobe checkpoints
+    classes: list[str] | None = None  # class names by index, recorded by resprobe checkpoints trained on folders
     recipes: list[dict[str, Any]] = field(default_factory=list)
     torchvision_weights: Any = None  # a torchvision WeightsEnum member when weights were named
     meta: dict[str, Any] = field(default_factory=dict)
@@ -632,6 +633,8 @@ def save_resprobe_checkpoint(
         "meta": json.loads(json.dumps(meta or {})),
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
     }
+    if loaded.classes:  # the class names by index: later commands map class folders by name
+        payload["classes"] = [str(name) for name in loaded.classes]
     if extra:
         payload.update(extra)
     atomic_torch_save(payload, path, replace, option)
@@ -765,9 +768,21 @@ def _load_resprobe_checkpoint(obj: Mapping[str, Any], path: Path, opts: LoadOpti
         spec=ModelSpec("path", str(path)),
         arch=arch,
         preprocessing=obj.get("preprocessing"),
+        classes=_checked_classes(obj.get("classes"), arch.get("num_classes"), path),
         recipes=list(obj.get("recipes") or []),
         meta=dict(obj.get("meta") or {}),
     )
+
+
+def _checked_classes(classes: Any, num_classes: int | None, path: Path) -> list[str] | None:
+    """A resprobe checkpoint's class names (one distinct name per class, in index order), or None."""
+    if classes is None:
+        return None
+    if (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)
+            or len(set(classes)) != len(classes) or (num_classes is not None and len(classes) != num_classes)):
+        raise ModelError(f"{path} is a damaged resprobe checkpoint (its class names do not match its "
+                         f"{num_classes} classes); write it again")
+    return list(classes)
 
 
 def _arch_from_training_checkpoint(obj: Mapping[str, Any], path: Path) -> dict[str, Any] | None:

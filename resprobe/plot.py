@@ -66,12 +66,14 @@ STYLE = {
     "svg.hashsalt": "resprobe",  # stable element ids: the same input gives the same file
 }
 
+# Two short lines each (the name, then the formula): five of them side by side must not touch, even
+# in the narrowest figure (7 inches, about 1.2 inches a panel).
 PROXY_LABELS = {
-    "bi": "BI = 1 − cos(h, out)",
-    "angular": "angular distance / π",
-    "l2_ratio": r"$\|F\|/\|h\|$",
-    "cos": r"cos(F, $\partial\ell/\partial h$)",
-    "taylor": r"removal estimate $-\langle U, \partial\ell/\partial\,\mathrm{out}\rangle$",
+    "bi": "block influence\n1 − cos(h, out)",
+    "angular": "angular distance\nangle(h, out) / π",
+    "l2_ratio": "ℓ2 ratio\n" + r"$\|F\|/\|h\|$",
+    "cos": "alignment\n" + r"cos(F, $\partial\ell/\partial h$)",
+    "taylor": "removal estimate\n" + r"$-\langle U, \partial\ell/\partial\,\mathrm{out}\rangle$",
 }
 
 
@@ -790,18 +792,42 @@ def proxy_series(payload: Mapping[str, Any]) -> list[tuple[str, np.ndarray, np.n
     return out
 
 
+def proxy_ticks(lo: float, hi: float) -> tuple[np.ndarray, int]:
+    """At most 3 ticks in [lo, hi] on steps of 1, 2 or 5, and the power of ten they are written in units
+    of (0 unless the largest is below 0.1 or at least 10⁴): a proxy panel is about an inch wide, and
+    "−0.006" and "0.000" ran together there. MaxNLocator adds ticks until two fall in view, which can
+    make four: every other one is dropped, keeping the one nearest 0."""
+    from matplotlib.ticker import MaxNLocator
+
+    ticks = np.asarray(MaxNLocator(nbins=2, steps=[1, 2, 5, 10]).tick_values(lo, hi))
+    ticks = ticks[(ticks >= lo) & (ticks <= hi)]
+    while len(ticks) > 3:
+        ticks = ticks[int(np.argmin(np.abs(ticks))) % 2::2]
+    largest = float(np.max(np.abs(ticks))) if len(ticks) else 0.0
+    power = math.floor(math.log10(largest)) if largest > 0 else 0
+    return ticks, power if power <= -2 or power >= 4 else 0
+
+
+def compact_tick(value: float) -> str:
+    """A tick label with no trailing zeros and a typographic minus: 0.006 → "0.006", 0 → "0"."""
+    text = f"{value:.4g}"
+    return "0" if float(text) == 0 else text.replace("-", "−")
+
+
 def draw_proxies(fig: Any, series: Sequence[tuple[str, np.ndarray, np.ndarray, str]]) -> None:
     """One small scatter per proxy; its rank correlations with the exact Δ loss in its title (a
     legend inside such narrow axes would cover the points)."""
-    from matplotlib.ticker import MaxNLocator
-
     axes = np.atleast_1d(fig.subplots(1, len(series), sharey=True))
     for ax, (name, xs, ys, correlation) in zip(axes, series):
         ax.scatter(xs, ys, s=14, color=PURPLE, alpha=0.85, zorder=3)
         ax.axhline(0.0, color="black", lw=0.6)
-        ax.set_xlabel(PROXY_LABELS.get(name, name))
         ax.set_title(correlation, fontsize=8)
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=3))
+        ticks, power = proxy_ticks(*sorted(ax.get_xlim()))  # the limits once the points are drawn
+        ax.set_xticks(ticks, [compact_tick(v / 10.0**power) for v in ticks])
+        label = PROXY_LABELS.get(name, name)
+        if power:  # in units of 10^power, said under the label: no offset text to collide with it
+            label += "\n" + r"(in units of $10^{" + str(power) + r"}$)"
+        ax.set_xlabel(label)
         ax.grid(True, axis="both")
     axes[0].set_ylabel("exact Δ loss (nats)")
     fig.suptitle("cheap proxies against the exact removal cost (one point per block; ρ Spearman, τ Kendall)",

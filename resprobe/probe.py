@@ -22,6 +22,8 @@ from resprobe.data import (
     DataSource,
     Preprocessing,
     check_labels_fit,
+    contradicted_preprocessing,
+    contradiction_warning,
     default_preprocessing,
     describe_preprocessing,
     limit_source,
@@ -73,7 +75,7 @@ class Probe:
              labels: str | None = None) -> DataSource:
         """Open ``--data SPEC`` with this model's preprocessing; checks that labels fit the classifier."""
         source = open_data(spec, self.preprocessing, self.num_classes, class_map, seed, labels=labels,
-                           offline=self.offline)
+                           offline=self.offline, model_names=self.loaded.classes)
         check_labels_fit(source, self.num_classes)
         warn_notes(source)  # e.g. a class count that differs from the head: said by every command
         if source.in_memory and self.sample_shape is None and len(source):
@@ -120,6 +122,16 @@ class Probe:
         }
 
 
+def _warn_contradicted(loaded: LoadedModel, pre: Preprocessing, *given: Any) -> None:
+    """An option that contradicts a resprobe checkpoint's recorded preprocessing is used (the user may
+    mean it), but said: the model was made, and its figures are usually wanted, with the recorded one."""
+    if loaded.preprocessing:
+        found = contradicted_preprocessing(Preprocessing.from_dict(loaded.preprocessing), pre, *given)
+        message = contradiction_warning(loaded.checkpoint or str(loaded.spec), found)
+        if message:
+            warnings.warn(message, stacklevel=3)
+
+
 def open_probe(
     model: str,
     checkpoint: str | None = None,
@@ -147,6 +159,7 @@ def open_probe(
     loaded = load_model(model, LoadOptions(checkpoint, pretrained, num_classes, dict(model_kwargs or {}), ema,
                                            trust_checkpoint, offline))
     pre = override_preprocessing(default_preprocessing(loaded), input_size, mean, std, crop_pct, interpolation)
+    _warn_contradicted(loaded, pre, input_size, mean, std, crop_pct, interpolation)
     require_blocks(loaded.model, blocks)  # a model without residual blocks fails now, not later
     if randomly_initialized(loaded, pretrained) and not for_training:
         warnings.warn(random_weights_message(loaded), stacklevel=2)

@@ -180,14 +180,27 @@ def labelled_folder_samples(folder: Path, labels_file: str | Path) -> list[tuple
 
 
 def class_mapping(names: Sequence[str], model_classes: int | None, class_map: dict[str, int] | None,
-                  where: str, kind: str = "classes") -> tuple[dict[str, int], list[str]]:
-    """Class name → label, and notes for the user: ``--class-map``, the 1000-class ImageNet order for
+                  where: str, kind: str = "classes",
+                  model_names: Sequence[str] | None = None) -> tuple[dict[str, int], list[str]]:
+    """Class name → label, and notes for the user: ``--class-map``, the model's own class names (a
+    resprobe checkpoint trained on class folders records them), the 1000-class ImageNet order for
     classes named by wnids under a 1000-class model, or else the position in ``names`` (sorted order)."""
     if class_map is not None:
         missing = [n for n in names if n not in class_map]
         if missing:
             raise DataError(f"--class-map has no entry for {kind} {', '.join(missing[:4])} of {where}")
         return {n: class_map[n] for n in names}, []
+    if model_names:
+        known = {n: i for i, n in enumerate(model_names)}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            more = f" and {len(unknown) - 4} more" if len(unknown) > 4 else ""
+            what = f"the {kind.rstrip('s')} {unknown[0]} is not" if len(unknown) == 1 else \
+                f"the {kind} {', '.join(unknown[:4])}{more} are not"
+            raise DataError(f"{where}: {what} among the model's {len(model_names)} classes "
+                            f"({', '.join(model_names[:6])}{', ...' if len(model_names) > 6 else ''}); "
+                            "give --class-map to map them")
+        return {n: known[n] for n in names}, []
     if model_classes == 1000 and names and all(is_wnid(n) for n in names):
         return imagenet_index(), [f"{kind} named by ImageNet wnids: labels follow the 1000-class ImageNet order"]
     notes = []
@@ -245,7 +258,8 @@ class ReaderImages(Dataset):
 
 
 def open_tar(path: Path, transform: Callable[[Any], Any], model_classes: int | None,
-             class_map: dict[str, int] | None) -> tuple[ReaderImages, list[str], list[str]]:
+             class_map: dict[str, int] | None,
+             model_names: Sequence[str] | None = None) -> tuple[ReaderImages, list[str], list[str]]:
     """A tar of ``CLASS/IMAGE`` files, read by timm's tar reader, in the image folder's order with its
     labels: the dataset, its class names and notes for the user.
 
@@ -263,7 +277,7 @@ def open_tar(path: Path, transform: Callable[[Any], Any], model_classes: int | N
     reader = base.reader
     timm_names = {idx: name for name, idx in reader.class_name_to_idx.items()}
     names = sorted(timm_names.values())
-    mapping, notes = class_mapping(names, model_classes, class_map, str(path))
+    mapping, notes = class_mapping(names, model_classes, class_map, str(path), "class folders", model_names)
     remap = {idx: mapping[name] for idx, name in timm_names.items()}
     paths = [str(reader.filename(i)) for i in range(len(reader))]
     targets = [int(t) for t in reader.targets]

@@ -591,6 +591,10 @@ def finetune(
         if options.recalibrate:
             run.recalibrated = _recalibrate(model, train, options, runtime, recalibrate_progress)
 
+    if probe.loaded.classes is None and train.label_names and len(train.label_names) == probe.num_classes:
+        # The training data's class names (class folders, CIFAR) go into every checkpoint written, so
+        # that later commands match class folders to the model's classes by name, not by sorted order.
+        probe.loaded.classes = list(train.label_names)
     dataset = _training_dataset(train, options, probe.preprocessing)
     # torchrun: each rank validates its share of the batches; evaluate() sums over the ranks.
     val_loader = (make_loader(distributed.shard_source(val, options.batch_size), options.batch_size, options.workers,

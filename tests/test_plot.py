@@ -196,6 +196,38 @@ def test_ablate_png_and_svg_with_curve_and_proxies(tmp_path):
     assert "#1" in text  # the most harmful removal is marked
 
 
+@pytest.mark.parametrize("cos", [[-0.0061, -0.004, None, -0.0001, None, -0.003],  # the trial's ResNet-20 range
+                                 [-0.00061, 0.00003, None, -0.0002, None, -0.0004]])
+def test_proxy_panels_labels_do_not_run_together(cos):
+    """The narrowest ablate figure (6 blocks: 7 inches for five proxy panels): measured on the drawn
+    figure, no two tick labels of a panel overlap, and the axis titles neither touch nor leave it."""
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from resprobe.plot import STYLE, ablate_figure
+
+    payload = ablate_payload(cumulative=False)
+    for row, value in zip(payload["proxies"]["blocks"], cos):
+        row["cos"] = value
+    with matplotlib.rc_context(STYLE):
+        fig, _ = ablate_figure(payload)
+        FigureCanvasAgg(fig).draw()
+        renderer = fig.canvas.get_renderer()
+        axes = fig.subfigs[-1].axes
+        assert len(axes) == 5
+        for ax in axes:
+            lo, hi = sorted(ax.get_xlim())
+            shown = [t.get_window_extent(renderer) for t, v in zip(ax.get_xticklabels(), ax.get_xticks())
+                     if lo <= v <= hi and t.get_text()]
+            assert len(shown) >= 2, ax.get_xlabel()
+            for left, right in zip(shown, shown[1:]):
+                assert left.x1 + 2 < right.x0, (ax.get_xlabel(), [t.get_text() for t in ax.get_xticklabels()])
+        titles = [ax.xaxis.label.get_window_extent(renderer) for ax in axes]
+        for left, right in zip(titles, titles[1:]):
+            assert left.x1 + 4 < right.x0  # at least 4 pixels (at 100 dpi) between neighbouring axis titles
+        assert titles[0].x0 >= fig.bbox.x0 and titles[-1].x1 <= fig.bbox.x1
+
+
 def test_ablate_without_optional_parts(tmp_path):
     source = write_json(tmp_path / "ablate.json", ablate_payload(cumulative=False, proxies=False))
     report = json.loads(invoke("plot", str(source), "-o", str(tmp_path / "a.png"), "-f", "json").stdout)

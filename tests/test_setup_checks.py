@@ -4,7 +4,9 @@ error, and checkpoints record the preprocessing that was really used."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import tarfile
 import warnings
 from pathlib import Path
 
@@ -76,6 +78,45 @@ def test_upscaled_images_warn_naming_input_size(run, tmp_path):
     assert "14.7×" in upscale[0]  # timm's resnet18 (crop_pct 0.95): resized to ⌊224 / 0.95⌋ = 235 = 14.7 × 16
     chosen = run("eval", TINY, "--data", folder, "--input-size", "16", "--device", "cpu", "-f", "json")
     assert not any("upscaled" in w for w in warnings_of(chosen)), chosen.stderr
+
+
+def test_options_contradicting_the_checkpoints_preprocessing_warn_and_are_used(run, tmp_path):
+    # The fixture records 32×32 inputs, mean 0.5, std 0.25, crop_pct 1, bilinear.
+    folder = png_folder(tmp_path / "pngs", 32, classes=("a", "b", "c", "d"))
+    args = ["eval", FIXTURE_MODEL, "--data", folder, "--device", "cpu", "-f", "json"]
+    recorded = run(*args)
+    bigger = run(*args, "--input-size", "64")
+    said = [w for w in warnings_of(bigger) if "was made with" in w]
+    assert said == [f"warning: {FIXTURE_MODEL} was made with 32×32 inputs; --input-size 64 overrides that (the figures "
+                    "may differ from the model's own: leave it out to use what the checkpoint records)"], bigger.stderr
+    assert not any("was made with" in w for w in warnings_of(recorded))
+    assert as_json(bigger)["preprocessing"]["input_size"] == [3, 64, 64]  # the user may mean it: used
+    assert as_json(bigger)["loss"] != as_json(recorded)["loss"]
+    several = run(*args, "--mean", "0.5", "--std", "0.2,0.25,0.25", "--crop-pct", "0.9", "--interpolation", "bicubic")
+    said = [w for w in warnings_of(several) if "was made with" in w]
+    assert len(said) == 1 and "std 0.25,0.25,0.25, crop_pct 1 and bilinear interpolation;" in said[0], said
+    assert "--std 0.2,0.25,0.25, --crop-pct 0.9 and --interpolation bicubic override those" in said[0]
+    assert "--mean" not in said[0]  # 0.5 is what the checkpoint records
+    same = run(*args, "--input-size", "32x32", "--mean", "0.5,0.50001,0.5", "--std", "0.25", "--crop-pct", "1",
+               "--interpolation", "bilinear")
+    assert not any("was made with" in w for w in warnings_of(same)), same.stderr
+    assert as_json(same)["loss"] == pytest.approx(as_json(recorded)["loss"], rel=1e-4)  # mean off by 1e-5
+
+
+def test_options_contradicting_the_checkpoint_warn_in_the_library():
+    from resprobe.probe import open_probe
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probe = open_probe(FIXTURE_MODEL, mean="0.4914,0.4822,0.4465", device="cpu")
+    said = [str(w.message) for w in caught if "was made with" in str(w.message)]
+    assert said == [f"{FIXTURE_MODEL} was made with mean 0.5,0.5,0.5; --mean 0.4914,0.4822,0.4465 overrides that (the "
+                    "figures may differ from the model's own: leave it out to use what the checkpoint records)"]
+    assert probe.preprocessing.mean == (0.4914, 0.4822, 0.4465)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        open_probe("tinymodels:timm_basic", input_size="32", device="cpu")  # nothing recorded: nothing to contradict
+    assert not any("was made with" in str(w.message) for w in caught)
 
 
 def test_upscale_threshold_is_the_resize_actually_done():
@@ -280,6 +321,7 @@ def test_preprocessing_is_printed_once_and_reported(run, tmp_path):
 def test_every_report_that_loads_a_model_names_checkpoint_and_preprocessing(run, tmp_path):
     data = ["--data", FIXTURE_DATA, "--limit", "8", "--device", "cpu", "-f", "json"]
     expected = read_checkpoint(FIXTURE_MODEL)["preprocessing"]
+    sha256 = hashlib.sha256(Path(FIXTURE_MODEL).read_bytes()).hexdigest()  # as `sha256sum` gives it
     reports = {
         "blocks": run("blocks", FIXTURE_MODEL, "-f", "json"),
         "eval": run("eval", FIXTURE_MODEL, *data),
@@ -294,8 +336,86 @@ def test_every_report_that_loads_a_model_names_checkpoint_and_preprocessing(run,
         payload = as_json(result)
         assert payload["checkpoint"] == FIXTURE_MODEL, name
         assert payload["preprocessing"] == expected, name
+        assert payload["checkpoint_sha256"] == sha256, name  # align too (docs/reliability.md lists it)
     csv = run("eval", FIXTURE_MODEL, *data[:-2], "-f", "csv").stdout.splitlines()
     assert csv[0].split(",")[:3] == ["model", "checkpoint", "checkpoint_sha256"] and len(csv) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Class folders matched to a checkpoint's class names
+
+NAMES = ["zebra", "apple", "mango", "kiwi"]  # the model's order on purpose: not the sorted one
+
+
+def named_checkpoint(tmp_path: Path) -> Path:
+    """The fixture with class names recorded (as finetune writes them)."""
+    obj = torch.load(FIXTURE_MODEL, weights_only=True)
+    obj["classes"] = NAMES
+    path = tmp_path / "named.pt"
+    torch.save(obj, path)
+    return path
+
+
+def hand_loss(model_path: Path, folder: Path) -> float:
+    """Mean cross-entropy with labels = the position of the folder's name in NAMES, the images
+    normalized by hand (32×32 PNGs: the fixture's mean 0.5, std 0.25, no resize)."""
+    model = load_model(str(model_path), LoadOptions()).model.eval()
+    images, labels = [], []
+    for name in sorted(p.name for p in folder.iterdir()):
+        for file in sorted((folder / name).iterdir()):
+            pixels = torch.from_numpy(np.asarray(Image.open(file).convert("RGB"), dtype=np.float32) / 255)
+            images.append((pixels.permute(2, 0, 1) - 0.5) / 0.25)
+            labels.append(NAMES.index(name))
+    with torch.no_grad():
+        logits = model(torch.stack(images))
+    return float(torch.nn.functional.cross_entropy(logits.double(), torch.tensor(labels)))
+
+
+def test_class_folders_follow_the_checkpoints_class_names(run, tmp_path):
+    model = named_checkpoint(tmp_path)
+    subset = png_folder(tmp_path / "subset", 32, classes=("mango", "zebra"), per_class=3)
+    result = run("eval", model, "--data", subset, "--device", "cpu", "-f", "json")
+    assert as_json(result)["loss"] == pytest.approx(hand_loss(model, subset), rel=1e-5)  # mango 2, zebra 0
+    assert not any("sorted" in w for w in warnings_of(result)), result.stderr  # no sorted-order guess to warn about
+    archive = tmp_path / "subset.tar"  # a tar of the same class folders: matched by name too
+    with tarfile.open(archive, "w") as tar:
+        for file in sorted(subset.rglob("*.png")):
+            tar.add(file, arcname=str(file.relative_to(subset)))
+    from_tar = run("eval", model, "--data", archive, "--device", "cpu", "-f", "json")
+    assert as_json(from_tar)["loss"] == pytest.approx(as_json(result)["loss"], rel=1e-6)
+    unknown = png_folder(tmp_path / "unknown", 32, classes=("apple", "pear", "plum"), per_class=1)
+    bad = run("eval", model, "--data", unknown, "--device", "cpu", code=1)
+    one_error_line(bad, "the class folders pear, plum are not among the model's 4 classes (zebra, apple, mango, kiwi)",
+                   "--class-map")
+    # --class-map still decides: here the folders by sorted order, as a model without names would get.
+    class_map = tmp_path / "map.txt"
+    class_map.write_text("mango\nzebra\n")
+    mapped = run("eval", model, "--data", subset, "--class-map", class_map, "--device", "cpu", "-f", "json")
+    plain = run("eval", FIXTURE_MODEL, "--data", subset, "--device", "cpu", "-f", "json")  # no names: sorted order
+    assert as_json(mapped)["loss"] == pytest.approx(as_json(plain)["loss"], rel=1e-6)
+    assert as_json(mapped)["loss"] != pytest.approx(as_json(result)["loss"], rel=1e-3)
+
+
+def test_finetune_share_and_pruning_keep_the_class_names(run, tmp_path):
+    folder = png_folder(tmp_path / "train", 32, classes=("kiwi", "apple", "zebra", "mango"), per_class=2)
+    tuned = tmp_path / "tuned.pt"
+    run("finetune", FIXTURE_MODEL, "--data", folder, "--max-steps", "1", "--batch-size", "4", "--out", tuned,
+        "--device", "cpu", "-q")
+    assert torch.load(tuned, weights_only=True)["classes"] == ["apple", "kiwi", "mango", "zebra"]  # as trained
+    assert "classes" not in torch.load(FIXTURE_MODEL, weights_only=True)  # trained on arrays: no names
+    model = named_checkpoint(tmp_path)
+    data = ["--data", FIXTURE_DATA, "--limit", "8", "--device", "cpu", "-q"]
+    run("share", model, *data, "--out", tmp_path / "shared.pt")
+    run("ablate", model, *data, "--save-pruned", tmp_path / "pruned.pt", "--remove-blocks", "layer1.1")
+    for written in ("shared.pt", "pruned.pt"):
+        assert torch.load(tmp_path / written, weights_only=True)["classes"] == NAMES, written
+
+
+def test_damaged_class_names_are_refused(run, tmp_path):
+    obj = torch.load(FIXTURE_MODEL, weights_only=True)
+    obj["classes"] = ["a", "b", "c"]  # 3 names for 4 classes
+    torch.save(obj, tmp_path / "damaged.pt")
+    one_error_line(run("blocks", tmp_path / "damaged.pt", code=1), "damaged resprobe checkpoint", "class names")
 
 
 # --------------------------------------------------------------------------------------------------
