@@ -482,12 +482,6 @@ class PendingBatch:
         )
 
 
-def nonfinite_blocks(batch: BatchStats, names: list[str]) -> list[tuple[str, int]]:
-    """(block, count of samples) whose activations held NaN or inf in this batch."""
-    bad = ~np.isfinite(batch.stats["input_norm"]) | ~np.isfinite(batch.stats["grad_norm"])
-    return [(names[j], int(bad[:, j].sum())) for j in range(len(names)) if bad[:, j].any()]
-
-
 class NonfiniteTally:
     """Where NaN or inf appeared in the activations or gradients, over a whole run.
 
