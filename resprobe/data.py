@@ -592,7 +592,8 @@ def open_data(
 ) -> DataSource:
     """Turn a ``--data`` SPEC into a dataset of (normalized image, label, index); ``offline``: an
     ``hfds:`` hub dataset only from the local cache (as ``HF_HUB_OFFLINE=1``); ``model_names``: the
-    model's class names by index, which class folders are matched to by name (unless ``class_map``)."""
+    model's class names by index, which class names (folders, a tar's folders, an ``hfds:`` ClassLabel,
+    a ``--labels`` file) are matched to by name (unless ``class_map``)."""
     spec = spec.strip()
     imagenet_style = _imagenet_style_source(spec, pre, model_classes, class_map, labels, offline, model_names)
     if imagenet_style is not None:
@@ -634,7 +635,8 @@ def _imagenet_style_source(spec: str, pre: Preprocessing, model_classes: int | N
         if labels:
             raise DataError("--labels is for a flat folder of images; hfds: datasets carry their labels")
         mapping = _read_class_map(class_map) if class_map else None
-        rows, names, notes, n_classes = sources.open_hfds(spec, ImageTransform(pre), model_classes, mapping, offline)
+        rows, names, notes, n_classes = sources.open_hfds(spec, ImageTransform(pre), model_classes, mapping, offline,
+                                                          model_names)
         return DataSource(spec, IndexedDataset(rows, lambda i: sources.describe_row(rows, i, spec)),
                           num_classes=n_classes, class_names=names, notes=notes, image_size=rows.image_size())
     if path.suffix.lower() == ".tar" and path.is_file():
@@ -648,7 +650,8 @@ def _imagenet_style_source(spec: str, pre: Preprocessing, model_classes: int | N
     if labels:
         if not path.is_dir():
             raise DataError(f"--labels needs --data to be a folder of images, not {spec}")
-        samples = sources.labelled_folder_samples(path, labels)
+        mapping = _read_class_map(class_map) if class_map else None
+        samples = sources.labelled_folder_samples(path, labels, model_classes, mapping, model_names)
         files = sources.LabelledFiles(samples, ImageTransform(pre))
         return DataSource(spec, IndexedDataset(files, lambda i: samples[i][0]),
                           num_classes=max(label for _, label in samples) + 1)
