@@ -404,8 +404,16 @@ def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path} is not a readable arrays file (corrupt or truncated): {type(exc).__name__}") from None
 
 
+# How far float images may lie outside [0, 1] and still be taken as [0, 1] images. A bicubic resize
+# overshoots: by a few 1e-3 on photos, by 0.109 on a hard 0/1 edge upscaled 7× (torch's bicubic; 0.073
+# antialiased; measured 2026-12-08). 0-255 floats (any pixel of 2/255 or more) and normalized images
+# (about -2.1 to 2.6 with ImageNet statistics) are far outside it, over a whole array.
+FLOAT_SLACK = 0.15
+
+
 def arrays_to_tensor(images: np.ndarray, path: str = "arrays") -> Tensor:
-    """uint8 NHWC → float NCHW in [0, 1]; float NCHW is taken as it is (must already be in [0, 1])."""
+    """uint8 NHWC → float NCHW in [0, 1]; float NCHW is taken as it is (must already be in [0, 1], give
+    or take ``FLOAT_SLACK``)."""
     if images.ndim != 4:
         raise DataError(f"{path}: 'images' must be 4-D (uint8 NHWC or float NCHW), got shape {list(images.shape)}")
     if images.dtype == np.uint8:
@@ -419,12 +427,12 @@ def arrays_to_tensor(images: np.ndarray, path: str = "arrays") -> Tensor:
         if not torch.isfinite(tensor).all():
             raise DataError(f"{path}: 'images' holds NaN or infinite values")
         low, high = (float(tensor.min()), float(tensor.max())) if tensor.numel() else (0.0, 0.0)
-        if low < 0 or high > 1:
+        if low < -FLOAT_SLACK or high > 1 + FLOAT_SLACK:
             # 0-255 floats, or images already normalized: normalizing them again gives wrong numbers.
-            raise DataError(f"{path}: float 'images' must be in [0, 1] (they are scaled and normalized by resprobe), "
-                            f"but they range over [{low:g}, {high:g}]; store uint8 NHWC, or floats divided by 255 "
-                            "and not yet normalized")
-        return tensor
+            raise DataError(f"{path}: float 'images' must be in [0, 1] (they are scaled and normalized by resprobe; "
+                            f"up to {FLOAT_SLACK:g} outside is taken as it is), but they range over [{low:g}, "
+                            f"{high:g}]; store uint8 NHWC, or floats divided by 255 and not yet normalized")
+        return tensor  # values slightly outside [0, 1] are kept: clamping would change the user's images
     raise DataError(f"{path}: 'images' must be uint8 or float, got {images.dtype}")
 
 

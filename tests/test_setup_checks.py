@@ -265,6 +265,24 @@ def test_float_arrays_outside_0_1_are_refused(run, tmp_path, images):
     one_error_line(run("eval", FIXTURE_MODEL, "--data", path, code=1), "must be in [0, 1]")
 
 
+def test_float_arrays_slightly_outside_0_1_are_taken_as_they_are(tmp_path):
+    """A bicubic resize overshoots [0, 1] (by 0.109 at a hard edge): accepted, values not clamped; 1.2 is not."""
+    from resprobe.data import open_data
+
+    rng = np.random.default_rng(0)
+    data = rng.random((4, 3, 8, 8)).astype(np.float32)
+    data[0, 0, 0, :2] = [-0.109, 1.109]
+    np.savez(tmp_path / "overshoot.npz", images=data, labels=np.zeros(4, dtype=np.int64))
+    pre = Preprocessing((3, 8, 8), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    source = open_data(str(tmp_path / "overshoot.npz"), pre)
+    image = source.dataset[0][0]
+    assert image[0, 0, :2].tolist() == pytest.approx([(-0.109 - 0.5) / 0.25, (1.109 - 0.5) / 0.25])
+    data[0, 0, 0, 0] = 1.2
+    np.savez(tmp_path / "beyond.npz", images=data, labels=np.zeros(4, dtype=np.int64))
+    with pytest.raises(DataError, match=r"must be in \[0, 1\].*, 1.2\]"):
+        open_data(str(tmp_path / "beyond.npz"), pre)
+
+
 # --------------------------------------------------------------------------------------------------
 # 5. A folder of splits
 
