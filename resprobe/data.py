@@ -259,8 +259,11 @@ MAX_UPSCALE = 2.0
 def upscale_warning(source: DataSource, pre: Preprocessing) -> str | None:
     """A warning when the images (judged by the first one) are upscaled more than 2× to the input size:
     e.g. 32×32 CIFAR images given to a model whose default input is 224 — most likely a model trained
-    on 32×32 images whose checkpoint does not say so. Arrays are never resized: no warning."""
-    if source.in_memory or source.image_size is None:
+    on 32×32 images whose checkpoint does not say so. Arrays, never resized, are warned about when the
+    input size is more than 2× theirs (the model then runs on inputs far smaller than its own)."""
+    if source.in_memory:
+        return _small_arrays_warning(source, pre)
+    if source.image_size is None:
         return None
     h, w = source.image_size
     _, size_h, size_w = pre.input_size
@@ -275,13 +278,34 @@ def upscale_warning(source: DataSource, pre: Preprocessing) -> str | None:
             f"model was trained on {h}×{w} images, pass --input-size {h if h == w else f'{h}x{w}'}")
 
 
+def _array_size(source: DataSource) -> tuple[int, int] | None:
+    """(H, W) of in-memory arrays (all of one size), or None when there are none."""
+    return tuple(int(v) for v in source.dataset[0][0].shape[-2:]) if len(source) else None  # type: ignore[return-value]
+
+
+def _small_arrays_warning(source: DataSource, pre: Preprocessing) -> str | None:
+    size = _array_size(source)
+    _, size_h, size_w = pre.input_size
+    if size is None or size == (size_h, size_w) or min(size) < 1:
+        return None
+    h, w = size
+    factor = min(size_h, size_w) / min(h, w)
+    if factor <= MAX_UPSCALE:
+        return None  # the preprocessing note names the model's size
+    return (f"the arrays of {source.spec} are {h}×{w} but the model's input size is {size_h}×{size_w} ({factor:.1f}× "
+            f"larger): arrays are never resized, so the model runs on {h}×{w} inputs; if it was trained on {h}×{w} "
+            f"images, pass --input-size {h if h == w else f'{h}x{w}'}, else resize the arrays to {size_h}×{size_w}")
+
+
 def describe_preprocessing(source: DataSource, pre: Preprocessing) -> str:
     """One line saying what the data goes through, for stderr."""
     stats = f"mean {_triple(pre.mean)}, std {_triple(pre.std)}"
     if source.in_memory:
-        shape = tuple(source.dataset[0][0].shape) if len(source) else pre.input_size
-        size = "×".join(str(v) for v in shape[-2:])
-        return f"preprocessing of {source.spec}: {size} arrays scaled to [0, 1] and normalized ({stats}), never resized"
+        _, h, w = pre.input_size
+        size = _array_size(source) or (h, w)
+        other = f" (the model's input size is {h}×{w})" if size != (h, w) else ""
+        return (f"preprocessing of {source.spec}: {size[0]}×{size[1]} arrays scaled to [0, 1] and normalized ({stats}), "
+                f"never resized{other}")
     _, h, w = pre.input_size
     resize = (f"images not {h}×{w} resized to {resize_side(pre)} ({pre.interpolation}) and center-cropped to "
               f"{h}×{w}")
@@ -449,14 +473,23 @@ def _check_labels(labels: np.ndarray, n: int, path: str) -> Tensor:
     return torch.from_numpy(labels.astype(np.int64))
 
 
-def _arrays_source(spec: str, path: Path, pre: Preprocessing) -> DataSource:
+def _arrays_source(spec: str, path: Path, pre: Preprocessing, model_classes: int | None = None) -> DataSource:
     images, labels = _load_arrays(path)
     tensor = arrays_to_tensor(images, str(path))
     if len(tensor) == 0:
         raise DataError(f"{path} holds no images")
     label_tensor = _check_labels(labels, len(tensor), str(path))
-    return DataSource(spec, TensorImages(normalize(tensor, pre), label_tensor),
-                      num_classes=int(label_tensor.max()) + 1, in_memory=True)
+    n_classes = int(label_tensor.max()) + 1
+    notes = []
+    # Warned when the labels are a whole set 0..n-1 (each present) of fewer classes than the model's,
+    # as CIFAR-10 arrays under a 1000-class head: a subset of a larger label set (ImageNet labels 3,
+    # 17, 900) leaves gaps and is not. More labels than classes is check_labels_fit's error.
+    if model_classes is not None and n_classes < model_classes and len(torch.unique(label_tensor)) == n_classes:
+        notes.append(f"the labels of {spec} are 0 to {n_classes - 1} ({n_classes} classes) but the model has "
+                     f"{model_classes} classes; each label is taken as the index of the model's class (give "
+                     f"--num-classes {n_classes} if the model was trained on these labels)")
+    return DataSource(spec, TensorImages(normalize(tensor, pre), label_tensor), num_classes=n_classes, in_memory=True,
+                      notes=notes)
 
 
 def _synthetic_source(spec: str, n: int, pre: Preprocessing, num_classes: int | None, seed: int) -> DataSource:
@@ -622,7 +655,7 @@ def open_data(
             return _cifar_source(spec, kind, spec[len(kind) + 1 :], pre, model_classes)
     path = Path(spec).expanduser()
     if path.suffix.lower() in _ARRAY_SUFFIXES:
-        source = _arrays_source(spec, path, pre)
+        source = _arrays_source(spec, path, pre, model_classes)
     elif path.is_dir():
         source = _folder_source(spec, path, pre, model_classes, class_map, model_names)
     elif path.exists():
