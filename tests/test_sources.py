@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import MODEL, invoke
+from test_setup_checks import NAMES, named_checkpoint
 
 from resprobe.data import Preprocessing, open_data
 from resprobe.errors import DataError
@@ -337,17 +338,6 @@ def test_a_tar_reports_its_image_size(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # Class names matched to the names a resprobe checkpoint records (hfds: ClassLabels, --labels files)
 
-NAMED = ["zebra", "apple", "mango", "kiwi"]  # the checkpoint's class order, on purpose not the sorted one
-
-
-def named_model(tmp_path: Path) -> Path:
-    """The fixture model with class names recorded, as finetune on class folders writes them."""
-    obj = torch.load(MODEL, weights_only=True)
-    obj["classes"] = NAMED
-    path = tmp_path / "named.pt"
-    torch.save(obj, path)
-    return path
-
 
 def hand_eval(pixels: np.ndarray, labels: list[int]) -> tuple[float, float]:
     """Loss and accuracy of the fixture model on uint8 NHWC pixels, normalized by hand (its recorded
@@ -371,8 +361,8 @@ def test_hfds_class_labels_follow_the_checkpoints_class_names(tmp_path, hf_datas
                      np.array([hf_order.index(n) for n in row_names]), class_names=hf_order)
     for i, (image, name) in enumerate(zip(pixels, row_names)):  # the same images as class folders
         save_png(tmp_path / "folders" / name / f"{i}.png", image)
-    model = named_model(tmp_path)
-    loss, acc = hand_eval(pixels, [NAMED.index(n) for n in row_names])  # mango 2, zebra 0
+    model = named_checkpoint(tmp_path)
+    loss, acc = hand_eval(pixels, [NAMES.index(n) for n in row_names])  # mango 2, zebra 0
     for data in (f"hfds:{tmp_path / 'ds'}", tmp_path / "folders"):
         result = json.loads(invoke("eval", model, "--data", data, "--device", "cpu", "--workers", "0", "-b", "4",
                                    "-f", "json").stdout)
@@ -405,14 +395,14 @@ def test_labels_file_with_class_names_follows_the_checkpoint_and_class_map(tmp_p
     common = ["--data", tmp_path / "flat", "--labels", tmp_path / "names.csv", "--device", "cpu", "--workers", "0",
               "-f", "json"]
     # the checkpoint's names: kiwi 3, zebra 0, apple 1, mango 2
-    loss, acc = hand_eval(pixels, [NAMED.index(n) for n in names])
-    by_names = json.loads(invoke("eval", named_model(tmp_path), *common).stdout)
+    loss, acc = hand_eval(pixels, [NAMES.index(n) for n in names])
+    by_names = json.loads(invoke("eval", named_checkpoint(tmp_path), *common).stdout)
     assert by_names["loss"] == pytest.approx(loss, rel=1e-5) and by_names["acc"] == pytest.approx(acc)
     # --class-map decides, with or without the checkpoint's names
     order = ["apple", "kiwi", "mango", "zebra"]
     (tmp_path / "map.txt").write_text("\n".join(order) + "\n")
     loss, acc = hand_eval(pixels, [order.index(n) for n in names])
-    for model in (MODEL, named_model(tmp_path)):
+    for model in (MODEL, named_checkpoint(tmp_path)):
         mapped = json.loads(invoke("eval", model, *common, "--class-map", tmp_path / "map.txt").stdout)
         assert mapped["loss"] == pytest.approx(loss, rel=1e-5) and mapped["acc"] == pytest.approx(acc), model
     # names and no way to map them: one line
@@ -424,7 +414,7 @@ def test_labels_file_with_class_names_follows_the_checkpoint_and_class_map(tmp_p
     partial = invoke("eval", MODEL, *common, "--class-map", tmp_path / "map.txt", code=1)
     assert partial.stderr.strip() == f"error: --class-map has no entry for classes mango of {tmp_path / 'names.csv'}"
     (tmp_path / "pear.csv").write_text("".join(f"img{i},{'pear' if i == 3 else 'kiwi'}\n" for i in range(6)))
-    unknown = invoke("eval", named_model(tmp_path), "--data", tmp_path / "flat", "--labels", tmp_path / "pear.csv",
+    unknown = invoke("eval", named_checkpoint(tmp_path), "--data", tmp_path / "flat", "--labels", tmp_path / "pear.csv",
                      "--device", "cpu", code=1)
     assert unknown.stderr.strip() == (f"error: {tmp_path / 'pear.csv'}: the class pear is not among the model's 4 "
                                       "classes (zebra, apple, mango, kiwi); give --class-map to map them")
