@@ -82,6 +82,16 @@ def test_devkit_order_follows_the_file_numbers_when_only_some_files_are_present(
                                     "ILSVRC2012_val_00000005.JPEG": wnids.index(table[9])}
 
 
+def test_devkit_ground_truth_follows_a_class_map(tmp_path):
+    table = fake_devkit(tmp_path / "data", [5, 6])
+    for number in (1, 2):
+        save_image(tmp_path / "val" / f"ILSVRC2012_val_{number:08d}.JPEG", number)
+    (tmp_path / "map.txt").write_text(f"{table[6]}\n{table[5]}\n")  # a 2-class model of these two wnids
+    flat = open_data(str(tmp_path / "val"), PRE, 2, class_map=str(tmp_path / "map.txt"),
+                     labels=str(tmp_path / "data" / "ILSVRC2012_validation_ground_truth.txt"))
+    assert labels_by_name(flat) == {"ILSVRC2012_val_00000001.JPEG": 1, "ILSVRC2012_val_00000002.JPEG": 0}
+
+
 def test_devkit_without_meta_mat_is_one_clear_error(tmp_path):
     save_image(tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG", 0)
     gt = tmp_path / "ILSVRC2012_validation_ground_truth.txt"
