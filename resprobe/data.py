@@ -259,8 +259,11 @@ MAX_UPSCALE = 2.0
 def upscale_warning(source: DataSource, pre: Preprocessing) -> str | None:
     """A warning when the images (judged by the first one) are upscaled more than 2× to the input size:
     e.g. 32×32 CIFAR images given to a model whose default input is 224 — most likely a model trained
-    on 32×32 images whose checkpoint does not say so. Arrays are never resized: no warning."""
-    if source.in_memory or source.image_size is None:
+    on 32×32 images whose checkpoint does not say so. Arrays, never resized, are warned about when the
+    input size is more than 2× theirs (the model then runs on inputs far smaller than its own)."""
+    if source.in_memory:
+        return _small_arrays_warning(source, pre)
+    if source.image_size is None:
         return None
     h, w = source.image_size
     _, size_h, size_w = pre.input_size
@@ -275,13 +278,34 @@ def upscale_warning(source: DataSource, pre: Preprocessing) -> str | None:
             f"model was trained on {h}×{w} images, pass --input-size {h if h == w else f'{h}x{w}'}")
 
 
+def _array_size(source: DataSource) -> tuple[int, int] | None:
+    """(H, W) of in-memory arrays (all of one size), or None when there are none."""
+    return tuple(int(v) for v in source.dataset[0][0].shape[-2:]) if len(source) else None  # type: ignore[return-value]
+
+
+def _small_arrays_warning(source: DataSource, pre: Preprocessing) -> str | None:
+    size = _array_size(source)
+    _, size_h, size_w = pre.input_size
+    if size is None or size == (size_h, size_w) or min(size) < 1:
+        return None
+    h, w = size
+    factor = min(size_h, size_w) / min(h, w)
+    if factor <= MAX_UPSCALE:
+        return None  # the preprocessing note names the model's size
+    return (f"the arrays of {source.spec} are {h}×{w} but the model's input size is {size_h}×{size_w} ({factor:.1f}× "
+            f"larger): arrays are never resized, so the model runs on {h}×{w} inputs; if it was trained on {h}×{w} "
+            f"images, pass --input-size {h if h == w else f'{h}x{w}'}, else resize the arrays to {size_h}×{size_w}")
+
+
 def describe_preprocessing(source: DataSource, pre: Preprocessing) -> str:
     """One line saying what the data goes through, for stderr."""
     stats = f"mean {_triple(pre.mean)}, std {_triple(pre.std)}"
     if source.in_memory:
-        shape = tuple(source.dataset[0][0].shape) if len(source) else pre.input_size
-        size = "×".join(str(v) for v in shape[-2:])
-        return f"preprocessing of {source.spec}: {size} arrays scaled to [0, 1] and normalized ({stats}), never resized"
+        _, h, w = pre.input_size
+        size = _array_size(source) or (h, w)
+        other = f" (the model's input size is {h}×{w})" if size != (h, w) else ""
+        return (f"preprocessing of {source.spec}: {size[0]}×{size[1]} arrays scaled to [0, 1] and normalized ({stats}), "
+                f"never resized{other}")
     _, h, w = pre.input_size
     resize = (f"images not {h}×{w} resized to {resize_side(pre)} ({pre.interpolation}) and center-cropped to "
               f"{h}×{w}")
@@ -404,8 +428,16 @@ def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path} is not a readable arrays file (corrupt or truncated): {type(exc).__name__}") from None
 
 
+# How far float images may lie outside [0, 1] and still be taken as [0, 1] images. A bicubic resize
+# overshoots: by a few 1e-3 on photos, by 0.109 on a hard 0/1 edge upscaled 7× (torch's bicubic; 0.073
+# antialiased; measured 2026-12-08). 0-255 floats (any pixel of 2/255 or more) and normalized images
+# (about -2.1 to 2.6 with ImageNet statistics) are far outside it, over a whole array.
+FLOAT_SLACK = 0.15
+
+
 def arrays_to_tensor(images: np.ndarray, path: str = "arrays") -> Tensor:
-    """uint8 NHWC → float NCHW in [0, 1]; float NCHW is taken as it is (must already be in [0, 1])."""
+    """uint8 NHWC → float NCHW in [0, 1]; float NCHW is taken as it is (must already be in [0, 1], give
+    or take ``FLOAT_SLACK``)."""
     if images.ndim != 4:
         raise DataError(f"{path}: 'images' must be 4-D (uint8 NHWC or float NCHW), got shape {list(images.shape)}")
     if images.dtype == np.uint8:
@@ -419,12 +451,12 @@ def arrays_to_tensor(images: np.ndarray, path: str = "arrays") -> Tensor:
         if not torch.isfinite(tensor).all():
             raise DataError(f"{path}: 'images' holds NaN or infinite values")
         low, high = (float(tensor.min()), float(tensor.max())) if tensor.numel() else (0.0, 0.0)
-        if low < 0 or high > 1:
+        if low < -FLOAT_SLACK or high > 1 + FLOAT_SLACK:
             # 0-255 floats, or images already normalized: normalizing them again gives wrong numbers.
-            raise DataError(f"{path}: float 'images' must be in [0, 1] (they are scaled and normalized by resprobe), "
-                            f"but they range over [{low:g}, {high:g}]; store uint8 NHWC, or floats divided by 255 "
-                            "and not yet normalized")
-        return tensor
+            raise DataError(f"{path}: float 'images' must be in [0, 1] (they are scaled and normalized by resprobe; "
+                            f"up to {FLOAT_SLACK:g} outside is taken as it is), but they range over [{low:g}, "
+                            f"{high:g}]; store uint8 NHWC, or floats divided by 255 and not yet normalized")
+        return tensor  # values slightly outside [0, 1] are kept: clamping would change the user's images
     raise DataError(f"{path}: 'images' must be uint8 or float, got {images.dtype}")
 
 
@@ -441,14 +473,23 @@ def _check_labels(labels: np.ndarray, n: int, path: str) -> Tensor:
     return torch.from_numpy(labels.astype(np.int64))
 
 
-def _arrays_source(spec: str, path: Path, pre: Preprocessing) -> DataSource:
+def _arrays_source(spec: str, path: Path, pre: Preprocessing, model_classes: int | None = None) -> DataSource:
     images, labels = _load_arrays(path)
     tensor = arrays_to_tensor(images, str(path))
     if len(tensor) == 0:
         raise DataError(f"{path} holds no images")
     label_tensor = _check_labels(labels, len(tensor), str(path))
-    return DataSource(spec, TensorImages(normalize(tensor, pre), label_tensor),
-                      num_classes=int(label_tensor.max()) + 1, in_memory=True)
+    n_classes = int(label_tensor.max()) + 1
+    notes = []
+    # Warned when the labels are a whole set 0..n-1 (each present) of fewer classes than the model's,
+    # as CIFAR-10 arrays under a 1000-class head: a subset of a larger label set (ImageNet labels 3,
+    # 17, 900) leaves gaps and is not. More labels than classes is check_labels_fit's error.
+    if model_classes is not None and n_classes < model_classes and len(torch.unique(label_tensor)) == n_classes:
+        notes.append(f"the labels of {spec} are 0 to {n_classes - 1} ({n_classes} classes) but the model has "
+                     f"{model_classes} classes; each label is taken as the index of the model's class (give "
+                     f"--num-classes {n_classes} if the model was trained on these labels)")
+    return DataSource(spec, TensorImages(normalize(tensor, pre), label_tensor), num_classes=n_classes, in_memory=True,
+                      notes=notes)
 
 
 def _synthetic_source(spec: str, n: int, pre: Preprocessing, num_classes: int | None, seed: int) -> DataSource:
@@ -592,7 +633,8 @@ def open_data(
 ) -> DataSource:
     """Turn a ``--data`` SPEC into a dataset of (normalized image, label, index); ``offline``: an
     ``hfds:`` hub dataset only from the local cache (as ``HF_HUB_OFFLINE=1``); ``model_names``: the
-    model's class names by index, which class folders are matched to by name (unless ``class_map``)."""
+    model's class names by index, which class names (folders, a tar's folders, an ``hfds:`` ClassLabel,
+    a ``--labels`` file) are matched to by name (unless ``class_map``)."""
     spec = spec.strip()
     imagenet_style = _imagenet_style_source(spec, pre, model_classes, class_map, labels, offline, model_names)
     if imagenet_style is not None:
@@ -613,7 +655,7 @@ def open_data(
             return _cifar_source(spec, kind, spec[len(kind) + 1 :], pre, model_classes)
     path = Path(spec).expanduser()
     if path.suffix.lower() in _ARRAY_SUFFIXES:
-        source = _arrays_source(spec, path, pre)
+        source = _arrays_source(spec, path, pre, model_classes)
     elif path.is_dir():
         source = _folder_source(spec, path, pre, model_classes, class_map, model_names)
     elif path.exists():
@@ -634,7 +676,8 @@ def _imagenet_style_source(spec: str, pre: Preprocessing, model_classes: int | N
         if labels:
             raise DataError("--labels is for a flat folder of images; hfds: datasets carry their labels")
         mapping = _read_class_map(class_map) if class_map else None
-        rows, names, notes, n_classes = sources.open_hfds(spec, ImageTransform(pre), model_classes, mapping, offline)
+        rows, names, notes, n_classes = sources.open_hfds(spec, ImageTransform(pre), model_classes, mapping, offline,
+                                                          model_names)
         return DataSource(spec, IndexedDataset(rows, lambda i: sources.describe_row(rows, i, spec)),
                           num_classes=n_classes, class_names=names, notes=notes, image_size=rows.image_size())
     if path.suffix.lower() == ".tar" and path.is_file():
@@ -648,7 +691,8 @@ def _imagenet_style_source(spec: str, pre: Preprocessing, model_classes: int | N
     if labels:
         if not path.is_dir():
             raise DataError(f"--labels needs --data to be a folder of images, not {spec}")
-        samples = sources.labelled_folder_samples(path, labels)
+        mapping = _read_class_map(class_map) if class_map else None
+        samples = sources.labelled_folder_samples(path, labels, model_classes, mapping, model_names)
         files = sources.LabelledFiles(samples, ImageTransform(pre))
         return DataSource(spec, IndexedDataset(files, lambda i: samples[i][0]),
                           num_classes=max(label for _, label in samples) + 1)

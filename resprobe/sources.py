@@ -85,7 +85,8 @@ def read_devkit_meta(path: Path) -> dict[int, str]:
     return table
 
 
-def _devkit_labels(labels_file: Path, files: list[Path]) -> list[tuple[str, int]]:
+def _devkit_classes(labels_file: Path, files: list[Path]) -> list[tuple[str, str, str]]:
+    """(path, wnid, where) per image, from the devkit's ILSVRC2012_IDs through its ``meta.mat``."""
     meta = labels_file.parent / "meta.mat"
     if not meta.is_file():
         raise DataError(f"--labels {labels_file}: the devkit's ILSVRC2012_IDs need its meta.mat beside the file "
@@ -105,7 +106,7 @@ def _devkit_labels(labels_file: Path, files: list[Path]) -> list[tuple[str, int]
     else:
         raise DataError(f"--labels {labels_file} has {len(ids)} labels for {len(files)} images whose names are not "
                         "ILSVRC2012_val_NNNNNNNN: the devkit's order cannot be matched")
-    samples = []
+    rows = []
     for path, pos in zip(files, positions):
         if pos >= len(ids):
             raise DataError(f"--labels {labels_file} has {len(ids)} lines; no label for {path.name}")
@@ -113,66 +114,95 @@ def _devkit_labels(labels_file: Path, files: list[Path]) -> list[tuple[str, int]
         if wnid is None or wnid not in index:
             raise DataError(f"--labels {labels_file}: ILSVRC2012_ID {ids[pos]} (for {path.name}) is not one of the "
                             "1000 classes in meta.mat")
-        samples.append((str(path), index[wnid]))
-    return samples
+        rows.append((str(path), wnid, f"--labels {labels_file} line {pos + 1}"))
+    return rows
 
 
-def _class_index(value: str, index: dict[str, int], where: str) -> int:
-    value = value.strip()
-    if is_wnid(value):
-        if value not in index:
-            raise DataError(f"{where}: wnid {value} is not one of the 1000 ImageNet classes")
-        return index[value]
-    try:
-        label = int(value)
-    except ValueError:
-        raise DataError(f"{where}: class {value!r} is neither a wnid (n01440764) nor an integer") from None
-    if label < 0:
-        raise DataError(f"{where}: negative class {label}")
-    return label
-
-
-def _csv_labels(labels_file: Path, files: list[Path]) -> list[tuple[str, int]]:
+def _csv_classes(labels_file: Path, files: list[Path]) -> list[tuple[str, str, str]]:
+    """(path, class, where) per image from a CSV of file name and class; ``where`` names the file's own
+    line (blank lines and a header counted, as an editor shows them)."""
     try:
         with open(labels_file, newline="") as fh:
-            rows = [row for row in csv.reader(fh) if row and any(cell.strip() for cell in row)]
+            reader = csv.reader(fh)
+            rows = [(reader.line_num, row) for row in reader if row and any(cell.strip() for cell in row)]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"--labels {labels_file}: not a readable CSV ({type(exc).__name__})") from None
-    if rows and len(rows[0]) >= 2 and not is_wnid(rows[0][1].split()[0] if rows[0][1].split() else "") \
-            and not rows[0][1].strip().isdigit():
-        rows = rows[1:]  # a header: ImageId,PredictionString or file,label
+    present = {p.name for p in files} | {p.stem for p in files}
+    if rows and Path(rows[0][1][0].strip()).name not in present:
+        # a header (ImageId,PredictionString or file,label), or a row for an image that is not here:
+        # either way it labels nothing (class names are allowed, so the class cannot tell a header)
+        rows = rows[1:]
     if not rows:
         raise DataError(f"--labels {labels_file} holds no labels")
-    index = imagenet_index()
-    by_name: dict[str, int] = {}
-    for n, row in enumerate(rows, 1):
+    by_name: dict[str, tuple[str, str]] = {}
+    for line, row in rows:
+        where = f"--labels {labels_file} line {line}"
         if len(row) < 2 or not row[1].split():
-            raise DataError(f"--labels {labels_file} line {n}: expected FILE,CLASS")
+            raise DataError(f"{where}: expected FILE,CLASS")
         # LOC_val_solution.csv: "n01751748 12 34 56 78 n01751748 ...": the first token is the class
-        by_name[Path(row[0].strip()).name] = _class_index(row[1].split()[0], index, f"--labels {labels_file} line {n}")
+        by_name[Path(row[0].strip()).name] = (row[1].split()[0], where)
     samples, missing = [], []
     for path in files:
-        label = by_name.get(path.name, by_name.get(path.stem))
-        if label is None:
+        found = by_name.get(path.name, by_name.get(path.stem))
+        if found is None:
             missing.append(path.name)
         else:
-            samples.append((str(path), label))
+            samples.append((str(path), *found))
     if missing:
         raise DataError(f"--labels {labels_file} has no label for {len(missing)} image(s), e.g. {missing[0]}")
     return samples
 
 
-def labelled_folder_samples(folder: Path, labels_file: str | Path) -> list[tuple[str, int]]:
-    """(path, class index) for every image of a flat folder, from a devkit ground-truth file or a CSV."""
+def _integer(value: str) -> int | None:
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+def _labels_of_classes(rows: list[tuple[str, str, str]], labels_file: Path, model_classes: int | None,
+                       class_map: dict[str, int] | None,
+                       model_names: Sequence[str] | None) -> list[tuple[str, int]]:
+    """(path, label) from (path, class, where): an integer is the class index itself; a name goes
+    through ``--class-map``, else the checkpoint's class names (:func:`class_mapping`, as class folders
+    do), else it must be a wnid (the 1000-class ImageNet order)."""
+    names = sorted({value for _, value, _ in rows if _integer(value) is None})
+    mapping = None
+    if names and (class_map is not None or model_names):
+        mapping, _ = class_mapping(names, model_classes, class_map, str(labels_file), "classes", model_names)
+    index = imagenet_index() if mapping is None and any(is_wnid(n) for n in names) else {}
+    samples = []
+    for path, value, where in rows:
+        label = _integer(value)
+        if label is not None:
+            if label < 0:
+                raise DataError(f"{where}: negative class {label}")
+        elif mapping is not None:
+            label = mapping[value]
+        elif is_wnid(value):
+            if value not in index:
+                raise DataError(f"{where}: wnid {value} is not one of the 1000 ImageNet classes")
+            label = index[value]
+        else:
+            raise DataError(f"{where}: class {value!r} is neither a wnid (n01440764) nor an integer; give "
+                            "--class-map to map class names to the model's classes")
+        samples.append((path, label))
+    return samples
+
+
+def labelled_folder_samples(folder: Path, labels_file: str | Path, model_classes: int | None = None,
+                            class_map: dict[str, int] | None = None,
+                            model_names: Sequence[str] | None = None) -> list[tuple[str, int]]:
+    """(path, class index) for every image of a flat folder, from a devkit ground-truth file or a CSV;
+    class names are matched as class folders' are (``class_map``, then ``model_names``)."""
     labels_path = Path(labels_file).expanduser()
     if not labels_path.is_file():
         raise DataError(f"--labels {labels_file}: file not found")
     files = image_files(folder)
     if not files:
         raise DataError(f"--data {folder}: no image files directly in it for --labels to label")
-    if labels_path.suffix.lower() == ".csv":
-        return _csv_labels(labels_path, files)
-    return _devkit_labels(labels_path, files)
+    read = _csv_classes if labels_path.suffix.lower() == ".csv" else _devkit_classes
+    return _labels_of_classes(read(labels_path, files), labels_path, model_classes, class_map, model_names)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,7 +225,8 @@ def class_mapping(names: Sequence[str], model_classes: int | None, class_map: di
         unknown = [n for n in names if n not in known]
         if unknown:
             more = f" and {len(unknown) - 4} more" if len(unknown) > 4 else ""
-            what = f"the {kind.rstrip('s')} {unknown[0]} is not" if len(unknown) == 1 else \
+            one = "class" if kind == "classes" else kind.rstrip("s")
+            what = f"the {one} {unknown[0]} is not" if len(unknown) == 1 else \
                 f"the {kind} {', '.join(unknown[:4])}{more} are not"
             raise DataError(f"{where}: {what} among the model's {len(model_names)} classes "
                             f"({', '.join(model_names[:6])}{', ...' if len(model_names) > 6 else ''}); "
@@ -351,7 +382,7 @@ def describe_row(rows: ReaderImages, index: int, spec: str) -> str:
 
 def open_hfds(spec: str, transform: Callable[[Any], Any], model_classes: int | None = None,
               class_map: dict[str, int] | None = None, offline: bool = False,
-              ) -> tuple[ReaderImages, list[str] | None, list[str], int]:
+              model_names: Sequence[str] | None = None) -> tuple[ReaderImages, list[str] | None, list[str], int]:
     """``hfds:NAME[:split]`` (split ``validation`` by default) through timm's reader (``timm.data.create_dataset``),
     in the dataset's row order: the images, the class names (None for plain integer labels), notes for
     the user and the number of classes."""
@@ -393,7 +424,7 @@ def open_hfds(spec: str, transform: Callable[[Any], Any], model_classes: int | N
     feature = reader.dataset.features[columns[1]]
     if isinstance(feature, datasets.ClassLabel):
         names = list(feature.names)
-        mapping, notes = class_mapping(names, model_classes, class_map, spec)
+        mapping, notes = class_mapping(names, model_classes, class_map, spec, "classes", model_names)
         remap = {i: mapping[n] for i, n in enumerate(names)}
         return ReaderImages(reader, transform, remap=remap), names, notes, max(remap.values()) + 1
     if class_map is not None:

@@ -131,8 +131,26 @@ def test_upscale_threshold_is_the_resize_actually_done():
     assert "2.1×" in upscale_warning(source(120, 300), pre)  # the shorter side decides: 256 / 120
     assert upscale_warning(source(224, 224), pre) is None  # already the input size: only normalized
     assert upscale_warning(source(32, 32), replace_size(pre, 32)) is None
-    arrays = DataSource("a.npz", TensorImages(torch.zeros(1, 3, 32, 32), torch.zeros(1)), in_memory=True)
-    assert upscale_warning(arrays, pre) is None  # arrays are never resized
+    arrays = DataSource("a.npz", TensorImages(torch.zeros(1, 3, 112, 112), torch.zeros(1)), in_memory=True)
+    assert upscale_warning(arrays, pre) is None  # 224 / 112 = 2.0: arrays are judged on their own size, not 256
+    arrays = DataSource("a.npz", TensorImages(torch.zeros(1, 3, 100, 300), torch.zeros(1)), in_memory=True)
+    assert "2.2× larger" in upscale_warning(arrays, pre)
+
+
+def test_arrays_far_smaller_than_the_input_size_warn_naming_input_size(run, arrays_file):
+    """Arrays are never resized: a 224-px model on 32×32 arrays runs on 32×32 inputs, said as for folders."""
+    data = arrays_file(n=4, size=32)
+    result = run("eval", TINY, "--data", data, "--device", "cpu", "-f", "json")
+    size = [w for w in warnings_of(result) if "never resized" in w]
+    assert size == [f"warning: the arrays of {data} are 32×32 but the model's input size is 224×224 (7.0× larger): "
+                    "arrays are never resized, so the model runs on 32×32 inputs; if it was trained on 32×32 images, "
+                    "pass --input-size 32, else resize the arrays to 224×224"], result.stderr
+    chosen = run("eval", TINY, "--data", data, "--input-size", "32", "--device", "cpu", "-f", "json")
+    assert not any("never resized" in w for w in warnings_of(chosen)), chosen.stderr
+    bigger = run("eval", FIXTURE_MODEL, "--data", arrays_file(n=4, size=48, classes=4, name="big.npz"), "--device", "cpu")
+    assert not any("never resized" in w for w in warnings_of(bigger)), bigger.stderr  # 48 for a 32 model: a note
+    notes = [line for line in bigger.stderr.splitlines() if line.startswith("preprocessing")]
+    assert notes and "48×48 arrays" in notes[0] and "the model's input size is 32×32" in notes[0], bigger.stderr
 
 
 def replace_size(pre: Preprocessing, n: int) -> Preprocessing:
@@ -194,7 +212,7 @@ def test_random_weights_warn_on_every_command(run, tmp_path, arrays_file):
     for args in (["blocks", TINY], ["eval", TINY, "--data", data],
                  ["record", TINY, "--data", data, "--out", tmp_path / "r.h5"]):
         result = run(*args, "--device", "cpu", "-f", "json") if args[0] != "blocks" else run(*args, "-f", "json")
-        random = [w for w in warnings_of(result) if "random" in w]
+        random = [w for w in warnings_of(result) if "randomly initialized" in w]  # (tmp_path holds "random")
         assert len(random) == 1 and "--checkpoint" in random[0], (args, result.stderr)
     trained = run("eval", FIXTURE_MODEL, "--data", FIXTURE_DATA, "--limit", "8", "--device", "cpu", "-f", "json")
     assert not any("random" in w for w in warnings_of(trained)), trained.stderr
@@ -265,6 +283,24 @@ def test_float_arrays_outside_0_1_are_refused(run, tmp_path, images):
     one_error_line(run("eval", FIXTURE_MODEL, "--data", path, code=1), "must be in [0, 1]")
 
 
+def test_float_arrays_slightly_outside_0_1_are_taken_as_they_are(tmp_path):
+    """A bicubic resize overshoots [0, 1] (by 0.109 at a hard edge): accepted, values not clamped; 1.2 is not."""
+    from resprobe.data import open_data
+
+    rng = np.random.default_rng(0)
+    data = rng.random((4, 3, 8, 8)).astype(np.float32)
+    data[0, 0, 0, :2] = [-0.109, 1.109]
+    np.savez(tmp_path / "overshoot.npz", images=data, labels=np.zeros(4, dtype=np.int64))
+    pre = Preprocessing((3, 8, 8), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    source = open_data(str(tmp_path / "overshoot.npz"), pre)
+    image = source.dataset[0][0]
+    assert image[0, 0, :2].tolist() == pytest.approx([(-0.109 - 0.5) / 0.25, (1.109 - 0.5) / 0.25])
+    data[0, 0, 0, 0] = 1.2
+    np.savez(tmp_path / "beyond.npz", images=data, labels=np.zeros(4, dtype=np.int64))
+    with pytest.raises(DataError, match=r"must be in \[0, 1\].*, 1.2\]"):
+        open_data(str(tmp_path / "beyond.npz"), pre)
+
+
 # --------------------------------------------------------------------------------------------------
 # 5. A folder of splits
 
@@ -302,6 +338,23 @@ def test_class_count_mismatch_warns_on_every_command_that_loads_data(run, tmp_pa
         result = run(*args, "--device", "cpu", "-f", "json")
         mismatch = [w for w in warnings_of(result) if "3 class folders but the model has" in w]
         assert len(mismatch) == 1, (name, result.stderr)
+
+
+def test_arrays_with_fewer_labels_than_the_classifier_warn_on_every_command(run, tmp_path):
+    path = tmp_path / "three.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, images=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8), labels=np.arange(6) % 3)
+    for name in ("eval", "align", "ablate"):
+        result = run(name, FIXTURE_MODEL, "--data", path, "--device", "cpu", "-f", "json")
+        mismatch = [w for w in warnings_of(result) if "classes" in w]
+        assert mismatch == [f"warning: the labels of {path} are 0 to 2 (3 classes) but the model has 4 classes; "
+                            "each label is taken as the index of the model's class (give --num-classes 3 if the model "
+                            "was trained on these labels)"], (name, result.stderr)
+    full = run("eval", FIXTURE_MODEL, "--data", FIXTURE_DATA, "--device", "cpu", "-f", "json")  # labels 0 to 3
+    assert not any("classes" in w for w in warnings_of(full)), full.stderr
+    np.savez(path, images=rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8), labels=np.array([0, 2, 2]))
+    gaps = run("eval", FIXTURE_MODEL, "--data", path, "--device", "cpu", "-f", "json")  # a subset of a label set
+    assert not any("classes" in w for w in warnings_of(gaps)), gaps.stderr
 
 
 def test_preprocessing_is_printed_once_and_reported(run, tmp_path):

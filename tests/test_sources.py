@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import MODEL, invoke
+from test_setup_checks import NAMES, named_checkpoint
 
 from resprobe.data import Preprocessing, open_data
 from resprobe.errors import DataError
@@ -79,6 +80,16 @@ def test_devkit_order_follows_the_file_numbers_when_only_some_files_are_present(
     wnids = imagenet_wnids()
     assert labels_by_name(flat) == {"ILSVRC2012_val_00000002.JPEG": wnids.index(table[6]),
                                     "ILSVRC2012_val_00000005.JPEG": wnids.index(table[9])}
+
+
+def test_devkit_ground_truth_follows_a_class_map(tmp_path):
+    table = fake_devkit(tmp_path / "data", [5, 6])
+    for number in (1, 2):
+        save_image(tmp_path / "val" / f"ILSVRC2012_val_{number:08d}.JPEG", number)
+    (tmp_path / "map.txt").write_text(f"{table[6]}\n{table[5]}\n")  # a 2-class model of these two wnids
+    flat = open_data(str(tmp_path / "val"), PRE, 2, class_map=str(tmp_path / "map.txt"),
+                     labels=str(tmp_path / "data" / "ILSVRC2012_validation_ground_truth.txt"))
+    assert labels_by_name(flat) == {"ILSVRC2012_val_00000001.JPEG": 1, "ILSVRC2012_val_00000002.JPEG": 0}
 
 
 def test_devkit_without_meta_mat_is_one_clear_error(tmp_path):
@@ -332,3 +343,112 @@ def test_a_tar_reports_its_image_size(tmp_path):
         tar.add(folder, arcname="images")
     assert open_data(str(tmp_path / "images.tar"), PRE, 10).image_size == open_data(str(folder), PRE, 10).image_size \
         == (32, 32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Class names matched to the names a resprobe checkpoint records (hfds: ClassLabels, --labels files)
+
+
+def hand_eval(pixels: np.ndarray, labels: list[int]) -> tuple[float, float]:
+    """Loss and accuracy of the fixture model on uint8 NHWC pixels, normalized by hand (its recorded
+    mean 0.5, std 0.25, 32×32: no resize), with the labels given."""
+    from resprobe.models import LoadOptions, load_model
+
+    model = load_model(MODEL, LoadOptions()).model.eval()
+    x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
+    with torch.no_grad():
+        logits = model(x).double()
+    target = torch.tensor(labels)
+    return float(torch.nn.functional.cross_entropy(logits, target)), float((logits.argmax(1) == target).double().mean())
+
+
+def test_hfds_class_labels_follow_the_checkpoints_class_names(tmp_path, hf_datasets):
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    row_names = ["mango", "zebra", "zebra", "mango", "zebra", "mango", "mango", "zebra"]
+    hf_order = ["zebra", "mango"]  # the dataset's ClassLabel order: neither the checkpoint's nor the folders'
+    write_hf_parquet(hf_datasets, tmp_path / "ds" / "validation.parquet", pixels,
+                     np.array([hf_order.index(n) for n in row_names]), class_names=hf_order)
+    for i, (image, name) in enumerate(zip(pixels, row_names)):  # the same images as class folders
+        save_png(tmp_path / "folders" / name / f"{i}.png", image)
+    model = named_checkpoint(tmp_path)
+    loss, acc = hand_eval(pixels, [NAMES.index(n) for n in row_names])  # mango 2, zebra 0
+    for data in (f"hfds:{tmp_path / 'ds'}", tmp_path / "folders"):
+        result = json.loads(invoke("eval", model, "--data", data, "--device", "cpu", "--workers", "0", "-b", "4",
+                                   "-f", "json").stdout)
+        assert result["loss"] == pytest.approx(loss, rel=1e-5) and result["acc"] == pytest.approx(acc), data
+    write_hf_parquet(hf_datasets, tmp_path / "bad" / "validation.parquet", pixels[:2], np.array([0, 1]),
+                     class_names=["mango", "pear"])
+    bad = invoke("eval", model, "--data", f"hfds:{tmp_path / 'bad'}", "--device", "cpu", code=1)
+    assert bad.stderr.strip() == (f"error: hfds:{tmp_path / 'bad'}: the class pear is not among the model's 4 classes "
+                                  "(zebra, apple, mango, kiwi); give --class-map to map them")
+
+
+def save_png(path: Path, pixels: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def flat_folder(root: Path, n: int, seed: int = 7) -> np.ndarray:
+    pixels = np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        save_png(root / f"img{i}.png", image)
+    return pixels
+
+
+def test_labels_file_with_class_names_follows_the_checkpoint_and_class_map(tmp_path):
+    pixels = flat_folder(tmp_path / "flat", 6)
+    names = ["kiwi", "zebra", "apple", "kiwi", "mango", "zebra"]
+    (tmp_path / "names.csv").write_text("file,label\n" + "".join(f"img{i},{n}\n" for i, n in enumerate(names)))
+    common = ["--data", tmp_path / "flat", "--labels", tmp_path / "names.csv", "--device", "cpu", "--workers", "0",
+              "-f", "json"]
+    # the checkpoint's names: kiwi 3, zebra 0, apple 1, mango 2
+    loss, acc = hand_eval(pixels, [NAMES.index(n) for n in names])
+    by_names = json.loads(invoke("eval", named_checkpoint(tmp_path), *common).stdout)
+    assert by_names["loss"] == pytest.approx(loss, rel=1e-5) and by_names["acc"] == pytest.approx(acc)
+    # --class-map decides, with or without the checkpoint's names
+    order = ["apple", "kiwi", "mango", "zebra"]
+    (tmp_path / "map.txt").write_text("\n".join(order) + "\n")
+    loss, acc = hand_eval(pixels, [order.index(n) for n in names])
+    for model in (MODEL, named_checkpoint(tmp_path)):
+        mapped = json.loads(invoke("eval", model, *common, "--class-map", tmp_path / "map.txt").stdout)
+        assert mapped["loss"] == pytest.approx(loss, rel=1e-5) and mapped["acc"] == pytest.approx(acc), model
+    # names and no way to map them: one line
+    plain = invoke("eval", MODEL, *common, code=1)
+    assert plain.stderr.strip() == (f"error: --labels {tmp_path / 'names.csv'} line 2: class 'kiwi' is neither a wnid "
+                                    "(n01440764) nor an integer; give --class-map to map class names to the model's "
+                                    "classes")
+    (tmp_path / "map.txt").write_text("apple\nkiwi\nzebra\n")
+    partial = invoke("eval", MODEL, *common, "--class-map", tmp_path / "map.txt", code=1)
+    assert partial.stderr.strip() == f"error: --class-map has no entry for classes mango of {tmp_path / 'names.csv'}"
+    (tmp_path / "pear.csv").write_text("".join(f"img{i},{'pear' if i == 3 else 'kiwi'}\n" for i in range(6)))
+    unknown = invoke("eval", named_checkpoint(tmp_path), "--data", tmp_path / "flat", "--labels", tmp_path / "pear.csv",
+                     "--device", "cpu", code=1)
+    assert unknown.stderr.strip() == (f"error: {tmp_path / 'pear.csv'}: the class pear is not among the model's 4 "
+                                      "classes (zebra, apple, mango, kiwi); give --class-map to map them")
+
+
+def test_labels_file_wnids_follow_a_class_map(tmp_path):
+    wnids = imagenet_wnids()
+    flat_folder(tmp_path / "flat", 3)
+    (tmp_path / "l.csv").write_text(f"img0,{wnids[9]}\nimg1,{wnids[3]}\nimg2,4\n")
+    (tmp_path / "map.txt").write_text(f"{wnids[3]}\n{wnids[9]}\n")
+    plain = open_data(str(tmp_path / "flat"), PRE, 1000, labels=str(tmp_path / "l.csv"))
+    assert [label for _, label in plain.samples] == [9, 3, 4]  # the 1000-class ImageNet order
+    mapped = open_data(str(tmp_path / "flat"), PRE, 4, labels=str(tmp_path / "l.csv"),
+                       class_map=str(tmp_path / "map.txt"))
+    assert [label for _, label in mapped.samples] == [1, 0, 4]  # integers are class indices already
+
+
+def test_labels_file_errors_name_the_files_own_line(tmp_path):
+    flat_folder(tmp_path / "flat", 3)
+    (tmp_path / "l.csv").write_text("file,label\nimg0,1\n\nimg1\nimg2,2\n")  # line 4 has no class
+    result = invoke("eval", MODEL, "--data", tmp_path / "flat", "--labels", tmp_path / "l.csv", "--device", "cpu",
+                    code=1)
+    assert result.stderr.strip() == f"error: --labels {tmp_path / 'l.csv'} line 4: expected FILE,CLASS"
+    (tmp_path / "neg.csv").write_text("file,label\nimg0,1\nimg1,2\nimg2,-3\n")
+    result = invoke("eval", MODEL, "--data", tmp_path / "flat", "--labels", tmp_path / "neg.csv", "--device", "cpu",
+                    code=1)
+    assert result.stderr.strip() == f"error: --labels {tmp_path / 'neg.csv'} line 4: negative class -3"
