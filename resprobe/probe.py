@@ -33,7 +33,7 @@ from resprobe.data import (
     upscale_warning,
     warn_notes,
 )
-from resprobe.models import LoadedModel, LoadOptions, load_model, state_dict_sha256
+from resprobe.models import LoadedModel, LoadOptions, load_model, weights_fingerprint
 from resprobe.runtime import Runtime, make_runtime
 
 # Notes for the user (the preprocessing used): the command line shows them on stderr unless --quiet.
@@ -161,7 +161,7 @@ def open_probe(
     runtime = make_runtime(device, precision)
     loaded = load_model(model, LoadOptions(checkpoint, pretrained, num_classes, dict(model_kwargs or {}), ema,
                                            trust_checkpoint, offline, seed))
-    loaded.weights_sha256 = state_dict_sha256(loaded.model)  # the weights as loaded, before anything moves them
+    loaded.weights_sha256 = weights_fingerprint(loaded, ema, seed)  # as loaded, before anything moves them
     if not for_training:  # finetune makes its ranks' weights equal itself
         _check_same_weights_on_every_rank(loaded.weights_sha256)
     pre = override_preprocessing(default_preprocessing(loaded), input_size, mean, std, crop_pct, interpolation)

@@ -256,3 +256,23 @@ def test_cli_eval_of_a_model_without_weights_is_the_same_network_for_the_same_se
     assert first["weights_sha256"] == again["weights_sha256"] and first["checkpoint_sha256"] is None
     other = json.loads(invoke(*args, "--seed", "3").stdout)
     assert other["weights_sha256"] != first["weights_sha256"]
+
+
+def test_weights_fingerprint_of_an_unchanged_checkpoint_is_remembered(tmp_path, monkeypatch):
+    import resprobe.models as models
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "w.pt"
+    torch.save(_random(0), path)
+    opts = LoadOptions(checkpoint=str(path), num_classes=7, model_kwargs=RANDOM_KWARGS)
+    first = load_model(ARCH, opts)
+    assert models.weights_fingerprint(first) == models.state_dict_sha256(first.model)
+    hashed = []
+    real = models.state_dict_sha256
+    monkeypatch.setattr(models, "state_dict_sha256", lambda m: (hashed.append(1), real(m))[1])
+    again = load_model(ARCH, opts)
+    assert models.weights_fingerprint(again) == real(again.model) and hashed == []  # remembered, not hashed
+    torch.save(_random(1), path)  # other bytes under the same name: hashed anew
+    changed = load_model(ARCH, opts)
+    assert models.weights_fingerprint(changed) == real(changed.model) != real(first.model)
+    assert hashed == [1]
