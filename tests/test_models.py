@@ -276,3 +276,16 @@ def test_weights_fingerprint_of_an_unchanged_checkpoint_is_remembered(tmp_path, 
     changed = load_model(ARCH, opts)
     assert models.weights_fingerprint(changed) == real(changed.model) != real(first.model)
     assert hashed == [1]
+
+
+def test_torchrun_ranks_with_different_weights_are_refused(monkeypatch):
+    """A callable that draws its own randomness can still differ between ranks: one line, not mixed figures."""
+    from resprobe import distributed, probe
+
+    monkeypatch.setattr(distributed, "in_lockstep", lambda: True)
+    monkeypatch.setattr(distributed, "all_gather", lambda value: [value, "f" * 64])
+    with pytest.raises(ModelError, match="different weights") as refused:
+        probe._check_same_weights_on_every_rank("a" * 64)
+    assert "\n" not in str(refused.value)
+    monkeypatch.setattr(distributed, "all_gather", lambda value: [value, value])
+    probe._check_same_weights_on_every_rank("a" * 64)
