@@ -620,6 +620,10 @@ def check_recording_fits(recorded: Any, recording: str | Path, probe: Probe, dat
     target = attrs.get("target") or (attrs.get("options") or {}).get("target") or "label"
     if target != "label":
         refuse(f"with --target {target}, but the proxies are against the labels (record with --target label)")
+    if attrs.get("weights_sha256") and here.get("weights_sha256") and attrs["weights_sha256"] != here["weights_sha256"]:
+        refuse(f"with other weights (weights_sha256 {attrs['weights_sha256'][:12]}…, here "
+               f"{here['weights_sha256'][:12]}…: another checkpoint, or another initialization of a model without "
+               "weights)")
     theirs, ours = attrs.get("checkpoint_sha256") or None, here["checkpoint_sha256"]
     if theirs != ours:
         refuse(f"with other weights ({_weights_name(attrs.get('checkpoint'), theirs)}, not "

@@ -94,7 +94,8 @@ Data = Annotated[Optional[str], typer.Option("--data", help="Image folder | imag
                                              show_default=False)]
 Limit = Annotated[Optional[int], typer.Option("--limit", help="Use N samples, chosen reproducibly by --seed.",
                                               show_default=False)]
-Seed = Annotated[int, typer.Option("--seed", help="Seed for --limit and synthetic data.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed for --limit, synthetic data and the initialization of a "
+                                   "model without weights.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Samples per batch.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Loader worker processes (default: 0 for "
                                                 "in-memory data).", show_default=False)]
@@ -129,14 +130,14 @@ class ModelArgs:
     offline: bool = False
     decode: str = "auto"
 
-    def open(self, for_training: bool = False):  # -> Probe
+    def open(self, for_training: bool = False, seed: int = 0):  # -> Probe
         from resprobe.probe import open_probe
 
         probe = open_probe(
             self.model, self.checkpoint, self.pretrained, self.num_classes, parse_json_option(self.model_kwargs),
             self.ema, self.trust_checkpoint, split_list(self.blocks), self.input_size, self.mean, self.std,
             self.crop_pct, self.interpolation, self.device, self.precision, offline=self.offline,
-            for_training=for_training,
+            for_training=for_training, seed=seed,
         )
         probe.decode = self.decode
         return probe
@@ -172,7 +173,7 @@ def provenance(probe: Any) -> dict[str, Any]:
     """``checkpoint`` and ``preprocessing`` (as used) for every report that loads a model."""
     described = probe.describe()
     return {"checkpoint": described["checkpoint"], "checkpoint_sha256": described["checkpoint_sha256"],
-            "preprocessing": described["preprocessing"]}
+            "weights_sha256": described["weights_sha256"], "preprocessing": described["preprocessing"]}
 
 
 def require(value: Any, option: str, what: str) -> Any:
@@ -480,7 +481,8 @@ def eval_command(
         check_format(fmt)
         require(data, "--data", "the images to evaluate on")
         probe = ModelArgs(model, checkpoint, pretrained, num_classes, model_kwargs, ema, trust_checkpoint, blocks,
-                          input_size, mean, std, crop_pct, interpolation, device, precision, offline, decode).open()
+                          input_size, mean, std, crop_pct, interpolation, device, precision, offline,
+                          decode).open(seed=seed)
         from resprobe.distributed import shard_source
 
         source = shard_source(probe.data(data, limit, seed, class_map, labels=labels), batch_size)  # torchrun: this rank's batches
@@ -543,7 +545,9 @@ def record_command(
                                                    show_default=False)] = None,
     data: Data = None, out: Out = None, overwrite: Overwrite = False, resume: Resume = False,
     save_tensors: SaveTensors = None, tensor_dtype: TensorDtype = None, target: Target = None, readout: Readout = False,
-    limit: Limit = None, seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for --limit (default 0).",
+    limit: Limit = None, seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for --limit and the "
+                                                                     "initialization of a model without weights "
+                                                                     "(default 0).",
                                                                      show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Samples per batch (default 64).",
                                                       show_default=False)] = None,
@@ -718,7 +722,8 @@ def ablate_command(
             raise BadValue("--remove-blocks: give block names, e.g. --remove-blocks layer3.4,layer3.5")
         options.check()  # before the model loads: a typo costs nothing
         probe = ModelArgs(model, checkpoint, pretrained, num_classes, model_kwargs, ema, trust_checkpoint, blocks,
-                          input_size, mean, std, crop_pct, interpolation, device, precision, offline, decode).open()
+                          input_size, mean, std, crop_pct, interpolation, device, precision, offline,
+                          decode).open(seed=seed)
         source = probe.data(data, limit, seed, class_map, labels=labels)
         from resprobe.distributed import shard_source
 
@@ -800,7 +805,8 @@ def share_command(
             raise BadValue(f"--recalibrate must be at least 1, got {recalibrate}")
         check_recalibrate_scope(recalibrate_scope)
         probe = ModelArgs(model, checkpoint, pretrained, num_classes, model_kwargs, ema, trust_checkpoint, blocks,
-                          input_size, mean, std, crop_pct, interpolation, device, precision, offline).open()
+                          input_size, mean, std, crop_pct, interpolation, device, precision,
+                          offline).open(seed=seed)
         check_rebuildable(probe.loaded)
         eval_source = probe.data(data, limit, seed, class_map) if data else None
         train_source = probe.data(train_data, None, seed, class_map) if train_data else None
@@ -907,7 +913,7 @@ def finetune_command(
             check_out_path(out, overwrite)
         probe = ModelArgs(model, checkpoint, pretrained, num_classes, model_kwargs, ema, trust_checkpoint, blocks,
                           input_size, mean, std, crop_pct, interpolation, device, precision,
-                          offline).open(for_training=True)  # training from scratch: random weights are meant
+                          offline).open(for_training=True, seed=seed)  # from scratch: random weights are meant
         check_rebuildable(probe.loaded)
         from resprobe.probe import randomly_initialized
 

@@ -33,7 +33,7 @@ from resprobe.data import (
     upscale_warning,
     warn_notes,
 )
-from resprobe.models import LoadedModel, LoadOptions, load_model
+from resprobe.models import LoadedModel, LoadOptions, load_model, weights_fingerprint
 from resprobe.runtime import Runtime, make_runtime
 
 # Notes for the user (the preprocessing used): the command line shows them on stderr unless --quiet.
@@ -118,6 +118,7 @@ class Probe:
             "model": str(self.loaded.spec),
             "checkpoint": self.loaded.checkpoint,
             "checkpoint_sha256": self.loaded.checkpoint_sha256,
+            "weights_sha256": self.loaded.weights_sha256,
             "preprocessing": self.preprocessing_used.to_dict(),
         }
 
@@ -150,14 +151,19 @@ def open_probe(
     precision: str = "fp32",
     offline: bool = False,
     for_training: bool = False,
+    seed: int = 0,
 ) -> Probe:
     """Load MODEL and resolve its preprocessing (with overrides); ``probe.anatomy`` has its blocks.
 
     Random weights are warned about (figures of an untrained network are rarely meant), except
-    ``for_training``: a model about to be trained (``finetune`` from scratch) starts from them."""
+    ``for_training``: a model about to be trained (``finetune`` from scratch) starts from them.
+    ``seed`` (``--seed``) seeds the initialization of whatever no weights cover."""
     runtime = make_runtime(device, precision)
     loaded = load_model(model, LoadOptions(checkpoint, pretrained, num_classes, dict(model_kwargs or {}), ema,
-                                           trust_checkpoint, offline))
+                                           trust_checkpoint, offline, seed))
+    loaded.weights_sha256 = weights_fingerprint(loaded, ema, seed)  # as loaded, before anything moves them
+    if not for_training:  # finetune makes its ranks' weights equal itself
+        _check_same_weights_on_every_rank(loaded.weights_sha256)
     pre = override_preprocessing(default_preprocessing(loaded), input_size, mean, std, crop_pct, interpolation)
     _warn_contradicted(loaded, pre, input_size, mean, std, crop_pct, interpolation)
     require_blocks(loaded.model, blocks)  # a model without residual blocks fails now, not later
@@ -166,6 +172,21 @@ def open_probe(
     loaded.model.requires_grad_(False)
     runtime.prepare(loaded.model)
     return Probe(loaded, pre, runtime, blocks, input_size_given=bool(input_size), offline=offline)
+
+
+def _check_same_weights_on_every_rank(weights_sha256: str) -> None:
+    """Under torchrun every rank must analyse the same network, or the merged figures mix networks
+    (a model whose own code draws its initialization from an unseeded source)."""
+    from resprobe import distributed
+    from resprobe.errors import ModelError
+
+    if not distributed.in_lockstep():
+        return
+    fingerprints = distributed.all_gather(weights_sha256)
+    if len(set(fingerprints)) > 1:
+        raise ModelError("the torchrun processes built different weights (weights_sha256 "
+                         f"{', '.join(f[:12] + '…' for f in dict.fromkeys(fingerprints))}); give the weights as "
+                         "--checkpoint PATH or make the model's construction deterministic")
 
 
 def randomly_initialized(loaded: LoadedModel, pretrained: bool = False) -> bool:

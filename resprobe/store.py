@@ -784,7 +784,8 @@ class RecordResult:
 
 def _provenance(attrs: Mapping[str, Any]) -> dict[str, Any]:
     """What a record report says about the model it recorded (as every report that loads a model)."""
-    return {key: attrs.get(key) for key in ("model", "checkpoint", "checkpoint_sha256", "preprocessing")}
+    return {key: attrs.get(key) for key in ("model", "checkpoint", "checkpoint_sha256", "weights_sha256",
+                                            "preprocessing")}
 
 
 def now_iso() -> str:
@@ -1104,6 +1105,9 @@ def record(
             elif writer.meta["blocks"] != blocks or int(writer.meta["n_planned"]) != len(source):
                 raise RecordingError(f"--resume: the model or data no longer match what {out} was recording "
                                      f"({len(source)} samples now, {writer.meta['n_planned']} planned)")
+            else:
+                check_same_weights(writer.meta.get("attrs", {}).get("weights_sha256"), probe.loaded.weights_sha256,
+                                   f"--resume: {out} was recorded")
             return sorted(writer.done)
 
         done = set(distributed.on_main(open_writer))
@@ -1140,6 +1144,16 @@ def record(
     finally:
         if writer is not None:
             writer.close()
+
+
+def check_same_weights(recorded: str | None, here: str | None, what: str) -> None:
+    """Refuse figures of other weights (``weights_sha256`` differs), whatever the weights' origin: a
+    checkpoint changed in place, another random initialization. Recordings made before the
+    fingerprint existed carry none and are not checked here."""
+    if recorded and here and recorded != here:
+        raise RecordingError(f"{what} with other weights (weights_sha256 {recorded[:12]}…, these are {here[:12]}…): "
+                             "the checkpoint changed, or a model without weights was initialized otherwise; "
+                             "record it again with these weights")
 
 
 def _check_option_values(options: RecordOptions) -> None:
@@ -1182,7 +1196,7 @@ def open_for_recording(options: RecordOptions, device: str = "auto", trust_check
     probe = open_probe(str(options.model), options.checkpoint, bool(options.pretrained), options.num_classes,
                        options.model_kwargs, bool(options.ema), trust_checkpoint, options.blocks, options.input_size,
                        options.mean, options.std, options.crop_pct, options.interpolation, device,
-                       str(options.precision), offline=offline)
+                       str(options.precision), offline=offline, seed=int(options.seed or 0))
     probe.decode = str(options.decode or "auto")
     source = probe.data(str(options.data), options.limit, int(options.seed or 0), options.class_map,
                         labels=options.labels)

@@ -567,3 +567,25 @@ def test_cli_errors_are_one_line(run, tmp_path, args):
     result = run("ablate", FIXTURE_MODEL, "--data", FIXTURE_DATA, "--limit", "8", "--device", "cpu", *args, code=1)
     assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_cli_recording_of_another_random_initialization_is_refused(run, tmp_path):
+    """A model without weights is seeded from --seed: a recording of the same seed is this network, one
+    of another seed is not (before, every process drew its own network and both were accepted)."""
+    kwargs = json.dumps({"layers": [2, 2, 1, 1], "channels": [8, 16, 16, 32], "stem_width": 4,
+                         "zero_init_last": False})
+    args = ["timm:resnet18", "--num-classes", "4", "--model-kwargs", kwargs, "--input-size", "32",
+            "--data", FIXTURE_DATA, "--limit", "16", "--device", "cpu"]
+    recording = tmp_path / "run.h5"
+    run("record", *args, "--seed", "0", "--out", str(recording), "--quiet")
+    same = ablate_json(run, *args, "--seed", "0", "--recording", str(recording))
+    from resprobe.store import open_recording
+
+    recorded = open_recording(recording)
+    assert same["weights_sha256"] == recorded.attrs["weights_sha256"]
+    assert same["baseline"]["loss"] == pytest.approx(float(np.mean(recorded.loss)), abs=1e-5)
+    other = tmp_path / "other.h5"
+    run("record", *args, "--seed", "1", "--out", str(other), "--quiet")
+    refused = run("ablate", *args, "--seed", "0", "--recording", str(other), "--quiet", code=1)
+    assert "other weights" in refused.stderr and "weights_sha256" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1

@@ -462,3 +462,24 @@ def test_accumulated_step_equals_one_step_on_the_union():
         for a, b, c in zip(models[0].parameters(), models[1].parameters(), models[2].parameters()):
             torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)  # the sum of 3 parts is reassociated
             assert torch.equal(c, a)
+
+
+def test_two_processes_record_one_network_when_the_model_has_no_weights(tmp_path):
+    """A model without weights is built from --seed on every rank: images 8-15 repeat 0-7, and rank 0
+    records the first half while rank 1 records the second, so their losses agree only if both ranks
+    ran the same network (before, each rank drew its own: the duplicates differed)."""
+    with np.load(DATA) as f:
+        images, labels = f["images"][:8], f["labels"][:8]
+    dup = tmp_path / "dup.npz"
+    np.savez(dup, images=np.concatenate([images, images]), labels=np.concatenate([labels, labels]))
+    kwargs = json.dumps({"layers": [1, 1, 1, 1], "channels": [8, 16, 16, 32], "stem_width": 4,
+                         "zero_init_last": False})
+    out = tmp_path / "dup.h5"
+    done = torchrun("-m", "resprobe", "record", "timm:resnet18", "--num-classes", "4", "--model-kwargs", kwargs,
+                    "--input-size", "32", "--data", dup, "-b", "8", "--device", "cpu", "--out", out, "-f", "json",
+                    "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    recorded = open_recording(out)
+    assert recorded.complete and list(recorded.index) == list(range(16))
+    np.testing.assert_allclose(recorded.loss[8:], recorded.loss[:8], rtol=0, atol=1e-6)
+    assert one_json(done.stdout)["weights_sha256"] == recorded.attrs["weights_sha256"]

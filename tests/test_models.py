@@ -173,3 +173,119 @@ def test_build_with_weights_falls_back_where_the_checkpoint_lacks_a_tensor(monke
     model, _ = build_with_weights({"source": "callable", "name": "x"}, state, "test")
     assert torch.equal(model.scale, torch.arange(4.0) + 1) and not model.scale.is_meta
     assert torch.equal(model.fc.weight, state["fc.weight"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Models built without weights: seeded from --seed; the weights fingerprint (issue 22, items 13-16)
+
+RANDOM_KWARGS = {**KWARGS, "zero_init_last": False}
+
+
+def _random(seed: int) -> dict[str, torch.Tensor]:
+    model = load_model(ARCH, LoadOptions(num_classes=7, model_kwargs=RANDOM_KWARGS, seed=seed)).model
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_a_model_without_weights_is_seeded_and_the_global_rng_is_left_alone():
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a, b, other = _random(0), _random(0), _random(1)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's random stream is not disturbed
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["fc.weight"], other["fc.weight"])
+
+
+def test_weights_sha256_covers_names_dtypes_shapes_and_values():
+    from resprobe.models import state_dict_sha256
+
+    state = {"a.weight": torch.arange(6.0).reshape(2, 3), "a.bias": torch.zeros(2), "n": torch.tensor(3)}
+    digest = state_dict_sha256(state)
+    assert len(digest) == 64 and digest == state_dict_sha256(dict(reversed(list(state.items()))))  # key order
+    assert digest == state_dict_sha256({k: v.clone() for k, v in state.items()})
+    changed = [
+        {**state, "a.weight": state["a.weight"].clone().index_put_((torch.tensor(1), torch.tensor(2)),
+                                                                   torch.tensor(5.5))},  # one value
+        {**state, "a.weight": state["a.weight"].reshape(3, 2)},  # same bytes, other shape
+        {**state, "a.weight": state["a.weight"].view(torch.int32)},  # same bytes, other dtype
+        {"b.weight" if k == "a.weight" else k: v for k, v in state.items()},  # other name
+        {k: v for k, v in state.items() if k != "n"},
+        {**state, "a.weight": state["a.weight"].t().contiguous().t()},  # a non-contiguous copy: equal values
+    ]
+    assert [state_dict_sha256(s) == digest for s in changed] == [False] * 5 + [True]
+    # bfloat16 (no numpy dtype) and 0-dimensional tensors hash too
+    assert state_dict_sha256({"x": torch.ones(3, dtype=torch.bfloat16)}) != state_dict_sha256({"x": torch.ones(3)})
+    # a model hashes as its state dict
+    model = torch.nn.Linear(2, 2)
+    assert state_dict_sha256(model) == state_dict_sha256(model.state_dict())
+
+
+def test_file_sha256_is_cached_by_path_size_and_times(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    import resprobe.models as models
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "w.pt"
+    path.write_bytes(b"first")
+    assert models.file_sha256(path) == hashlib.sha256(b"first").hexdigest()
+    assert any((tmp_path / "cache").rglob("*.json"))  # under the user's cache dir, not beside the file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "w.pt"]
+    reads = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: (reads.append(str(p)), real_open(p, *a, **k))[1])
+    assert models.file_sha256(path) == hashlib.sha256(b"first").hexdigest()
+    assert str(path) not in reads  # the unchanged file is not read again
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    stat = path.stat()
+    path.write_bytes(b"other")  # same size, modification time put back: the change time still differs
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert models.file_sha256(path) == hashlib.sha256(b"other").hexdigest()
+
+
+def test_cli_eval_of_a_model_without_weights_is_the_same_network_for_the_same_seed():
+    import json
+
+    from conftest import DATA, invoke
+
+    args = ["eval", ARCH, "--num-classes", "4", "--model-kwargs", json.dumps(RANDOM_KWARGS), "--input-size", "32",
+            "--data", DATA, "--limit", "16", "--device", "cpu", "-f", "json"]
+    first, again = (json.loads(invoke(*args, "--seed", "2").stdout) for _ in range(2))
+    assert first["loss"] == again["loss"] and len(first["weights_sha256"]) == 64
+    assert first["weights_sha256"] == again["weights_sha256"] and first["checkpoint_sha256"] is None
+    other = json.loads(invoke(*args, "--seed", "3").stdout)
+    assert other["weights_sha256"] != first["weights_sha256"]
+
+
+def test_weights_fingerprint_of_an_unchanged_checkpoint_is_remembered(tmp_path, monkeypatch):
+    import resprobe.models as models
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "w.pt"
+    torch.save(_random(0), path)
+    opts = LoadOptions(checkpoint=str(path), num_classes=7, model_kwargs=RANDOM_KWARGS)
+    first = load_model(ARCH, opts)
+    assert models.weights_fingerprint(first) == models.state_dict_sha256(first.model)
+    hashed = []
+    real = models.state_dict_sha256
+    monkeypatch.setattr(models, "state_dict_sha256", lambda m: (hashed.append(1), real(m))[1])
+    again = load_model(ARCH, opts)
+    assert models.weights_fingerprint(again) == real(again.model) and hashed == []  # remembered, not hashed
+    torch.save(_random(1), path)  # other bytes under the same name: hashed anew
+    changed = load_model(ARCH, opts)
+    assert models.weights_fingerprint(changed) == real(changed.model) != real(first.model)
+    assert hashed == [1]
+
+
+def test_torchrun_ranks_with_different_weights_are_refused(monkeypatch):
+    """A callable that draws its own randomness can still differ between ranks: one line, not mixed figures."""
+    from resprobe import distributed, probe
+
+    monkeypatch.setattr(distributed, "in_lockstep", lambda: True)
+    monkeypatch.setattr(distributed, "all_gather", lambda value: [value, "f" * 64])
+    with pytest.raises(ModelError, match="different weights") as refused:
+        probe._check_same_weights_on_every_rank("a" * 64)
+    assert "\n" not in str(refused.value)
+    monkeypatch.setattr(distributed, "all_gather", lambda value: [value, value])
+    probe._check_same_weights_on_every_rank("a" * 64)

@@ -67,10 +67,15 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
     # Progress counts the samples already on disk once, then each new batch, up to the total.
     assert reported[0][0] == partial.n_samples and reported[-1] == (40, 40)
     assert all(a[0] < b[0] for a, b in zip(reported, reported[1:]))
-    a, b = open_recording(whole), open_recording(out)
+    assert_same_stats(open_recording(whole), open_recording(out))
+
+
+def assert_same_stats(a, b) -> None:
+    """Two recordings of the same samples agree to 1e-6 (the resume equality the docs promise)."""
+    np.testing.assert_array_equal(a.index, b.index)
+    np.testing.assert_allclose(b.loss, a.loss, rtol=0, atol=1e-6)
     for name in STAT_NAMES:
         np.testing.assert_allclose(a.stats[name], b.stats[name], rtol=0, atol=1e-6, equal_nan=True)
-    np.testing.assert_array_equal(a.index, b.index)
 
 
 def test_resume_refuses_conflicting_options(tmp_path):
@@ -233,3 +238,77 @@ def test_a_recording_written_here_is_not_read_through_again(tmp_path, monkeypatc
         f.attrs["note"] = "touched"
     open_recording(out)
     assert children == [str(copy), str(out)]
+
+
+# --------------------------------------------------------------------------------------------------
+# The weights fingerprint: a resume or an ablate --recording of other weights is refused (issue 22)
+
+RANDOM_KWARGS = {"layers": [1, 1, 1, 1], "channels": [8, 16, 16, 32], "stem_width": 4, "zero_init_last": False}
+
+
+def random_options(**kw) -> RecordOptions:
+    """A timm model without weights (its initialization comes from --seed)."""
+    return RecordOptions(model="timm:resnet18", num_classes=4, model_kwargs=RANDOM_KWARGS, input_size="32", data=DATA,
+                         limit=24, batch_size=8, **kw)
+
+
+def test_recordings_carry_the_fingerprint_of_the_weights_used(tmp_path):
+    import torch
+
+    from resprobe.models import state_dict_sha256
+
+    out = tmp_path / "run.h5"
+    result = record(options(limit=8), out, device="cpu")
+    # the fixture's weights as stored in the file, hashed without loading them into a model
+    stored = torch.load(MODEL, map_location="cpu", weights_only=True)["state_dict"]
+    with h5py.File(out) as f:
+        assert f.attrs["weights_sha256"] == state_dict_sha256(stored)
+    assert result.to_dict()["weights_sha256"] == state_dict_sha256(stored)
+
+
+def test_resume_of_a_model_without_weights_continues_the_same_network(tmp_path):
+    whole = tmp_path / "whole.h5"
+    record(random_options(), whole, device="cpu")
+    out = tmp_path / "run.h5"
+    with pytest.raises(Crash):
+        record(random_options(), out, device="cpu", progress=crash_after(8))
+    record(RecordOptions(), out, resume=True, device="cpu")
+    a, b = open_recording(whole), open_recording(out)
+    assert a.attrs["weights_sha256"] == b.attrs["weights_sha256"]
+    assert_same_stats(a, b)
+
+
+def test_resume_refuses_a_checkpoint_changed_in_place(tmp_path):
+    import torch
+
+    from resprobe.models import LoadOptions, load_model
+
+    weights = tmp_path / "w.pt"
+
+    def save(seed: int) -> None:
+        model = load_model("timm:resnet18", LoadOptions(num_classes=4, model_kwargs=RANDOM_KWARGS, seed=seed)).model
+        torch.save(model.state_dict(), weights)
+
+    save(0)
+    out = tmp_path / "run.h5"
+    with pytest.raises(Crash):
+        record(random_options(checkpoint=str(weights)), out, device="cpu", progress=crash_after(8))
+    save(1)  # other weights under the same name
+    with pytest.raises(RecordingError, match="other weights") as refused:
+        record(RecordOptions(), out, resume=True, device="cpu")
+    assert "\n" not in str(refused.value)
+    save(0)  # the weights it was recording: the resume goes on
+    assert record(RecordOptions(), out, resume=True, device="cpu").complete
+
+
+def test_a_run_from_before_the_fingerprint_still_resumes(tmp_path):
+    import json
+
+    out = tmp_path / "run.h5"
+    with pytest.raises(Crash):
+        record(options(), out, device="cpu", progress=crash_after(8))
+    meta_file = partial_dir(out) / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["attrs"]["weights_sha256"]
+    meta_file.write_text(json.dumps(meta))
+    assert record(RecordOptions(), out, resume=True, device="cpu").complete
