@@ -474,10 +474,8 @@ def build_with_weights(arch: Mapping[str, Any], state_dict: Mapping[str, torch.T
     try:
         with torch.device("meta"):
             model, weights = build_architecture(arch, offline=offline)
-    except ModelError:
-        raise
-    except Exception:  # noqa: BLE001 - some constructors compute with their tensors
-        model = None
+    except Exception:  # noqa: BLE001 - some constructors compute with their tensors (RegNet; wrapped in a
+        model = None  # ModelError by the builders): the real build below says what is really wrong
     if model is not None:
         own = model.state_dict()
         tensors = [*model.parameters(), *model.buffers()]
@@ -493,23 +491,32 @@ def build_with_weights(arch: Mapping[str, Any], state_dict: Mapping[str, torch.T
     return model, weights
 
 
-def classifier_key(model: nn.Module) -> str | None:
-    """The module name of the classifier (``fc``, ``head.fc``), as timm reports it when it can."""
+def classifier_key(model: nn.Module, num_classes: int | None = None) -> str | None:
+    """The module name of the classifier, found without a list of names per family.
+
+    timm says it (``pretrained_cfg["classifier"]``); otherwise it is the last ``nn.Linear`` in module
+    order (torchvision's ``fc``, ``classifier.1``, ``classifier.2``, ``heads.head``, ``head``), the last
+    one with ``num_classes`` outputs when the class count is known (``model.num_classes`` by default),
+    and a 1×1 convolution only in a model with no Linear layer at all (SqueezeNet).
+    """
     cfg = getattr(model, "pretrained_cfg", None) or {}
     name = cfg.get("classifier")
     if isinstance(name, str) and name:
         return name
-    if isinstance(getattr(model, "fc", None), nn.Linear):
-        return "fc"
-    last = None
-    for mod_name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            last = mod_name
-    return last
+    count = num_classes if num_classes is not None else getattr(model, "num_classes", None)
+    candidates = [(n, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not candidates:
+        candidates = [(n, m.out_channels) for n, m in model.named_modules()
+                      if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1)]
+    fitting = [n for n, out in candidates if out == count] if isinstance(count, int) else []
+    if fitting:
+        return fitting[-1]
+    return candidates[-1][0] if candidates else None
 
 
 def _classifier_name(arch: Mapping[str, Any]) -> str | None:
-    """The classifier's module name for an architecture, without building it when the registry knows."""
+    """The classifier's module name for an architecture: timm's registry says it; other models are
+    built on the meta device (no memory, no initialization) with their default head and looked at."""
     if arch["source"] == "timm":
         from timm.models import get_pretrained_cfg_value
 
@@ -517,9 +524,12 @@ def _classifier_name(arch: Mapping[str, Any]) -> str | None:
             return get_pretrained_cfg_value(arch["name"], "classifier")
         except Exception:  # noqa: BLE001 - unknown names fail later with a clear message
             return None
-    if arch["source"] == "torchvision":
-        return "fc"
-    probe, _ = build_architecture({**arch, "num_classes": None, "weights": None})
+    default_head = {**arch, "num_classes": None, "weights": None}
+    try:
+        with torch.device("meta"):
+            probe, _ = build_architecture(default_head)
+    except Exception:  # noqa: BLE001 - a constructor that computes with its tensors (RegNet): build it for real
+        probe, _ = build_architecture(default_head)
     return classifier_key(probe)
 
 
