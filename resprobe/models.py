@@ -364,7 +364,7 @@ def _build_timm(name: str, num_classes: int | None, kwargs: dict[str, Any], pret
         elif cfg is not None:
             build_kwargs["pretrained_cfg_overlay"] = hub.offline_timm_overlay(name, cfg)
     try:
-        return timm.create_model(target, pretrained=pretrained, **build_kwargs)
+        model = timm.create_model(target, pretrained=pretrained, **build_kwargs)
     except TypeError as exc:
         raise ModelError(f"cannot build timm model {name!r} with --model-kwargs {json.dumps(kwargs, default=str)}: "
                          f"{exc}") from exc
@@ -378,6 +378,17 @@ def _build_timm(name: str, num_classes: int | None, kwargs: dict[str, Any], pret
     except Exception as exc:  # noqa: BLE001 - timm asserts on impossible arguments
         raise ModelError(f"cannot build timm model {name!r} with --model-kwargs {json.dumps(kwargs, default=str)}: "
                          f"{_first_line(exc)}") from exc
+    if cfg is not None and num_classes is not None and cfg.get("num_classes") not in (None, num_classes):
+        _say_new_head(f"timm:{name}", cfg["num_classes"], num_classes, classifier_key(model))
+    return model
+
+
+def _say_new_head(what: str, head_classes: int, num_classes: int, head: str | None) -> None:
+    import warnings
+
+    warnings.warn(f"{what}: the pretrained {head_classes}-class classifier ({head}) is left out; the model has a "
+                  f"new {num_classes}-class classifier, randomly initialized (train it before trusting its figures)",
+                  stacklevel=3)
 
 
 def _torchvision_weights(name: str, weights: str | None, pretrained: bool) -> Any:
@@ -415,12 +426,21 @@ def _build_torchvision(name: str, num_classes: int | None, kwargs: dict[str, Any
         state = read_checkpoint(torchvision_weights_file(weights, offline))
         head_classes = len(weights.meta.get("categories") or [])
         if num_classes is not None and head_classes and num_classes != head_classes:
-            # Pretrained body, new head: the classifier stays randomly initialized.
-            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-            load_weights(model, state, "torchvision:" + name, strict=False)
-        else:
-            load_weights(model, state, f"torchvision weights {weights}")
+            state = _without_head(model, state, num_classes, head_classes, f"torchvision:{name}:{weights.name}")
+        load_weights(model, state, f"torchvision weights {weights}")
     return model
+
+
+def _without_head(model: nn.Module, state: Mapping[str, torch.Tensor], num_classes: int, head_classes: int,
+                  what: str) -> dict[str, torch.Tensor]:
+    """Pretrained body, new head (as timm's ``create_model(pretrained=True, num_classes=N)``): the
+    weights with the model's own fresh N-class classifier in place of theirs, said on stderr."""
+    head = classifier_key(model, num_classes)
+    own = model.state_dict()
+    replaced = {k: own[k] for k in own if head is not None and k.rsplit(".", 1)[0] == head}
+    if replaced:
+        _say_new_head(what, head_classes, num_classes, head)
+    return {**state, **replaced}
 
 
 def _build_callable(target: str, num_classes: int | None, kwargs: dict[str, Any]) -> nn.Module:

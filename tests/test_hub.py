@@ -147,7 +147,8 @@ def test_pretrained_cfg_drives_preprocessing_and_classes(caches):
     assert pre.input_size == (3, 160, 160) and pre.mean == (0.5, 0.5, 0.5) and pre.crop_pct == 0.95
     assert loaded.num_classes == 1000
     # a new head: timm keeps the pretrained body and initializes the classifier
-    ten = load_model("timm:test_resnet.r160_in1k", LoadOptions(pretrained=True, offline=True, num_classes=10))
+    with pytest.warns(UserWarning, match=r"1000-class classifier \(fc\) is left out.* new 10-class classifier"):
+        ten = load_model("timm:test_resnet.r160_in1k", LoadOptions(pretrained=True, offline=True, num_classes=10))
     assert ten.num_classes == 10
     assert torch.equal(ten.model.conv1[0].weight, loaded.model.conv1[0].weight)
 
@@ -256,3 +257,28 @@ def test_a_cached_pytorch_model_bin_is_used_when_there_is_no_safetensors(caches)
     loaded = load_model("timm:test_resnet.r160_in1k", LoadOptions(pretrained=True, offline=True))
     for k, v in loaded.model.state_dict().items():
         assert torch.equal(v, weights[k]), k
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0", "resnet18"])
+def test_torchvision_pretrained_with_other_num_classes_gets_a_fresh_head(caches, name, run):
+    """--pretrained --num-classes N: the cached body is loaded, the classifier (whatever its name) is a
+    new N-class one, and stderr says so."""
+    from torchvision.models import get_model, get_model_weights
+
+    weights = get_model_weights(name).DEFAULT
+    torch.manual_seed(0)
+    state = {k: (torch.randn_like(v) if v.is_floating_point() else v) for k, v in get_model(name).state_dict().items()}
+    path = caches / "torch" / "hub" / "checkpoints" / os.path.basename(weights.url)
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    with pytest.warns(UserWarning, match=r"1000-class classifier .* new 10-class classifier"):
+        loaded = load_model(f"torchvision:{name}", LoadOptions(pretrained=True, num_classes=10, offline=True))
+    assert loaded.num_classes == 10
+    own = loaded.model.state_dict()
+    head = [k for k in state if own[k].shape != state[k].shape]
+    assert len(head) == 2 and all(k.rsplit(".", 1)[0] == head[0].rsplit(".", 1)[0] for k in head)
+    for key, value in state.items():
+        if key not in head:
+            assert torch.equal(own[key], value), key
+    result = run("blocks", f"torchvision:{name}", "--pretrained", "--num-classes", 10, "--offline")
+    assert "new 10-class classifier" in result.stderr
