@@ -355,16 +355,13 @@ def _build_timm(name: str, num_classes: int | None, kwargs: dict[str, Any], pret
     build_kwargs = dict(kwargs)
     if num_classes is not None:
         build_kwargs["num_classes"] = num_classes
-    target = name
     # an unknown tag is named here, not as a failed download
     cfg = hub.timm_pretrained_cfg(name) if pretrained and not name.startswith("hf-hub:") else None
-    if hub.is_offline(offline):  # timm would ask the hub: find the files in the cache first
-        if name.startswith("hf-hub:"):
-            target = "local-dir:" + str(hub.offline_hf_hub_dir(name[len("hf-hub:"):], pretrained))
-        elif cfg is not None:
-            build_kwargs["pretrained_cfg_overlay"] = hub.offline_timm_overlay(name, cfg)
+    target, source_kwargs = hub.timm_target(name, cfg, pretrained, offline)  # the caches first, then the hub
+    build_kwargs.update(source_kwargs)
     try:
-        model = timm.create_model(target, pretrained=pretrained, **build_kwargs)
+        with hub.quiet_retries():
+            model = timm.create_model(target, pretrained=pretrained, **build_kwargs)
     except TypeError as exc:
         raise ModelError(f"cannot build timm model {name!r} with --model-kwargs {json.dumps(kwargs, default=str)}: "
                          f"{exc}") from exc

@@ -172,11 +172,16 @@ def test_user_hf_hub_offline_counts_as_offline(caches, monkeypatch):
 
 
 def test_online_pretrained_goes_through_timm_create_model(caches, monkeypatch):
-    """Without --offline, timm loads (and downloads) the weights itself: no overlay, no cache_dir."""
+    """Without --offline and not cached, the hub is asked once whether it answers, then timm loads (and
+    downloads) the weights itself: no overlay, no cache_dir."""
     import timm
+
+    from resprobe import hub
 
     calls = []
     real = timm.create_model
+    asked = []
+    monkeypatch.setattr(hub, "require_hub", lambda repo, filename, what: asked.append((repo, filename)))
 
     def spy(name, pretrained=False, **kwargs):
         calls.append((name, pretrained, dict(kwargs)))
@@ -185,6 +190,7 @@ def test_online_pretrained_goes_through_timm_create_model(caches, monkeypatch):
     monkeypatch.setattr(timm, "create_model", spy)
     load_model("timm:test_resnet.r160_in1k", LoadOptions(pretrained=True))
     assert calls == [("test_resnet.r160_in1k", True, {})]
+    assert asked == [("timm/test_resnet.r160_in1k", "model.safetensors")]
 
 
 def test_hf_hub_name_offline_from_the_cached_snapshot(caches):
@@ -282,3 +288,43 @@ def test_torchvision_pretrained_with_other_num_classes_gets_a_fresh_head(caches,
             assert torch.equal(own[key], value), key
     result = run("blocks", f"torchvision:{name}", "--pretrained", "--num-classes", 10, "--offline")
     assert "new 10-class classifier" in result.stderr
+
+
+@pytest.fixture
+def hub_unreachable(monkeypatch):
+    """Every HTTP request of huggingface_hub fails as it does without a route to the hub (a
+    ConnectError), and its backoff sleeps are recorded instead of slept: returns the list of sleeps."""
+    import httpx2
+    from huggingface_hub.utils import _http
+
+    class Unreachable:
+        def request(self, method, url, **kwargs):
+            raise httpx2.ConnectError("[Errno -2] Name or service not known")
+
+        def stream(self, method, url, **kwargs):
+            raise httpx2.ConnectError("[Errno -2] Name or service not known")
+
+    sleeps: list[float] = []
+    monkeypatch.setattr(_http, "get_session", lambda: Unreachable())
+    monkeypatch.setattr(_http.time, "sleep", sleeps.append)
+    return sleeps
+
+
+@pytest.mark.parametrize("model", ["timm:resnet18.a1_in1k", "hf-hub:timm/resnet18.a1_in1k"])
+def test_pretrained_without_network_is_one_line_without_retries(caches, hub_unreachable, model, capfd):
+    result = invoke("blocks", model, "--pretrained", code=1)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot reach the Hugging Face hub"), result.stderr
+    assert "--checkpoint" in lines[0] and "resnet18.a1_in1k" in lines[0]
+    assert hub_unreachable == []  # no backoff: not one retry waited for
+    assert "Retrying" not in capfd.readouterr().err  # nor logged by huggingface_hub's own handler
+
+
+def test_pretrained_from_the_cache_needs_no_network(caches, hub_unreachable):
+    """Online, but the weights are cached: they are used as they are, with no request at all."""
+    weights = random_weights("test_resnet", seed=3)
+    put_hf(caches, "timm/test_resnet.r160_in1k", {"model.safetensors": weights})
+    loaded = load_model("timm:test_resnet.r160_in1k", LoadOptions(pretrained=True))
+    for k, v in loaded.model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    assert hub_unreachable == []
