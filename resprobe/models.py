@@ -339,6 +339,38 @@ def extract_state_dict(obj: Any, ema: bool = False, source: str = "checkpoint") 
 # Building models
 
 
+def built_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """The (H, W) a fixed-size model is built for, or None when it takes any size.
+
+    timm's patch embeddings with a strict ``img_size`` (ViT, DeiT, BEiT, EVA, Swin) and torchvision's
+    VisionTransformer (``image_size``) assert the size in their forward; their pretrained config may
+    name another size than the model was built with (``--model-kwargs '{"img_size": 32}'``).
+    """
+    for module in model.modules():
+        size = getattr(module, "img_size", None)
+        if getattr(module, "strict_img_size", False) is True and size is not None:
+            height, width = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+            return int(height), int(width)
+    size = getattr(model, "image_size", None)
+    if isinstance(size, int) and hasattr(model, "conv_proj"):  # torchvision VisionTransformer
+        return size, size
+    return None
+
+
+def input_size_mismatch(loaded: LoadedModel, height: int, width: int, given: str) -> str | None:
+    """The one line for a fixed-size model asked to run on other (H, W) (``given`` says whose size
+    it is), naming the ``--model-kwargs`` that build it for that size; None when it fits."""
+    built = built_input_size(loaded.model)
+    if built is None or built == (height, width):
+        return None
+    key = "image_size" if loaded.source == "torchvision" else "img_size"
+    size = height if height == width else [height, width]
+    extra = ", ..." if loaded.source != "torchvision" else ""
+    return (f"{loaded.spec} is built for {built[0]}×{built[1]} inputs only, and {given} is {height}×{width}: build it "
+            f"for that size with --model-kwargs '{{\"{key}\": {json.dumps(size)}{extra}}}' (with a patch size "
+            "and, for Swin, a window size that divide it), or give inputs of its size")
+
+
 def _close_matches(name: str, candidates: list[str]) -> str:
     matches = difflib.get_close_matches(name, candidates, n=4, cutoff=0.6)
     return f"; did you mean {', '.join(matches)}?" if matches else ""

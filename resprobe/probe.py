@@ -33,7 +33,8 @@ from resprobe.data import (
     upscale_warning,
     warn_notes,
 )
-from resprobe.models import LoadedModel, LoadOptions, load_model
+from resprobe.errors import ModelError
+from resprobe.models import LoadedModel, LoadOptions, built_input_size, input_size_mismatch, load_model
 from resprobe.runtime import Runtime, make_runtime
 
 # Notes for the user (the preprocessing used): the command line shows them on stderr unless --quiet.
@@ -80,6 +81,8 @@ class Probe:
         warn_notes(source)  # e.g. a class count that differs from the head: said by every command
         if source.in_memory and self.sample_shape is None and len(source):
             self.sample_shape = tuple(source.dataset[0][0].shape)
+            if len(self.sample_shape) == 3:  # arrays are never resized: a fixed-size model must fit them
+                _require_fitting_size(self.loaded, self.sample_shape[-2:], f"the data ({spec})")
         if not self.input_size_given:
             message = upscale_warning(source, self.preprocessing)
             if message:
@@ -158,7 +161,9 @@ def open_probe(
     runtime = make_runtime(device, precision)
     loaded = load_model(model, LoadOptions(checkpoint, pretrained, num_classes, dict(model_kwargs or {}), ema,
                                            trust_checkpoint, offline))
-    pre = override_preprocessing(default_preprocessing(loaded), input_size, mean, std, crop_pct, interpolation)
+    pre = override_preprocessing(built_size_preprocessing(loaded), input_size, mean, std, crop_pct, interpolation)
+    _require_fitting_size(loaded, tuple(pre.input_size[-2:]), f"--input-size {input_size}" if input_size else
+                          "its default input size")
     _warn_contradicted(loaded, pre, input_size, mean, std, crop_pct, interpolation)
     require_blocks(loaded.model, blocks)  # a model without residual blocks fails now, not later
     if randomly_initialized(loaded, pretrained) and not for_training:
@@ -166,6 +171,23 @@ def open_probe(
     loaded.model.requires_grad_(False)
     runtime.prepare(loaded.model)
     return Probe(loaded, pre, runtime, blocks, input_size_given=bool(input_size), offline=offline)
+
+
+def built_size_preprocessing(loaded: LoadedModel) -> Preprocessing:
+    """The model's preprocessing at the input size it is built for: a ViT built with
+    ``--model-kwargs '{"img_size": 32}'`` takes 32×32 by default, whatever its pretrained config says."""
+    pre = default_preprocessing(loaded)
+    built = built_input_size(loaded.model)
+    if loaded.preprocessing or built is None or tuple(pre.input_size[-2:]) == built:
+        return pre
+    return replace(pre, input_size=(pre.input_size[0], *built), resize_size=None)
+
+
+def _require_fitting_size(loaded: LoadedModel, size: tuple[int, ...], given: str) -> None:
+    """A fixed-size model (ViT, Swin) at another size: one line naming --model-kwargs, not timm's assert."""
+    message = input_size_mismatch(loaded, int(size[0]), int(size[1]), given)
+    if message:
+        raise ModelError(message)
 
 
 def randomly_initialized(loaded: LoadedModel, pretrained: bool = False) -> bool:

@@ -529,3 +529,29 @@ def test_a_limit_above_the_data_size_is_noted_once_and_n_is_the_real_count(run):
     assert [line for line in result.stderr.splitlines() if "asked for" in line] == [note]
     assert "asked for" not in run(*args, "--limit", "1000", "-q").stderr  # a note: --quiet drops it
     assert "asked for" not in run(*args, "--limit", str(real)).stderr  # exactly the data set: nothing to say
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixed-size models (ViT, Swin): the input size comes from the model as built
+
+VIT = "timm:vit_tiny_patch16_224"
+VIT_SMALL = {"depth": 2, "embed_dim": 16, "num_heads": 2}
+
+
+def test_a_fixed_size_model_at_another_input_size_says_which_model_kwargs(run):
+    result = run("blocks", VIT, "--model-kwargs", json.dumps(VIT_SMALL), "--input-size", "32", code=1)
+    line = one_error_line(result, "224×224", "--input-size 32", "--model-kwargs", '"img_size": 32')
+    assert "AssertionError" not in line
+
+
+def test_a_fixed_size_model_at_another_array_size_says_which_model_kwargs(run, arrays_file):
+    result = run("eval", VIT, "--model-kwargs", json.dumps(VIT_SMALL), "--data", arrays_file(n=4, size=32),
+                 "--device", "cpu", code=1)
+    one_error_line(result, "224×224", "32×32", '"img_size": 32')
+
+
+def test_a_model_built_for_32px_takes_32px_by_default(run, tmp_path):
+    kwargs = json.dumps({**VIT_SMALL, "img_size": 32, "patch_size": 4})
+    blocks = as_json(run("blocks", VIT, "--model-kwargs", kwargs, "-f", "json"))
+    assert blocks["preprocessing"]["input_size"] == [3, 32, 32]
+    run("share", VIT, "--model-kwargs", kwargs, "--stages", "0", "--out", tmp_path / "s.pt")
