@@ -200,4 +200,35 @@ def random_weights_message(loaded: LoadedModel) -> str:
     name = str(loaded.spec)
     unless = f", unless {name} loads weights itself" if loaded.spec.source == "callable" else ""
     return (f"{name} is randomly initialized: no weights were given{unless} (pass --checkpoint PATH, --pretrained, "
-            "or a checkpoint as MODEL); its figures describe an untrained network")
+            "or a checkpoint as MODEL); its figures describe an untrained network") + _zero_branch_note(loaded.model)
+
+
+# A scale this small at initialization (ConvNeXt's and CaiT's layer scale start at 1e-6 or 1e-5) makes
+# a branch's output negligible against the stream it is added to.
+_TINY_SCALE = 1e-4
+
+
+def zero_initialized_scales(model: torch.nn.Module) -> list[str]:
+    """Parameters that scale residual branches and start at (nearly) zero: the last norm's weight under
+    timm's ``zero_init_last`` (ResNet, RegNetY, CSPNet), a layer scale (``gamma``, ``ls1.gamma``), a
+    zeroed last convolution. Found by value, not by name: a 0-D/1-D parameter (not a bias) all within
+    ``_TINY_SCALE`` of zero, or any weight that is exactly zero; a random network has no others."""
+    found = []
+    for name, param in model.named_parameters():
+        if not param.is_floating_point() or param.numel() == 0 or name.endswith("bias") or param.is_meta:
+            continue
+        largest = float(param.detach().abs().max())
+        if (param.dim() <= 1 and largest <= _TINY_SCALE) or (name.endswith("weight") and largest == 0.0):
+            found.append(name)
+    return found
+
+
+def _zero_branch_note(model: torch.nn.Module) -> str:
+    """Why a random model's figures are all '—' and Δ = 0: its branches start (nearly) silent."""
+    scales = zero_initialized_scales(model)
+    if not scales:
+        return ""
+    example = ", ".join(scales[:2]) + (f" and {len(scales) - 2} more" if len(scales) > 2 else "")
+    return ("; moreover its residual branches end in a zero-initialized norm or a tiny layer scale "
+            f"({example}), so every branch outputs (nearly) zero: alignments show — and removal costs are ≈ 0 "
+            "until the model is trained")

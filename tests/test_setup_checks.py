@@ -555,3 +555,29 @@ def test_a_model_built_for_32px_takes_32px_by_default(run, tmp_path):
     blocks = as_json(run("blocks", VIT, "--model-kwargs", kwargs, "-f", "json"))
     assert blocks["preprocessing"]["input_size"] == [3, 32, 32]
     run("share", VIT, "--model-kwargs", kwargs, "--stages", "0", "--out", tmp_path / "s.pt")
+
+
+@pytest.mark.parametrize("name,kwargs,example", [
+    ("regnety_002", {}, "s1.b1.conv3.bn.weight"),
+    ("cspresnet50", {}, "stages.0.blocks.0.conv3.bn.weight"),
+    ("convnext_atto", {"depths": [1, 1, 1, 1], "dims": [8, 8, 16, 16]}, "stages.0.blocks.0.gamma"),
+])
+def test_random_weights_warning_says_why_branches_are_zero(name, kwargs, example):
+    """timm's zero_init_last (RegNetY, CSPNet) and ConvNeXt's layer scale (1e-6) make every branch output
+    (nearly) zero: the warning says why every alignment is '—' and every removal cost 0."""
+    from resprobe.probe import open_probe
+
+    with pytest.warns(UserWarning, match="randomly initialized") as caught:
+        probe = open_probe(f"timm:{name}", num_classes=3, model_kwargs=kwargs, device="cpu", input_size="32")
+    message = next(str(w.message) for w in caught if "randomly initialized" in str(w.message))
+    assert "zero-initialized" in message and example in message, message
+    # independent check of the claim: the named scale really is (nearly) zero in the built model
+    assert probe.model.get_parameter(example).abs().max() <= 1e-4
+
+
+def test_random_weights_warning_is_silent_about_branches_that_are_not_zero():
+    from resprobe.probe import open_probe
+
+    with pytest.warns(UserWarning, match="randomly initialized") as caught:
+        open_probe("torchvision:resnet18", num_classes=3, device="cpu", input_size="32")
+    assert not any("zero-initialized" in str(w.message) for w in caught)
