@@ -34,7 +34,13 @@ from resprobe.data import (
     warn_notes,
 )
 from resprobe.errors import ModelError
-from resprobe.models import LoadedModel, LoadOptions, built_input_size, input_size_mismatch, load_model
+from resprobe.models import (
+    LoadedModel,
+    LoadOptions,
+    built_input_size,
+    input_size_mismatch,
+    load_model,
+)
 from resprobe.runtime import Runtime, make_runtime
 
 # Notes for the user (the preprocessing used): the command line shows them on stderr unless --quiet.
