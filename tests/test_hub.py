@@ -328,3 +328,17 @@ def test_pretrained_from_the_cache_needs_no_network(caches, hub_unreachable):
     for k, v in loaded.model.state_dict().items():
         assert torch.equal(v, weights[k]), k
     assert hub_unreachable == []
+
+
+def test_quiet_retries_drops_only_huggingface_hubs_retry_lines(caplog):
+    import logging
+
+    from resprobe.hub import quiet_retries
+
+    logger = logging.getLogger("huggingface_hub.utils._http")
+    with caplog.at_level(logging.WARNING), quiet_retries():
+        logger.warning("'[Errno -2] Name or service not known' thrown while requesting HEAD https://huggingface.co/x")
+        logger.warning("Retrying in 1s [Retry 1/5].")
+        logger.warning("something else")
+    logger.warning("Retrying in 2s [Retry 2/5].")  # outside: the library's logging is as it was
+    assert [r.getMessage() for r in caplog.records] == ["something else", "Retrying in 2s [Retry 2/5]."]
