@@ -11,8 +11,10 @@ resprobe never sets an environment variable: offline mode is passed through the 
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -142,21 +144,104 @@ def offline_timm_overlay(name: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {"file": str(path)}
 
 
+def _hf_hub_snapshot(repo: str, pretrained: bool) -> tuple[Path | None, str]:
+    """The cached snapshot folder of ``hf-hub:ORG/NAME[@REV]`` holding its ``config.json`` (and with
+    ``pretrained`` its weights), or None and what is missing from the cache."""
+    config = cached_hf_file(repo, "config.json")
+    if config is None:
+        return None, "config.json"
+    if pretrained and not any((config.parent / f).is_file() for f in ("model.safetensors", "pytorch_model.bin",
+                                                                       "pytorch_model.pth", "model.pth")):
+        return None, "weights (model.safetensors or pytorch_model.bin)"
+    return config.parent, ""
+
+
 def offline_hf_hub_dir(repo: str, pretrained: bool) -> Path:
     """The cached snapshot folder of ``hf-hub:ORG/NAME[@REV]`` (its ``config.json``, and with
     ``pretrained`` its weights), given to timm as ``local-dir:`` so that nothing is downloaded."""
-    config = cached_hf_file(repo, "config.json")
-    missing = "config.json" if config is None else None
-    if config is not None and pretrained:
-        if not any((config.parent / f).is_file() for f in ("model.safetensors", "pytorch_model.bin",
-                                                              "pytorch_model.pth", "model.pth")):
-            missing = "weights (model.safetensors or pytorch_model.bin)"
-    if missing:
+    snapshot, missing = _hf_hub_snapshot(repo, pretrained)
+    if snapshot is None:
         raise ModelError(f"offline: the {missing} of hf-hub:{repo} are not in the local cache "
                          f"({hf_cache_dir()}); run once without --offline (and without HF_HUB_OFFLINE=1) to "
                          "download them")
-    assert config is not None
-    return config.parent
+    return snapshot
+
+
+# One HEAD request decides whether the hub can be reached before timm downloads: without a route,
+# huggingface_hub retries each file five times with backoff (about 25 s per file, 50 s for timm's
+# two names), logging two lines a try. A refused or unresolvable connection fails at once; a silent
+# network within this many seconds.
+REACH_TIMEOUT_S = 5.0
+
+
+def require_hub(repo: str, filename: str, what: str) -> None:
+    """Raise one line at once if the Hugging Face hub cannot be reached for ``filename`` of ``repo``
+    (``ORG/NAME[@REV]``). An HTTP answer of any kind (a missing file, a gated repo) counts as reached:
+    timm's own download then says what is wrong."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import FileMetadataError, HfHubHTTPError
+
+    repo_id, revision = _split_revision(repo)
+    try:  # retry_on_errors=False (the default): one request, no backoff, no retry log
+        get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision), timeout=REACH_TIMEOUT_S)
+    except (HfHubHTTPError, FileMetadataError):
+        return
+    except Exception as exc:  # noqa: BLE001 - ConnectError, timeouts, proxy and SSL errors: no hub
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ModelError(f"cannot reach the Hugging Face hub ({reason}) to download {what}; check the network, "
+                         f"put the files in the cache ({hf_cache_dir()}), or pass --checkpoint PATH") from None
+
+
+class _NoRetryNotes(logging.Filter):
+    """Drops huggingface_hub's per-try lines ("... thrown while requesting HEAD ...", "Retrying in 4s"):
+    the failure that ends them is said by resprobe in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("thrown while requesting" in message or message.startswith(("Retrying in", "Rate limited")))
+
+
+@contextmanager
+def quiet_retries() -> Iterator[None]:
+    """Silence huggingface_hub's retry lines on stderr while resprobe talks (the logger's state is
+    restored afterwards; no environment variable is touched)."""
+    logger = logging.getLogger("huggingface_hub.utils._http")
+    quiet = _NoRetryNotes()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def timm_target(name: str, cfg: Mapping[str, Any] | None, pretrained: bool,
+                offline: bool) -> tuple[str, dict[str, Any]]:
+    """What to give ``timm.create_model`` for ``name`` (a timm name or ``hf-hub:ORG/NAME``): the name
+    (or a cached ``local-dir:``) and the extra keyword arguments (a cached weights ``file``).
+
+    Cached files are used as they are, online or not (as torchvision's are): timm would otherwise ask the
+    hub whether they changed. Offline, a missing file is one line naming the caches; online, the hub is
+    asked once, quickly, before timm downloads (:func:`require_hub`).
+    """
+    if name.startswith("hf-hub:"):
+        repo = name[len("hf-hub:"):]
+        if is_offline(offline):
+            return "local-dir:" + str(offline_hf_hub_dir(repo, pretrained)), {}
+        snapshot, _ = _hf_hub_snapshot(repo, pretrained)
+        if snapshot is not None:
+            return "local-dir:" + str(snapshot), {}
+        require_hub(repo, "config.json", f"the config of {name}")
+        return name, {}
+    if cfg is None:
+        return name, {}
+    if is_offline(offline):
+        return name, {"pretrained_cfg_overlay": offline_timm_overlay(name, cfg)}
+    path, _ = cached_timm_weights(cfg)
+    if path is not None:
+        return name, {"pretrained_cfg_overlay": {"file": str(path)}}
+    if cfg.get("hf_hub_id"):
+        require_hub(str(cfg["hf_hub_id"]), _weight_files(cfg)[0], f"the pretrained weights of timm model {name}")
+    return name, {}
 
 
 def torchvision_weights_file(weights: Any, offline: bool = False) -> Path:

@@ -453,6 +453,38 @@ def extract_state_dict(obj: Any, ema: bool = False, source: str = "checkpoint") 
 # Building models
 
 
+def built_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """The (H, W) a fixed-size model is built for, or None when it takes any size.
+
+    timm's patch embeddings with a strict ``img_size`` (ViT, DeiT, BEiT, EVA, Swin) and torchvision's
+    VisionTransformer (``image_size``) assert the size in their forward; their pretrained config may
+    name another size than the model was built with (``--model-kwargs '{"img_size": 32}'``).
+    """
+    for module in model.modules():
+        size = getattr(module, "img_size", None)
+        if getattr(module, "strict_img_size", False) is True and size is not None:
+            height, width = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+            return int(height), int(width)
+    size = getattr(model, "image_size", None)
+    if isinstance(size, int) and hasattr(model, "conv_proj"):  # torchvision VisionTransformer
+        return size, size
+    return None
+
+
+def input_size_mismatch(loaded: LoadedModel, height: int, width: int, given: str) -> str | None:
+    """The one line for a fixed-size model asked to run on other (H, W) (``given`` says whose size
+    it is), naming the ``--model-kwargs`` that build it for that size; None when it fits."""
+    built = built_input_size(loaded.model)
+    if built is None or built == (height, width):
+        return None
+    key = "image_size" if loaded.source == "torchvision" else "img_size"
+    size = height if height == width else [height, width]
+    extra = ", ..." if loaded.source != "torchvision" else ""
+    return (f"{loaded.spec} is built for {built[0]}×{built[1]} inputs only, and {given} is {height}×{width}: build it "
+            f"for that size with --model-kwargs '{{\"{key}\": {json.dumps(size)}{extra}}}' (with a patch size "
+            "and, for Swin, a window size that divide it), or give inputs of its size")
+
+
 def _close_matches(name: str, candidates: list[str]) -> str:
     matches = difflib.get_close_matches(name, candidates, n=4, cutoff=0.6)
     return f"; did you mean {', '.join(matches)}?" if matches else ""
@@ -469,16 +501,13 @@ def _build_timm(name: str, num_classes: int | None, kwargs: dict[str, Any], pret
     build_kwargs = dict(kwargs)
     if num_classes is not None:
         build_kwargs["num_classes"] = num_classes
-    target = name
     # an unknown tag is named here, not as a failed download
     cfg = hub.timm_pretrained_cfg(name) if pretrained and not name.startswith("hf-hub:") else None
-    if hub.is_offline(offline):  # timm would ask the hub: find the files in the cache first
-        if name.startswith("hf-hub:"):
-            target = "local-dir:" + str(hub.offline_hf_hub_dir(name[len("hf-hub:"):], pretrained))
-        elif cfg is not None:
-            build_kwargs["pretrained_cfg_overlay"] = hub.offline_timm_overlay(name, cfg)
+    target, source_kwargs = hub.timm_target(name, cfg, pretrained, offline)  # the caches first, then the hub
+    build_kwargs.update(source_kwargs)
     try:
-        return timm.create_model(target, pretrained=pretrained, **build_kwargs)
+        with hub.quiet_retries():
+            model = timm.create_model(target, pretrained=pretrained, **build_kwargs)
     except TypeError as exc:
         raise ModelError(f"cannot build timm model {name!r} with --model-kwargs {json.dumps(kwargs, default=str)}: "
                          f"{exc}") from exc
@@ -492,6 +521,17 @@ def _build_timm(name: str, num_classes: int | None, kwargs: dict[str, Any], pret
     except Exception as exc:  # noqa: BLE001 - timm asserts on impossible arguments
         raise ModelError(f"cannot build timm model {name!r} with --model-kwargs {json.dumps(kwargs, default=str)}: "
                          f"{_first_line(exc)}") from exc
+    if cfg is not None and num_classes is not None and cfg.get("num_classes") not in (None, num_classes):
+        _say_new_head(f"timm:{name}", cfg["num_classes"], num_classes, classifier_key(model))
+    return model
+
+
+def _say_new_head(what: str, head_classes: int, num_classes: int, head: str | None) -> None:
+    import warnings
+
+    warnings.warn(f"{what}: the pretrained {head_classes}-class classifier ({head}) is left out; the model has a "
+                  f"new {num_classes}-class classifier, randomly initialized (train it before trusting its figures)",
+                  stacklevel=3)
 
 
 def _torchvision_weights(name: str, weights: str | None, pretrained: bool) -> Any:
@@ -529,12 +569,21 @@ def _build_torchvision(name: str, num_classes: int | None, kwargs: dict[str, Any
         state = read_checkpoint(torchvision_weights_file(weights, offline))
         head_classes = len(weights.meta.get("categories") or [])
         if num_classes is not None and head_classes and num_classes != head_classes:
-            # Pretrained body, new head: the classifier stays randomly initialized.
-            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-            load_weights(model, state, "torchvision:" + name, strict=False)
-        else:
-            load_weights(model, state, f"torchvision weights {weights}")
+            state = _without_head(model, state, num_classes, head_classes, f"torchvision:{name}:{weights.name}")
+        load_weights(model, state, f"torchvision weights {weights}")
     return model
+
+
+def _without_head(model: nn.Module, state: Mapping[str, torch.Tensor], num_classes: int, head_classes: int,
+                  what: str) -> dict[str, torch.Tensor]:
+    """Pretrained body, new head (as timm's ``create_model(pretrained=True, num_classes=N)``): the
+    weights with the model's own fresh N-class classifier in place of theirs, said on stderr."""
+    head = classifier_key(model, num_classes)
+    own = model.state_dict()
+    replaced = {k: own[k] for k in own if head is not None and k.rsplit(".", 1)[0] == head}
+    if replaced:
+        _say_new_head(what, head_classes, num_classes, head)
+    return {**state, **replaced}
 
 
 def _build_callable(target: str, num_classes: int | None, kwargs: dict[str, Any]) -> nn.Module:
@@ -588,10 +637,8 @@ def build_with_weights(arch: Mapping[str, Any], state_dict: Mapping[str, torch.T
     try:
         with torch.device("meta"):
             model, weights = build_architecture(arch, offline=offline)
-    except ModelError:
-        raise
-    except Exception:  # noqa: BLE001 - some constructors compute with their tensors
-        model = None
+    except Exception:  # noqa: BLE001 - some constructors compute with their tensors (RegNet; wrapped in a
+        model = None  # ModelError by the builders): the real build below says what is really wrong
     if model is not None:
         own = model.state_dict()
         tensors = [*model.parameters(), *model.buffers()]
@@ -607,23 +654,32 @@ def build_with_weights(arch: Mapping[str, Any], state_dict: Mapping[str, torch.T
     return model, weights
 
 
-def classifier_key(model: nn.Module) -> str | None:
-    """The module name of the classifier (``fc``, ``head.fc``), as timm reports it when it can."""
+def classifier_key(model: nn.Module, num_classes: int | None = None) -> str | None:
+    """The module name of the classifier, found without a list of names per family.
+
+    timm says it (``pretrained_cfg["classifier"]``); otherwise it is the last ``nn.Linear`` in module
+    order (torchvision's ``fc``, ``classifier.1``, ``classifier.2``, ``heads.head``, ``head``), the last
+    one with ``num_classes`` outputs when the class count is known (``model.num_classes`` by default),
+    and a 1×1 convolution only in a model with no Linear layer at all (SqueezeNet).
+    """
     cfg = getattr(model, "pretrained_cfg", None) or {}
     name = cfg.get("classifier")
     if isinstance(name, str) and name:
         return name
-    if isinstance(getattr(model, "fc", None), nn.Linear):
-        return "fc"
-    last = None
-    for mod_name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            last = mod_name
-    return last
+    count = num_classes if num_classes is not None else getattr(model, "num_classes", None)
+    candidates = [(n, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not candidates:
+        candidates = [(n, m.out_channels) for n, m in model.named_modules()
+                      if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1)]
+    fitting = [n for n, out in candidates if out == count] if isinstance(count, int) else []
+    if fitting:
+        return fitting[-1]
+    return candidates[-1][0] if candidates else None
 
 
 def _classifier_name(arch: Mapping[str, Any]) -> str | None:
-    """The classifier's module name for an architecture, without building it when the registry knows."""
+    """The classifier's module name for an architecture: timm's registry says it; other models are
+    built on the meta device (no memory, no initialization) with their default head and looked at."""
     if arch["source"] == "timm":
         from timm.models import get_pretrained_cfg_value
 
@@ -631,9 +687,12 @@ def _classifier_name(arch: Mapping[str, Any]) -> str | None:
             return get_pretrained_cfg_value(arch["name"], "classifier")
         except Exception:  # noqa: BLE001 - unknown names fail later with a clear message
             return None
-    if arch["source"] == "torchvision":
-        return "fc"
-    probe, _ = build_architecture({**arch, "num_classes": None, "weights": None})
+    default_head = {**arch, "num_classes": None, "weights": None}
+    try:
+        with torch.device("meta"):
+            probe, _ = build_architecture(default_head)
+    except Exception:  # noqa: BLE001 - a constructor that computes with its tensors (RegNet): build it for real
+        probe, _ = build_architecture(default_head)
     return classifier_key(probe)
 
 

@@ -33,7 +33,15 @@ from resprobe.data import (
     upscale_warning,
     warn_notes,
 )
-from resprobe.models import LoadedModel, LoadOptions, load_model, weights_fingerprint
+from resprobe.errors import ModelError
+from resprobe.models import (
+    LoadedModel,
+    LoadOptions,
+    built_input_size,
+    input_size_mismatch,
+    load_model,
+    weights_fingerprint,
+)
 from resprobe.runtime import Runtime, make_runtime
 
 # Notes for the user (the preprocessing used): the command line shows them on stderr unless --quiet.
@@ -80,6 +88,8 @@ class Probe:
         warn_notes(source)  # e.g. a class count that differs from the head: said by every command
         if source.in_memory and self.sample_shape is None and len(source):
             self.sample_shape = tuple(source.dataset[0][0].shape)
+            if len(self.sample_shape) == 3:  # arrays are never resized: a fixed-size model must fit them
+                _require_fitting_size(self.loaded, self.sample_shape[-2:], f"the data ({spec})")
         if not self.input_size_given:
             message = upscale_warning(source, self.preprocessing)
             if message:
@@ -164,7 +174,9 @@ def open_probe(
     loaded.weights_sha256 = weights_fingerprint(loaded, ema, seed)  # as loaded, before anything moves them
     if not for_training:  # finetune makes its ranks' weights equal itself
         _check_same_weights_on_every_rank(loaded.weights_sha256)
-    pre = override_preprocessing(default_preprocessing(loaded), input_size, mean, std, crop_pct, interpolation)
+    pre = override_preprocessing(built_size_preprocessing(loaded), input_size, mean, std, crop_pct, interpolation)
+    _require_fitting_size(loaded, tuple(pre.input_size[-2:]), f"--input-size {input_size}" if input_size else
+                          "its default input size")
     _warn_contradicted(loaded, pre, input_size, mean, std, crop_pct, interpolation)
     require_blocks(loaded.model, blocks)  # a model without residual blocks fails now, not later
     if randomly_initialized(loaded, pretrained) and not for_training:
@@ -189,6 +201,23 @@ def _check_same_weights_on_every_rank(weights_sha256: str) -> None:
                          "--checkpoint PATH or make the model's construction deterministic")
 
 
+def built_size_preprocessing(loaded: LoadedModel) -> Preprocessing:
+    """The model's preprocessing at the input size it is built for: a ViT built with
+    ``--model-kwargs '{"img_size": 32}'`` takes 32×32 by default, whatever its pretrained config says."""
+    pre = default_preprocessing(loaded)
+    built = built_input_size(loaded.model)
+    if loaded.preprocessing or built is None or tuple(pre.input_size[-2:]) == built:
+        return pre
+    return replace(pre, input_size=(pre.input_size[0], *built), resize_size=None)
+
+
+def _require_fitting_size(loaded: LoadedModel, size: tuple[int, ...], given: str) -> None:
+    """A fixed-size model (ViT, Swin) at another size: one line naming --model-kwargs, not timm's assert."""
+    message = input_size_mismatch(loaded, int(size[0]), int(size[1]), given)
+    if message:
+        raise ModelError(message)
+
+
 def randomly_initialized(loaded: LoadedModel, pretrained: bool = False) -> bool:
     """No weights given: no checkpoint, no --pretrained, no torchvision weights enum."""
     return not pretrained and loaded.checkpoint is None and loaded.torchvision_weights is None
@@ -199,4 +228,35 @@ def random_weights_message(loaded: LoadedModel) -> str:
     name = str(loaded.spec)
     unless = f", unless {name} loads weights itself" if loaded.spec.source == "callable" else ""
     return (f"{name} is randomly initialized: no weights were given{unless} (pass --checkpoint PATH, --pretrained, "
-            "or a checkpoint as MODEL); its figures describe an untrained network")
+            "or a checkpoint as MODEL); its figures describe an untrained network") + _zero_branch_note(loaded.model)
+
+
+# A scale this small at initialization (ConvNeXt's and CaiT's layer scale start at 1e-6 or 1e-5) makes
+# a branch's output negligible against the stream it is added to.
+_TINY_SCALE = 1e-4
+
+
+def zero_initialized_scales(model: torch.nn.Module) -> list[str]:
+    """Parameters that scale residual branches and start at (nearly) zero: the last norm's weight under
+    timm's ``zero_init_last`` (ResNet, RegNetY, CSPNet), a layer scale (``gamma``, ``ls1.gamma``), a
+    zeroed last convolution. Found by value, not by name: a 0-D/1-D parameter (not a bias) all within
+    ``_TINY_SCALE`` of zero, or any weight that is exactly zero; a random network has no others."""
+    found = []
+    for name, param in model.named_parameters():
+        if not param.is_floating_point() or param.numel() == 0 or name.endswith("bias") or param.is_meta:
+            continue
+        largest = float(param.detach().abs().max())
+        if (param.dim() <= 1 and largest <= _TINY_SCALE) or (name.endswith("weight") and largest == 0.0):
+            found.append(name)
+    return found
+
+
+def _zero_branch_note(model: torch.nn.Module) -> str:
+    """Why a random model's figures are all '—' and Δ = 0: its branches start (nearly) silent."""
+    scales = zero_initialized_scales(model)
+    if not scales:
+        return ""
+    example = ", ".join(scales[:2]) + (f" and {len(scales) - 2} more" if len(scales) > 2 else "")
+    return ("; moreover its residual branches end in a zero-initialized norm or a tiny layer scale "
+            f"({example}), so every branch outputs (nearly) zero: alignments show — and removal costs are ≈ 0 "
+            "until the model is trained")

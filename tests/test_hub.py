@@ -147,7 +147,8 @@ def test_pretrained_cfg_drives_preprocessing_and_classes(caches):
     assert pre.input_size == (3, 160, 160) and pre.mean == (0.5, 0.5, 0.5) and pre.crop_pct == 0.95
     assert loaded.num_classes == 1000
     # a new head: timm keeps the pretrained body and initializes the classifier
-    ten = load_model("timm:test_resnet.r160_in1k", LoadOptions(pretrained=True, offline=True, num_classes=10))
+    with pytest.warns(UserWarning, match=r"1000-class classifier \(fc\) is left out.* new 10-class classifier"):
+        ten = load_model("timm:test_resnet.r160_in1k", LoadOptions(pretrained=True, offline=True, num_classes=10))
     assert ten.num_classes == 10
     assert torch.equal(ten.model.conv1[0].weight, loaded.model.conv1[0].weight)
 
@@ -171,11 +172,16 @@ def test_user_hf_hub_offline_counts_as_offline(caches, monkeypatch):
 
 
 def test_online_pretrained_goes_through_timm_create_model(caches, monkeypatch):
-    """Without --offline, timm loads (and downloads) the weights itself: no overlay, no cache_dir."""
+    """Without --offline and not cached, the hub is asked once whether it answers, then timm loads (and
+    downloads) the weights itself: no overlay, no cache_dir."""
     import timm
+
+    from resprobe import hub
 
     calls = []
     real = timm.create_model
+    asked = []
+    monkeypatch.setattr(hub, "require_hub", lambda repo, filename, what: asked.append((repo, filename)))
 
     def spy(name, pretrained=False, **kwargs):
         calls.append((name, pretrained, dict(kwargs)))
@@ -184,6 +190,7 @@ def test_online_pretrained_goes_through_timm_create_model(caches, monkeypatch):
     monkeypatch.setattr(timm, "create_model", spy)
     load_model("timm:test_resnet.r160_in1k", LoadOptions(pretrained=True))
     assert calls == [("test_resnet.r160_in1k", True, {})]
+    assert asked == [("timm/test_resnet.r160_in1k", "model.safetensors")]
 
 
 def test_hf_hub_name_offline_from_the_cached_snapshot(caches):
@@ -256,3 +263,82 @@ def test_a_cached_pytorch_model_bin_is_used_when_there_is_no_safetensors(caches)
     loaded = load_model("timm:test_resnet.r160_in1k", LoadOptions(pretrained=True, offline=True))
     for k, v in loaded.model.state_dict().items():
         assert torch.equal(v, weights[k]), k
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0", "resnet18"])
+def test_torchvision_pretrained_with_other_num_classes_gets_a_fresh_head(caches, name, run):
+    """--pretrained --num-classes N: the cached body is loaded, the classifier (whatever its name) is a
+    new N-class one, and stderr says so."""
+    from torchvision.models import get_model, get_model_weights
+
+    weights = get_model_weights(name).DEFAULT
+    torch.manual_seed(0)
+    state = {k: (torch.randn_like(v) if v.is_floating_point() else v) for k, v in get_model(name).state_dict().items()}
+    path = caches / "torch" / "hub" / "checkpoints" / os.path.basename(weights.url)
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    with pytest.warns(UserWarning, match=r"1000-class classifier .* new 10-class classifier"):
+        loaded = load_model(f"torchvision:{name}", LoadOptions(pretrained=True, num_classes=10, offline=True))
+    assert loaded.num_classes == 10
+    own = loaded.model.state_dict()
+    head = [k for k in state if own[k].shape != state[k].shape]
+    assert len(head) == 2 and all(k.rsplit(".", 1)[0] == head[0].rsplit(".", 1)[0] for k in head)
+    for key, value in state.items():
+        if key not in head:
+            assert torch.equal(own[key], value), key
+    result = run("blocks", f"torchvision:{name}", "--pretrained", "--num-classes", 10, "--offline")
+    assert "new 10-class classifier" in result.stderr
+
+
+@pytest.fixture
+def hub_unreachable(monkeypatch):
+    """Every HTTP request of huggingface_hub fails as it does without a route to the hub (a
+    ConnectError), and its backoff sleeps are recorded instead of slept: returns the list of sleeps."""
+    import httpx2
+    from huggingface_hub.utils import _http
+
+    class Unreachable:
+        def request(self, method, url, **kwargs):
+            raise httpx2.ConnectError("[Errno -2] Name or service not known")
+
+        def stream(self, method, url, **kwargs):
+            raise httpx2.ConnectError("[Errno -2] Name or service not known")
+
+    sleeps: list[float] = []
+    monkeypatch.setattr(_http, "get_session", lambda: Unreachable())
+    monkeypatch.setattr(_http.time, "sleep", sleeps.append)
+    return sleeps
+
+
+@pytest.mark.parametrize("model", ["timm:resnet18.a1_in1k", "hf-hub:timm/resnet18.a1_in1k"])
+def test_pretrained_without_network_is_one_line_without_retries(caches, hub_unreachable, model, capfd):
+    result = invoke("blocks", model, "--pretrained", code=1)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot reach the Hugging Face hub"), result.stderr
+    assert "--checkpoint" in lines[0] and "resnet18.a1_in1k" in lines[0]
+    assert hub_unreachable == []  # no backoff: not one retry waited for
+    assert "Retrying" not in capfd.readouterr().err  # nor logged by huggingface_hub's own handler
+
+
+def test_pretrained_from_the_cache_needs_no_network(caches, hub_unreachable):
+    """Online, but the weights are cached: they are used as they are, with no request at all."""
+    weights = random_weights("test_resnet", seed=3)
+    put_hf(caches, "timm/test_resnet.r160_in1k", {"model.safetensors": weights})
+    loaded = load_model("timm:test_resnet.r160_in1k", LoadOptions(pretrained=True))
+    for k, v in loaded.model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    assert hub_unreachable == []
+
+
+def test_quiet_retries_drops_only_huggingface_hubs_retry_lines(caplog):
+    import logging
+
+    from resprobe.hub import quiet_retries
+
+    logger = logging.getLogger("huggingface_hub.utils._http")
+    with caplog.at_level(logging.WARNING), quiet_retries():
+        logger.warning("'[Errno -2] Name or service not known' thrown while requesting HEAD https://huggingface.co/x")
+        logger.warning("Retrying in 1s [Retry 1/5].")
+        logger.warning("something else")
+    logger.warning("Retrying in 2s [Retry 2/5].")  # outside: the library's logging is as it was
+    assert [r.getMessage() for r in caplog.records] == ["something else", "Retrying in 2s [Retry 2/5]."]

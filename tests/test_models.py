@@ -289,3 +289,51 @@ def test_torchrun_ranks_with_different_weights_are_refused(monkeypatch):
     assert "\n" not in str(refused.value)
     monkeypatch.setattr(distributed, "all_gather", lambda value: [value, value])
     probe._check_same_weights_on_every_rank("a" * 64)
+
+
+# Small builds of families whose classifier is not ``fc`` (torchvision's last Linear, timm's
+# pretrained_cfg["classifier"]); the checkpoints are 10-class, MODEL is given without --num-classes.
+HEADS = [
+    ("torchvision:mobilenet_v2", {"width_mult": 0.25}),  # classifier.1
+    ("torchvision:efficientnet_b0", {}),  # classifier.1
+    ("torchvision:regnet_x_400mf", {}),  # fc
+    ("timm:vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 16, "num_heads": 2}),
+    ("timm:convnext_atto", {"depths": [1, 1, 1, 1], "dims": [8, 8, 16, 16]}),  # head.fc
+]
+
+
+@pytest.mark.parametrize("spec,kwargs", HEADS, ids=[s for s, _ in HEADS])
+def test_class_count_comes_from_any_classifier(tmp_path, spec, kwargs):
+    source, name = spec.split(":")
+    torch.manual_seed(0)
+    if source == "torchvision":
+        from torchvision.models import get_model
+
+        model = get_model(name, num_classes=10, **kwargs)
+    else:
+        import timm
+
+        model = timm.create_model(name, num_classes=10, **kwargs)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    path = tmp_path / "w.pt"
+    torch.save(state, path)
+    loaded = load_model(spec, LoadOptions(checkpoint=path, model_kwargs=kwargs))
+    assert loaded.num_classes == 10
+    assert_same(loaded.model, state)
+
+
+@pytest.mark.parametrize("name,head", [("vit_b_16", "heads.head"), ("swin_t", "head"), ("convnext_tiny", "classifier.2"),
+                                       ("maxvit_t", "classifier.5"), ("mobilenet_v3_small", "classifier.3"),
+                                       ("squeezenet1_0", "classifier.1"), ("inception_v3", "fc")])
+def test_torchvision_classifier_is_found_without_a_name_list(name, head):
+    from resprobe.models import _classifier_name
+
+    assert _classifier_name({"source": "torchvision", "name": name, "kwargs": {}}) == head
+
+
+def test_classifier_key_prefers_the_linear_with_the_class_count():
+    from resprobe.models import classifier_key
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 10), torch.nn.ReLU(), torch.nn.Linear(10, 3))
+    assert classifier_key(model) == "2"
+    assert classifier_key(model, num_classes=10) == "0"

@@ -582,3 +582,55 @@ def test_a_limit_above_the_data_size_is_noted_once_and_n_is_the_real_count(run):
     assert [line for line in result.stderr.splitlines() if "asked for" in line] == [note]
     assert "asked for" not in run(*args, "--limit", "1000", "-q").stderr  # a note: --quiet drops it
     assert "asked for" not in run(*args, "--limit", str(real)).stderr  # exactly the data set: nothing to say
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixed-size models (ViT, Swin): the input size comes from the model as built
+
+VIT = "timm:vit_tiny_patch16_224"
+VIT_SMALL = {"depth": 2, "embed_dim": 16, "num_heads": 2}
+
+
+def test_a_fixed_size_model_at_another_input_size_says_which_model_kwargs(run):
+    result = run("blocks", VIT, "--model-kwargs", json.dumps(VIT_SMALL), "--input-size", "32", code=1)
+    line = one_error_line(result, "224×224", "--input-size 32", "--model-kwargs", '"img_size": 32')
+    assert "AssertionError" not in line
+
+
+def test_a_fixed_size_model_at_another_array_size_says_which_model_kwargs(run, arrays_file):
+    result = run("eval", VIT, "--model-kwargs", json.dumps(VIT_SMALL), "--data", arrays_file(n=4, size=32),
+                 "--device", "cpu", code=1)
+    one_error_line(result, "224×224", "32×32", '"img_size": 32')
+
+
+def test_a_model_built_for_32px_takes_32px_by_default(run, tmp_path):
+    kwargs = json.dumps({**VIT_SMALL, "img_size": 32, "patch_size": 4})
+    blocks = as_json(run("blocks", VIT, "--model-kwargs", kwargs, "-f", "json"))
+    assert blocks["preprocessing"]["input_size"] == [3, 32, 32]
+    run("share", VIT, "--model-kwargs", kwargs, "--stages", "0", "--out", tmp_path / "s.pt")
+
+
+@pytest.mark.parametrize("name,kwargs,example", [
+    ("regnety_002", {}, "s1.b1.conv3.bn.weight"),
+    ("cspresnet50", {}, "stages.0.blocks.0.conv3.bn.weight"),
+    ("convnext_atto", {"depths": [1, 1, 1, 1], "dims": [8, 8, 16, 16]}, "stages.0.blocks.0.gamma"),
+])
+def test_random_weights_warning_says_why_branches_are_zero(name, kwargs, example):
+    """timm's zero_init_last (RegNetY, CSPNet) and ConvNeXt's layer scale (1e-6) make every branch output
+    (nearly) zero: the warning says why every alignment is '—' and every removal cost 0."""
+    from resprobe.probe import open_probe
+
+    with pytest.warns(UserWarning, match="randomly initialized") as caught:
+        probe = open_probe(f"timm:{name}", num_classes=3, model_kwargs=kwargs, device="cpu", input_size="32")
+    message = next(str(w.message) for w in caught if "randomly initialized" in str(w.message))
+    assert "zero-initialized" in message and example in message, message
+    # independent check of the claim: the named scale really is (nearly) zero in the built model
+    assert probe.model.get_parameter(example).abs().max() <= 1e-4
+
+
+def test_random_weights_warning_is_silent_about_branches_that_are_not_zero():
+    from resprobe.probe import open_probe
+
+    with pytest.warns(UserWarning, match="randomly initialized") as caught:
+        open_probe("torchvision:resnet18", num_classes=3, device="cpu", input_size="32")
+    assert not any("zero-initialized" in str(w.message) for w in caught)
