@@ -483,7 +483,8 @@ def check_can_create(path: Path, overwrite: bool = False) -> None:
         if _holds_batches(directory) and not overwrite:
             raise RecordingError(f"an interrupted recording exists at {directory}: finish it with --resume or "
                                  "start anew with --overwrite")
-    elif path.exists() and not overwrite:
+    # Also beside an empty partial folder (a run killed before its first batch): refused now, not at the end.
+    if path.exists() and not overwrite:
         raise RecordingError(f"{path} exists: pass --overwrite to replace it (only once the new run is complete), "
                              "or --resume to finish an interrupted run")
 

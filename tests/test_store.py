@@ -233,3 +233,22 @@ def test_a_recording_written_here_is_not_read_through_again(tmp_path, monkeypatc
         f.attrs["note"] = "touched"
     open_recording(out)
     assert children == [str(copy), str(out)]
+
+
+def test_an_existing_output_beside_an_empty_partial_folder_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A run killed before its first batch leaves an empty RUN.h5.partial: an existing RUN.h5 is refused
+    at once (before the model loads), as without that folder, and stays as it was."""
+    import resprobe.store as store
+
+    out = tmp_path / "run.h5"
+    record(options(limit=8), out, device="cpu")
+    before = out.read_bytes()
+    partial_dir(out).mkdir()
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(store, "open_for_recording", must_not_load)
+    with pytest.raises(RecordingError, match=r"exists: pass --overwrite.*--resume"):
+        record(options(limit=8), out, device="cpu")
+    assert out.read_bytes() == before
