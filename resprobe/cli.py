@@ -643,9 +643,7 @@ def align_command(
                                       None if decode == "auto" else decode)
             result = _run_record(options, out, overwrite, False, device, workers, trust_checkpoint, quiet, offline)
             recorded = open_recording(result.out) if out else result
-        payload = align_report(recorded)
-        if not readout:
-            payload.pop("readout", None)
+        payload = align_report(recorded)  # with the readout whenever the recording holds one
         emit(payload, fmt, align_table, lambda p: p["blocks"])
 
 

@@ -188,3 +188,13 @@ def test_ctrl_c_on_a_rank_other_than_0_adds_no_line(capsys, monkeypatch):
             raise KeyboardInterrupt
     assert exit_info.value.exit_code == cli.EXIT_INTERRUPTED
     assert cli._Announced.interrupt and capsys.readouterr().err == ""
+
+
+def test_align_of_a_readout_recording_reports_its_readout_without_the_flag(run, fixture_run):
+    """The recording's choice counts (reference.md): `align RUN.h5` of a `--readout` recording shows the
+    readout as `align RUN.h5 --readout` does, in JSON and in the table."""
+    out, made = fixture_run
+    plain = json.loads(run("align", str(out), "-f", "json").stdout)
+    flagged = json.loads(run("align", str(out), "--readout", "-f", "json").stdout)
+    assert plain["readout"] and plain["readout"] == flagged["readout"] == made["readout"]
+    assert run("align", str(out)).stdout == run("align", str(out), "--readout").stdout
