@@ -53,7 +53,8 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+# Notes and errors quote paths, specs and class names: shown as typed (no markup, no emoji codes).
+stderr = Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
 
 # --------------------------------------------------------------------------------------------------
 # Options shared by the commands (Annotated aliases keep each signature readable)
@@ -397,7 +398,7 @@ class RateColumn(ProgressColumn):
 def make_progress(quiet: bool) -> Progress:
     """Progress bars on stderr (images/s and an ETA); none with --quiet or when stderr is not a terminal."""
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(),
         TimeRemainingColumn(), console=stderr, disable=quiet or not stderr.is_terminal or not _main_rank(),
         transient=True,
     )
@@ -408,6 +409,21 @@ def _main_rank() -> bool:
     from resprobe.distributed import launched
 
     return launched().main
+
+
+def _same_command_with(command: str, flag: str, drop: str) -> str:
+    """This ``command`` line with ``flag`` added and ``drop`` left out, to paste (under torchrun as
+    launched); in words when resprobe was called otherwise (a script, a test)."""
+    import shlex
+
+    from resprobe.distributed import launched
+
+    args = sys.argv[1:]
+    if not args or args[0] != command:
+        return f"the same command and {flag}"
+    here = launched()
+    prefix = f"torchrun --nproc-per-node {here.size} -m resprobe" if here.distributed else "resprobe"
+    return " ".join([prefix, shlex.join([a for a in args if a != drop] + [flag])])
 
 
 def note(quiet: bool, message: str) -> None:
@@ -890,7 +906,7 @@ def finetune_command(
     PATH.best.pt the best by --val-data loss; --resume continues an interrupted run exactly."""
     from resprobe.report import emit, finetune_table
     from resprobe.share import check_rebuildable
-    from resprobe.train import FinetuneOptions, finetune
+    from resprobe.train import FinetuneOptions, TrainingInterrupted, check_new_out, finetune
 
     with command_errors(debug, quiet, scale_out=True):
         check_format(fmt)
@@ -900,9 +916,7 @@ def finetune_command(
                                   recalibrate, recalibrate_scope, batch_size, workers, seed, resume,
                                   overwrite, compile_model, sync_bn=sync_bn, accum_steps=accum_steps).validate()
         if not resume:
-            from resprobe.share import check_out_path
-
-            check_out_path(out, overwrite)
+            check_new_out(out, overwrite)
         probe = ModelArgs(model, checkpoint, pretrained, num_classes, model_kwargs, ema, trust_checkpoint, blocks,
                           input_size, mean, std, crop_pct, interpolation, device, precision,
                           offline).open(for_training=True)  # training from scratch: random weights are meant
@@ -932,9 +946,9 @@ def finetune_command(
             try:
                 result = finetune(probe, train_source, val_source, options, on_step=on_step, eval_progress=on_eval,
                                   recalibrate_progress=lambda n: progress.update(calib_task, advance=n, visible=True))
-            except KeyboardInterrupt:
-                note(quiet, f"state saved to {out}; continue with the same command and --resume")
-                raise
+            except TrainingInterrupted as exc:  # the state is saved: say how to continue
+                raise Interrupted(f"{exc}; continue with `{_same_command_with('finetune', '--resume', '--overwrite')}`") \
+                    from None
         if not result.complete:
             note(quiet, f"stopped at step {result.steps}; continue with --resume")
         emit({**result.to_dict(), **provenance(probe)}, fmt, finetune_table, lambda p: p["history"])

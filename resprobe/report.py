@@ -99,13 +99,30 @@ def emit(
     elif fmt == "csv":
         out.write(to_csv(rows(payload) if rows else [payload]))
     else:
-        probe = Console(file=out)
-        # A pipe or file gets a wide console: tables are never truncated where nobody can resize them.
-        console = _ReportConsole(file=out, soft_wrap=False, width=probe.width if probe.is_terminal else 220)
+        console = report_console(out)
         rendered = table(payload)
         for item in rendered if isinstance(rendered, (list, tuple)) else [rendered]:
-            console.print(item)
+            print_table(console, item)
     out.flush()
+
+
+def report_console(out: Any) -> Console:
+    """The console a table goes to. A pipe or file gets a wide one: tables are never truncated where
+    nobody can resize them. Markup and emoji codes are off: paths, specs and class names are shown as
+    typed (``[bold]`` and ``synthetic:100`` stay as they are)."""
+    probe = Console(file=out)
+    return _ReportConsole(file=out, soft_wrap=False, width=probe.width if probe.is_terminal else 220,
+                          markup=False, emoji=False, highlight=False)
+
+
+def print_table(console: Console, item: RenderableType) -> None:
+    """``item``, a table's title on lines of its own: rich wraps a title to the table's width (32
+    characters for a narrow table), which would break a path in the title over several lines."""
+    if isinstance(item, Table) and item.title:
+        for line in str(item.title).splitlines():
+            console.print(Text(line, style="table.title"), soft_wrap=True)
+        item.title = None
+    console.print(item)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -168,9 +168,29 @@ class FinetuneResult:
     recalibrated: int = 0
     world_size: int = 1  # processes (torchrun); each took --batch-size samples per micro-step
     global_batch_size: int | None = None  # samples per optimizer step: world_size × batch_size × accum_steps
+    steps_per_epoch: int | None = None  # optimizer steps in a whole epoch (a history row may end one early)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C honoured after the run's state was saved at ``step`` of ``total`` into ``out`` (``--resume``
+    continues it). A KeyboardInterrupt, as library callers expect; an interrupt before the first step
+    saves nothing and stays a plain KeyboardInterrupt."""
+
+    def __init__(self, step: int, total: int, out: Path):
+        super().__init__(f"interrupted at step {step} of {total}: the state is saved in {out}")
+        self.step, self.total, self.out = step, total, out
+
+
+def check_new_out(out: str | Path, overwrite: bool = False) -> Path:
+    """``--out`` of a run that starts: as :func:`check_out_path`, and an existing file may be a run to resume."""
+    path = Path(out).expanduser()
+    if path.is_file() and not overwrite:
+        raise BadValue(f"--out {path} already exists; continue the interrupted run with --resume, or pass "
+                       "--overwrite to replace it")
+    return check_out_path(path, overwrite)
 
 
 def best_path(out: str | Path) -> Path:
@@ -506,14 +526,14 @@ def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
 
 
 def _result(run: _Run, out: Path, best_file: Path, world_size: int = 1,
-            global_batch_size: int | None = None) -> FinetuneResult:
+            global_batch_size: int | None = None, per_epoch: int | None = None) -> FinetuneResult:
     last = run.history[-1] if run.history else None
     return FinetuneResult(
         steps=run.state.step, epochs=run.state.epoch,
         train_loss=last["train_loss"] if last else None,
         val=run.last_val, out=str(out), best=str(best_file) if run.best else None, best_val=run.best,
         history=run.history, complete=run.complete, recalibrated=run.recalibrated,
-        world_size=world_size, global_batch_size=global_batch_size,
+        world_size=world_size, global_batch_size=global_batch_size, steps_per_epoch=per_epoch,
     )
 
 
@@ -533,7 +553,7 @@ def finetune(
 
     ``stop(state)`` is asked after every step; when it says yes the run saves its state to
     ``options.out`` and returns with ``complete=False`` (``resume=True`` continues it). Ctrl-C does the
-    same and then raises ``KeyboardInterrupt``.
+    same and then raises :class:`TrainingInterrupted` (a ``KeyboardInterrupt``).
     """
     options.validate()
     model, runtime = probe.model, probe.runtime
@@ -553,7 +573,7 @@ def finetune(
                        f"{options.accum_steps})")
     resumed = _read_resume_state(out, options, data_info) if options.resume else None
     if resumed is None:
-        check_out_path(out, options.overwrite)
+        check_new_out(out, options.overwrite)
         check_out_path(best_file, options.overwrite, option="the best checkpoint")
         _refuse_removing_the_model(out, best_file, probe.loaded.checkpoint)
         if world.main:
@@ -585,7 +605,7 @@ def finetune(
         run.recalibrated, run.complete = int(resumed["recalibrated"]), bool(resumed["complete"])
         if run.complete:
             model.eval()
-            return _result(run, out, best_file, world.size, min(global_batch, n_train))
+            return _result(run, out, best_file, world.size, min(global_batch, n_train), per_epoch)
     else:
         torch.manual_seed(options.seed)  # dropout and drop-path draw from the global generator
         if options.recalibrate:
@@ -667,13 +687,13 @@ def finetune(
                     save_last()
                     model.eval()
                     if interrupted():
-                        raise KeyboardInterrupt
-                    return _result(run, out, best_file, world.size, min(global_batch, n_train))
+                        raise TrainingInterrupted(run.state.step, total, out)
+                    return _result(run, out, best_file, world.size, min(global_batch, n_train), per_epoch)
     finally:
         if options.sync_bn and world.distributed:
             distributed.revert_sync_batchnorm(model)
     model.eval()
-    return _result(run, out, best_file, world.size, min(global_batch, n_train))
+    return _result(run, out, best_file, world.size, min(global_batch, n_train), per_epoch)
 
 
 def _recalibrate(model: nn.Module, train: DataSource, options: FinetuneOptions, runtime: Any,

@@ -198,3 +198,19 @@ def test_align_of_a_readout_recording_reports_its_readout_without_the_flag(run, 
     flagged = json.loads(run("align", str(out), "--readout", "-f", "json").stdout)
     assert plain["readout"] and plain["readout"] == flagged["readout"] == made["readout"]
     assert run("align", str(out)).stdout == run("align", str(out), "--readout").stdout
+
+
+def test_user_text_is_printed_as_given_and_titles_do_not_wrap(run, tmp_path):
+    """Paths, specs and names are shown literally (rich markup and emoji codes off: `[bold]` and `:100:`
+    stay as typed), and a table's title is one line when stdout is not a terminal (CliRunner)."""
+    import shutil
+
+    data = tmp_path / "[bold]images:100:.npz"
+    shutil.copyfile(DATA, data)
+    result = run("eval", MODEL, "--data", data, "--limit", "16", "--device", "cpu")
+    assert f"{MODEL} on {data}" in result.stdout.splitlines()[0]
+    assert f"preprocessing of {data}:" in result.stderr
+    assert "💯" not in result.stdout + result.stderr
+    synthetic = run("eval", MODEL, "--data", "synthetic:100", "--limit", "16", "--device", "cpu")
+    assert synthetic.stdout.splitlines()[0].strip() == f"{MODEL} on synthetic:100"
+    assert "preprocessing of synthetic:100: " in synthetic.stderr

@@ -344,3 +344,32 @@ def test_resume_from_another_directory_with_relative_data_paths(tmp_path, monkey
     assert result.complete and result.steps == 3
     for key, value in whole_probe.model.state_dict().items():
         assert torch.equal(value, probe.model.state_dict()[key]), key
+
+
+def test_ctrl_c_names_the_resume_command_and_an_existing_out_names_resume(tmp_path, run, monkeypatch):
+    """Ctrl-C during finetune: the state is saved and stderr gives the command that continues it (as
+    `record` does); an existing --out names --resume as well as --overwrite."""
+    import contextlib
+    import sys
+
+    import resprobe.train as train
+
+    @contextlib.contextmanager
+    def pressed_at_once():  # Ctrl-C during the first step: the loop stops after it
+        yield lambda: True
+
+    monkeypatch.setattr(train, "_deferred_interrupt", pressed_at_once)
+    out = tmp_path / "ft.pt"
+    args = ["finetune", MODEL, "--data", DATA, "--limit", "32", "--out", str(out), "--max-steps", "3", "-b", "8",
+            "--device", "cpu"]
+    monkeypatch.setattr(sys, "argv", ["resprobe", *args])
+    result = run(*args, code=130)
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == (f"interrupted at step 1 of 3: the state is saved in {out}; continue with `resprobe "
+                         f"{' '.join(args)} --resume`"), result.stderr
+    assert "interrupted" not in "\n".join(lines[:-1])
+    monkeypatch.undo()
+    again = run(*args, code=1).stderr
+    assert again.strip() == (f"error: --out {out} already exists; continue the interrupted run with --resume, or "
+                             "pass --overwrite to replace it")
+    assert json.loads(run(*args, "--resume", "-f", "json").stdout)["steps"] == 3
