@@ -404,6 +404,21 @@ def make_progress(quiet: bool) -> Progress:
     )
 
 
+def run_advance(progress: Progress, task: Any, total: int) -> Callable[[int], None]:
+    """The callback that moves ``task``, a bar over the whole run's ``total`` samples. Under torchrun
+    this (rank 0's) callback counts only its own share: the bar shows that times the processes, at
+    most ``total`` (the ranks hold equal shares, but for the last batch, and go at the same pace)."""
+    from resprobe.distributed import world
+
+    size, done = world().size, [0]
+
+    def advance(n: int) -> None:
+        done[0] += n
+        progress.update(task, completed=min(total, done[0] * size))
+
+    return advance
+
+
 def _main_rank() -> bool:
     """Only rank 0 of a torchrun run shows progress and notes (true outside torchrun)."""
     from resprobe.distributed import launched
@@ -499,11 +514,11 @@ def eval_command(
                           input_size, mean, std, crop_pct, interpolation, device, precision, offline, decode).open()
         from resprobe.distributed import shard_source
 
-        source = shard_source(probe.data(data, limit, seed, class_map, labels=labels), batch_size)  # torchrun: this rank's batches
-        loader = probe.loader(source, batch_size, workers)
+        whole = probe.data(data, limit, seed, class_map, labels=labels)
+        loader = probe.loader(shard_source(whole, batch_size), batch_size, workers)  # torchrun: this rank's batches
         with make_progress(quiet) as progress:
-            task = progress.add_task("eval", total=len(source))
-            result = evaluate(probe.model, loader, probe.runtime, lambda n: progress.advance(task, n))
+            task = progress.add_task("eval", total=len(whole))
+            result = evaluate(probe.model, loader, probe.runtime, run_advance(progress, task, len(whole)))
         payload = {"model": str(probe.loaded.spec), **provenance(probe), "data": data, **result.to_dict()}
         emit(payload, fmt, eval_table, lambda p: [{k: v for k, v in p.items() if k != "preprocessing"}])
 
@@ -689,12 +704,13 @@ RemoveBlocks = Annotated[Optional[str], typer.Option("--remove-blocks", help="Fo
                                                      "(comma-separated names).", show_default=False)]
 
 
-def _progress_factory(progress: Progress) -> Callable[[str, int], Callable[[int], None]]:
-    """One progress bar per pass over the data."""
+def _progress_factory(progress: Progress, samples: int) -> Callable[[str, int], Callable[[int], None]]:
+    """One progress bar per pass over the data: the run's ``samples`` (under torchrun the library
+    counts one rank's shard)."""
 
     def start(description: str, total: int) -> Callable[[int], None]:
-        task = progress.add_task(description, total=total)
-        return lambda n: progress.advance(task, n)
+        task = progress.add_task(description, total=samples)
+        return run_advance(progress, task, samples)
 
     return start
 
@@ -738,7 +754,7 @@ def ablate_command(
 
         loader = probe.loader(shard_source(source, batch_size), batch_size, workers)  # torchrun: this rank's batches
         with make_progress(quiet) as progress:
-            report = run_ablation(probe, loader, options, _progress_factory(progress))
+            report = run_ablation(probe, loader, options, _progress_factory(progress, len(source)))
         payload = {"model": str(probe.loaded.spec), **provenance(probe), "data": data, **report.to_dict()}
         emit(payload, fmt, ablate_table, ablate_rows)
 
@@ -906,6 +922,7 @@ def finetune_command(
     PATH.best.pt the best by --val-data loss; --resume continues an interrupted run exactly."""
     from resprobe.report import emit, finetune_table
     from resprobe.share import check_rebuildable
+    from resprobe import distributed
     from resprobe.train import FinetuneOptions, TrainingInterrupted, check_new_out, finetune
 
     with command_errors(debug, quiet, scale_out=True):
@@ -937,11 +954,13 @@ def finetune_command(
                 progress.update(train_task, total=state.total_steps, completed=state.step,
                                 description=f"train epoch {state.epoch + 1}{loss}")
 
+            val_size = distributed.world().size  # torchrun: on_eval counts one rank's share
+
             def on_eval(n: int) -> None:
                 task = next(t for t in progress.tasks if t.id == val_task)
                 if task.finished:
                     progress.reset(val_task)
-                progress.update(val_task, advance=n, visible=True)
+                progress.update(val_task, completed=min(task.total or 0, task.completed + n * val_size), visible=True)
 
             try:
                 result = finetune(probe, train_source, val_source, options, on_step=on_step, eval_progress=on_eval,

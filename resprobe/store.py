@@ -1122,9 +1122,10 @@ def record(
         loader = probe.loader(remaining, batch_size, workers)
         total = len(source)
         done_count = [sum(len(ranges[k]) for k in done)]
+        size = distributed.world().size
 
-        def advance(n: int) -> None:
-            done_count[0] += n
+        def advance(n: int) -> None:  # torchrun: this rank's share counted for every rank (same pace)
+            done_count[0] = min(total, done_count[0] + n * size)
             if progress:
                 progress(done_count[0], total)
 
@@ -1201,7 +1202,7 @@ def record_in_memory(
     offline: bool = False,
 ) -> Recorded:
     """The same pass as :func:`record`, kept in memory (``align MODEL`` without ``--out``)."""
-    from resprobe.distributed import shard_source
+    from resprobe.distributed import shard_source, world
     from resprobe.recorder import NonfiniteTally, Recorder, concat_batches, gather_batches, iterate
 
     _check_option_values(options)
@@ -1210,9 +1211,10 @@ def record_in_memory(
     # torchrun: each rank records its batches, gathered back in one-process order below
     loader = probe.loader(shard_source(source, int(options.batch_size)), int(options.batch_size), workers)
     done = [0]
+    size = world().size
 
-    def advance(n: int) -> None:
-        done[0] += n
+    def advance(n: int) -> None:  # torchrun: this rank's share counted for every rank (same pace)
+        done[0] = min(len(source), done[0] + n * size)
         if progress:
             progress(done[0], len(source))
 

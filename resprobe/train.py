@@ -48,7 +48,7 @@ from resprobe.errors import BadValue
 from resprobe.evaluate import EvalResult, evaluate
 from resprobe.models import is_resprobe_checkpoint, load_weights, read_checkpoint, save_resprobe_checkpoint
 from resprobe.runtime import CompiledOrEager
-from resprobe.share import check_out_path, check_recalibrate_scope, recalibrate, recalibration_norms
+from resprobe.share import check_out_path, check_recalibrate_scope, recalibrate
 
 AUGMENTS = ("none", "light", "timm")
 OPTIMIZERS = ("sgd", "adamw")
@@ -700,23 +700,30 @@ def _recalibrate(model: nn.Module, train: DataSource, options: FinetuneOptions, 
                  progress: Callable[[int], None] | None) -> int:
     """``--recalibrate N``: re-estimate the norms' statistics on N training images; how many ran.
 
-    Under torchrun rank 0 alone recalibrates, in batches of the processes' batch together (N × B, as
-    one process × N·B does), and the others receive its statistics (every buffer of the recalibrated
-    norms, broadcast), so every rank holds exactly what one process computes: the running averages
-    are float32 recursions over the batches in order, which a division of the images between ranks
-    would combine in another order (equal only to rounding)."""
-    n = int(options.recalibrate or 0)
-    batch_size = options.batch_size * distributed.world().size
+    The images go in batches of the processes' batch together (N × B, as one process × N·B does);
+    under torchrun batch k runs whole on rank k mod N and the ranks' float64 sums are all-reduced
+    (:func:`resprobe.share.recalibrate`), so every rank holds one process's statistics up to the
+    order of the float64 additions. A batch must stay whole: BatchNorm's statistics in train mode
+    are the batch's own."""
+    world = distributed.world()
+    n = min(int(options.recalibrate or 0), len(train))
+    batch_size = options.batch_size * world.size
+    chosen = limit_source(train, n, options.seed)
+    mine = chosen if not world.distributed else \
+        replace(chosen, dataset=Subset(chosen.dataset, distributed.shard_positions(n, batch_size, world)))
+    calib = make_loader(mine, batch_size, options.workers, runtime.device, generator=torch.Generator())
 
-    def on_rank_0() -> int:
-        calib = make_loader(limit_source(train, min(n, len(train)), options.seed),
-                            batch_size, options.workers, runtime.device, generator=torch.Generator())
-        return recalibrate(model, calib, runtime, n, options.recalibrate_scope, progress)
+    shown = [0]
 
-    seen = distributed.on_main(on_rank_0)
-    norms = recalibration_norms(model, options.recalibrate_scope)
-    distributed.broadcast_tensors_([b for norm in norms for b in norm.buffers(recurse=False)])
-    return seen
+    def advance(k: int) -> None:  # the bar counts the run's images: this rank's share for every rank
+        step = min(n - shown[0], k * world.size)
+        shown[0] += step
+        if progress and step:
+            progress(step)
+
+    seen = recalibrate(model, calib, runtime, max(1, n), options.recalibrate_scope, advance,
+                       sum_over=distributed.all_reduce_ if world.distributed else None)
+    return int(distributed.all_reduce_sums([seen])[0])
 
 
 def _train_epoch(model: nn.Module, forward: Callable[[Tensor], Tensor], dataset: Dataset, train: DataSource,

@@ -214,3 +214,20 @@ def test_user_text_is_printed_as_given_and_titles_do_not_wrap(run, tmp_path):
     synthetic = run("eval", MODEL, "--data", "synthetic:100", "--limit", "16", "--device", "cpu")
     assert synthetic.stdout.splitlines()[0].strip() == f"{MODEL} on synthetic:100"
     assert "preprocessing of synthetic:100: " in synthetic.stderr
+
+
+def test_progress_under_torchrun_counts_the_whole_run(monkeypatch):
+    """Rank 0's callback counts its own share (here 2 of 3 batches of 16 over 40 samples, 2 processes):
+    the bar is over the whole run's 40 samples and never passes them."""
+    from rich.progress import Progress
+
+    from resprobe import cli, distributed
+
+    monkeypatch.setattr(distributed, "world", lambda: distributed.World(0, 2))
+    with Progress(disable=True) as progress:
+        task = progress.add_task("eval", total=40)
+        advance = cli.run_advance(progress, task, 40)
+        advance(16)
+        assert progress.tasks[0].completed == 32
+        advance(8)
+        assert progress.tasks[0].completed == 40 and progress.tasks[0].total == 40
