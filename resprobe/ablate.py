@@ -638,6 +638,9 @@ def check_recording_fits(recorded: Any, recording: str | Path, probe: Probe, dat
         refuse(f"on --data {attrs['data']}, not {data}")
     if dataset is None:
         return
+    from resprobe.distributed import whole_selection
+
+    dataset = whole_selection(dataset)  # torchrun: every rank compares the whole selection, not its shard
     indices = np.asarray(dataset.indices if isinstance(dataset, torch.utils.data.Subset) else range(len(dataset)))
     n, planned = len(recorded.index), int(attrs.get("n_planned", len(recorded.index)))
     options = attrs.get("options") or {}

@@ -53,7 +53,8 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+# Notes and errors quote paths, specs and class names: shown as typed (no markup, no emoji codes).
+stderr = Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
 
 # --------------------------------------------------------------------------------------------------
 # Options shared by the commands (Annotated aliases keep each signature readable)
@@ -398,10 +399,25 @@ class RateColumn(ProgressColumn):
 def make_progress(quiet: bool) -> Progress:
     """Progress bars on stderr (images/s and an ETA); none with --quiet or when stderr is not a terminal."""
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(),
         TimeRemainingColumn(), console=stderr, disable=quiet or not stderr.is_terminal or not _main_rank(),
         transient=True,
     )
+
+
+def run_advance(progress: Progress, task: Any, total: int) -> Callable[[int], None]:
+    """The callback that moves ``task``, a bar over the whole run's ``total`` samples. Under torchrun
+    this (rank 0's) callback counts only its own share: the bar shows that times the processes, at
+    most ``total`` (the ranks hold equal shares, but for the last batch, and go at the same pace)."""
+    from resprobe.distributed import world
+
+    size, done = world().size, [0]
+
+    def advance(n: int) -> None:
+        done[0] += n
+        progress.update(task, completed=min(total, done[0] * size))
+
+    return advance
 
 
 def _main_rank() -> bool:
@@ -409,6 +425,21 @@ def _main_rank() -> bool:
     from resprobe.distributed import launched
 
     return launched().main
+
+
+def _same_command_with(command: str, flag: str, drop: str) -> str:
+    """This ``command`` line with ``flag`` added and ``drop`` left out, to paste (under torchrun as
+    launched); in words when resprobe was called otherwise (a script, a test)."""
+    import shlex
+
+    from resprobe.distributed import launched
+
+    args = sys.argv[1:]
+    if not args or args[0] != command:
+        return f"the same command and {flag}"
+    here = launched()
+    prefix = f"torchrun --nproc-per-node {here.size} -m resprobe" if here.distributed else "resprobe"
+    return " ".join([prefix, shlex.join([a for a in args if a != drop] + [flag])])
 
 
 def note(quiet: bool, message: str) -> None:
@@ -485,11 +516,11 @@ def eval_command(
                           decode).open(seed=seed)
         from resprobe.distributed import shard_source
 
-        source = shard_source(probe.data(data, limit, seed, class_map, labels=labels), batch_size)  # torchrun: this rank's batches
-        loader = probe.loader(source, batch_size, workers)
+        whole = probe.data(data, limit, seed, class_map, labels=labels)
+        loader = probe.loader(shard_source(whole, batch_size), batch_size, workers)  # torchrun: this rank's batches
         with make_progress(quiet) as progress:
-            task = progress.add_task("eval", total=len(source))
-            result = evaluate(probe.model, loader, probe.runtime, lambda n: progress.advance(task, n))
+            task = progress.add_task("eval", total=len(whole))
+            result = evaluate(probe.model, loader, probe.runtime, run_advance(progress, task, len(whole)))
         payload = {"model": str(probe.loaded.spec), **provenance(probe), "data": data, **result.to_dict()}
         emit(payload, fmt, eval_table, lambda p: [{k: v for k, v in p.items() if k != "preprocessing"}])
 
@@ -647,9 +678,7 @@ def align_command(
                                       None if decode == "auto" else decode)
             result = _run_record(options, out, overwrite, False, device, workers, trust_checkpoint, quiet, offline)
             recorded = open_recording(result.out) if out else result
-        payload = align_report(recorded)
-        if not readout:
-            payload.pop("readout", None)
+        payload = align_report(recorded)  # with the readout whenever the recording holds one
         emit(payload, fmt, align_table, lambda p: p["blocks"])
 
 
@@ -679,12 +708,13 @@ RemoveBlocks = Annotated[Optional[str], typer.Option("--remove-blocks", help="Fo
                                                      "(comma-separated names).", show_default=False)]
 
 
-def _progress_factory(progress: Progress) -> Callable[[str, int], Callable[[int], None]]:
-    """One progress bar per pass over the data."""
+def _progress_factory(progress: Progress, samples: int) -> Callable[[str, int], Callable[[int], None]]:
+    """One progress bar per pass over the data: the run's ``samples`` (under torchrun the library
+    counts one rank's shard)."""
 
     def start(description: str, total: int) -> Callable[[int], None]:
-        task = progress.add_task(description, total=total)
-        return lambda n: progress.advance(task, n)
+        task = progress.add_task(description, total=samples)
+        return run_advance(progress, task, samples)
 
     return start
 
@@ -729,7 +759,7 @@ def ablate_command(
 
         loader = probe.loader(shard_source(source, batch_size), batch_size, workers)  # torchrun: this rank's batches
         with make_progress(quiet) as progress:
-            report = run_ablation(probe, loader, options, _progress_factory(progress))
+            report = run_ablation(probe, loader, options, _progress_factory(progress, len(source)))
         payload = {"model": str(probe.loaded.spec), **provenance(probe), "data": data, **report.to_dict()}
         emit(payload, fmt, ablate_table, ablate_rows)
 
@@ -898,7 +928,8 @@ def finetune_command(
     PATH.best.pt the best by --val-data loss; --resume continues an interrupted run exactly."""
     from resprobe.report import emit, finetune_table
     from resprobe.share import check_rebuildable
-    from resprobe.train import FinetuneOptions, finetune
+    from resprobe import distributed
+    from resprobe.train import FinetuneOptions, TrainingInterrupted, check_new_out, finetune
 
     with command_errors(debug, quiet, scale_out=True):
         check_format(fmt)
@@ -908,9 +939,7 @@ def finetune_command(
                                   recalibrate, recalibrate_scope, batch_size, workers, seed, resume,
                                   overwrite, compile_model, sync_bn=sync_bn, accum_steps=accum_steps).validate()
         if not resume:
-            from resprobe.share import check_out_path
-
-            check_out_path(out, overwrite)
+            check_new_out(out, overwrite)
         probe = ModelArgs(model, checkpoint, pretrained, num_classes, model_kwargs, ema, trust_checkpoint, blocks,
                           input_size, mean, std, crop_pct, interpolation, device, precision,
                           offline).open(for_training=True, seed=seed)  # from scratch: random weights are meant
@@ -931,18 +960,20 @@ def finetune_command(
                 progress.update(train_task, total=state.total_steps, completed=state.step,
                                 description=f"train epoch {state.epoch + 1}{loss}")
 
+            val_size = distributed.world().size  # torchrun: on_eval counts one rank's share
+
             def on_eval(n: int) -> None:
                 task = next(t for t in progress.tasks if t.id == val_task)
                 if task.finished:
                     progress.reset(val_task)
-                progress.update(val_task, advance=n, visible=True)
+                progress.update(val_task, completed=min(task.total or 0, task.completed + n * val_size), visible=True)
 
             try:
                 result = finetune(probe, train_source, val_source, options, on_step=on_step, eval_progress=on_eval,
                                   recalibrate_progress=lambda n: progress.update(calib_task, advance=n, visible=True))
-            except KeyboardInterrupt:
-                note(quiet, f"state saved to {out}; continue with the same command and --resume")
-                raise
+            except TrainingInterrupted as exc:  # the state is saved: say how to continue
+                raise Interrupted(f"{exc}; continue with `{_same_command_with('finetune', '--resume', '--overwrite')}`") \
+                    from None
         if not result.complete:
             note(quiet, f"stopped at step {result.steps}; continue with --resume")
         emit({**result.to_dict(), **provenance(probe)}, fmt, finetune_table, lambda p: p["history"])

@@ -203,6 +203,16 @@ def all_reduce_sums(values: Sequence[float]) -> list[float]:
     return tensor.tolist()
 
 
+def all_reduce_(tensor: torch.Tensor) -> None:
+    """Sum ``tensor`` over all ranks, in place (a CPU tensor through gloo, a CUDA one through NCCL)."""
+    if not is_distributed():
+        return
+    import torch.distributed as dist
+
+    with _collective("a sum over processes"):
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
 def all_gather(obj: T) -> list[T]:
     """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a run of one."""
     if not is_distributed():
@@ -326,15 +336,29 @@ def shard_positions(n: int, batch_size: int, here: World | None = None) -> list[
     return [p for k in my_batches(range(len(ranges)), here) for p in ranges[k]]
 
 
+@functools.lru_cache(maxsize=None)
+def _shard_class() -> type:
+    from torch.utils.data import Subset
+
+    class Shard(Subset):
+        """This rank's batches of a dataset (``.dataset``: the whole selection, as one process has it)."""
+
+    return Shard
+
+
 def shard_source(source: Any, batch_size: int) -> Any:
     """``source`` (a :class:`resprobe.data.DataSource`) restricted to this rank's batches."""
     if not is_distributed():
         return source
     from dataclasses import replace
 
-    from torch.utils.data import Subset
+    return replace(source, dataset=_shard_class()(source.dataset, shard_positions(len(source), batch_size)))
 
-    return replace(source, dataset=Subset(source.dataset, shard_positions(len(source), batch_size)))
+
+def whole_selection(dataset: Any) -> Any:
+    """The dataset a run of one process has: under a :func:`shard_source` shard, the whole selection
+    (what a check of the samples against a recording compares), else ``dataset`` itself."""
+    return dataset.dataset if isinstance(dataset, _shard_class()) else dataset
 
 
 def merge_in_order(parts: Sequence[Sequence[T]], n_batches: int) -> list[T]:

@@ -99,13 +99,30 @@ def emit(
     elif fmt == "csv":
         out.write(to_csv(rows(payload) if rows else [payload]))
     else:
-        probe = Console(file=out)
-        # A pipe or file gets a wide console: tables are never truncated where nobody can resize them.
-        console = _ReportConsole(file=out, soft_wrap=False, width=probe.width if probe.is_terminal else 220)
+        console = report_console(out)
         rendered = table(payload)
         for item in rendered if isinstance(rendered, (list, tuple)) else [rendered]:
-            console.print(item)
+            print_table(console, item)
     out.flush()
+
+
+def report_console(out: Any) -> Console:
+    """The console a table goes to. A pipe or file gets a wide one: tables are never truncated where
+    nobody can resize them. Markup and emoji codes are off: paths, specs and class names are shown as
+    typed (``[bold]`` and ``synthetic:100`` stay as they are)."""
+    probe = Console(file=out)
+    return _ReportConsole(file=out, soft_wrap=False, width=probe.width if probe.is_terminal else 220,
+                          markup=False, emoji=False, highlight=False)
+
+
+def print_table(console: Console, item: RenderableType) -> None:
+    """``item``, a table's title on lines of its own: rich wraps a title to the table's width (32
+    characters for a narrow table), which would break a path in the title over several lines."""
+    if isinstance(item, Table) and item.title:
+        for line in str(item.title).splitlines():
+            console.print(Text(line, style="table.title"), soft_wrap=True)
+        item.title = None
+    console.print(item)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,13 +273,25 @@ def share_table(payload: Mapping[str, Any]) -> list[RenderableType]:
     return out
 
 
+def _epoch_label(row: Mapping[str, Any], per_epoch: int | None) -> str:
+    """``start`` for the step-0 row; epochs counted from 1, an epoch cut short (``--max-steps``) with
+    the steps it ran: ``2 (60 of 100 steps)``. History rows store the 0-based epoch they ended."""
+    if row["step"] == 0:
+        return "start"
+    number = int(row["epoch"]) + 1
+    ran = int(row["step"]) - int(row["epoch"]) * per_epoch if per_epoch else None
+    if ran is not None and 0 < ran < per_epoch:
+        return f"{number} ({ran:,} of {per_epoch:,} steps)"
+    return str(number)
+
+
 def finetune_table(payload: Mapping[str, Any]) -> list[RenderableType]:
     state = "complete" if payload.get("complete", True) else "interrupted (continue with --resume)"
     history = new_table(f"fine-tuned {payload['steps']:,} steps, {payload['epochs']} epoch(s), {state}",
                         "epoch", "step", "lr", "train loss", "val loss", "val acc",
                         right=("epoch", "step", "lr", "train loss", "val loss", "val acc"))
     for h in payload.get("history") or []:
-        history.add_row("start" if h["step"] == 0 else str(h["epoch"]), f"{h['step']:,}",
+        history.add_row(_epoch_label(h, payload.get("steps_per_epoch")), f"{h['step']:,}",
                         "—" if h.get("lr") is None else f"{h['lr']:.3g}", fmt_num(h["train_loss"]),
                         fmt_num(h.get("val_loss")), fmt_num(h.get("val_acc")))
     files = new_table("files", "", "path", "val loss", "val acc", right=("val loss", "val acc"))
@@ -270,7 +299,7 @@ def finetune_table(payload: Mapping[str, Any]) -> list[RenderableType]:
     files.add_row("last", str(payload["out"]), fmt_num(val.get("loss")), fmt_num(val.get("acc")))
     if payload.get("best"):
         best = payload.get("best_val") or {}
-        when = "the start" if best.get("step") == 0 else f"epoch {best.get('epoch', '?')}"
+        when = "the start" if best.get("step") == 0 else f"step {best.get('step', '?'):,}"
         files.add_row(f"best ({when})", str(payload["best"]), fmt_num(best.get("loss")),
                       fmt_num(best.get("acc")))
     return [history, files]

@@ -782,6 +782,40 @@ def recalibration_norms(model: nn.Module, scope: str = "shared") -> list[nn.Modu
     return list(unique.values())
 
 
+class _CallSums:
+    """One norm's statistics over its calls: sums of the batches' means and (unbiased) variances, each
+    weighted by its batch size, in float64; the images and calls they came from."""
+
+    def __init__(self, norm: nn.Module):
+        self.mean = torch.zeros_like(norm.running_mean, dtype=torch.float64)
+        self.var = torch.zeros_like(norm.running_var, dtype=torch.float64)
+        self.images = 0
+        self.calls = 0
+
+    def add(self, norm: nn.Module, size: int) -> None:
+        # momentum 1: after the call the running buffers are exactly this batch's statistics
+        self.mean += size * norm.running_mean.double()
+        self.var += size * norm.running_var.double()
+        self.images += size
+        self.calls += 1
+
+
+def _sum_over_processes(sums: list[_CallSums], sum_over: Callable[[Tensor], None]) -> None:
+    """Every process's sums added (one float64 tensor on the CPU, summed in place by ``sum_over``)."""
+    flat = torch.cat([t for c in sums for t in (c.mean.cpu(), c.var.cpu())]
+                     + [torch.tensor([float(c.images), float(c.calls)], dtype=torch.float64) for c in sums])
+    sum_over(flat)
+    at = 0
+    for c in sums:
+        for name in ("mean", "var"):
+            size = getattr(c, name).numel()
+            getattr(c, name).copy_(flat[at:at + size])
+            at += size
+    for c in sums:
+        c.images, c.calls = int(flat[at].item()), int(flat[at + 1].item())
+        at += 2
+
+
 @torch.no_grad()
 def recalibrate(
     model: nn.Module,
@@ -790,16 +824,21 @@ def recalibrate(
     n_images: int,
     scope: str = "shared",
     progress: Callable[[int], None] | None = None,
+    sum_over: Callable[[Tensor], None] | None = None,
 ) -> int:
     """Re-estimate norm running statistics on ``n_images`` images of ``loader``; returns how many ran.
 
     The chosen norms' statistics are reset, then estimated in train mode with everything else in eval
-    mode and no gradients. Every *call* of a norm is weighted by its batch size: just before each call
-    its momentum is set to ``b / (b + images it has already seen)``, so the result is the cumulative
-    average over every call, weighted by size — what ``momentum=None`` gives for equal batches. A norm
-    shared by K iterations (``--norm shared``) runs K times per batch, and each of those K calls counts
-    (setting the momentum once per batch would let each call overwrite the one before). Modes and
-    momenta are restored afterwards.
+    mode and no gradients. Each *call* of a norm gives its batch's mean and unbiased variance (in train
+    mode a norm normalizes with its batch's own statistics, so a call does not depend on earlier
+    ones); the result is their average over every call, weighted by batch size, summed in float64 —
+    what ``momentum=None`` gives for equal batches. A norm shared by K iterations (``--norm shared``)
+    runs K times per batch, and each of those K calls counts. ``num_batches_tracked`` is the number
+    of calls. Modes and momenta are restored afterwards.
+
+    ``sum_over`` (torchrun: an all-reduce) adds every process's sums before they are divided, when
+    each process ran other batches of the same pass: the result is one process's over all the
+    batches, up to the order of the float64 additions.
     """
     if n_images < 1:
         raise BadValue(f"--recalibrate must be at least 1, got {n_images}")
@@ -808,18 +847,17 @@ def recalibrate(
         return 0
     modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in norms}
-    weights = {m: 0 for m in norms}  # images each norm has averaged so far, over all its calls
+    sums = {m: _CallSums(m) for m in norms}
 
-    def cumulative(norm: nn.Module, args: tuple[Any, ...]) -> None:
-        size = int(args[0].shape[0])
-        weights[norm] += size
-        norm.momentum = size / weights[norm]
+    def summed(norm: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
+        sums[norm].add(norm, int(args[0].shape[0]))
 
     model.eval()
     for norm in norms:
         norm.reset_running_stats()
+        norm.momentum = 1.0
         norm.train()
-    hooks = [norm.register_forward_pre_hook(cumulative) for norm in norms]
+    hooks = [norm.register_forward_hook(summed) for norm in norms]
     seen = 0
     try:
         for images, _labels, _index in loader:
@@ -839,7 +877,23 @@ def recalibrate(
             norm.momentum = momentum
         for module, mode in modes.items():
             module.training = mode
+    if sum_over is not None:
+        _sum_over_processes(list(sums.values()), sum_over)
+    for norm, c in sums.items():
+        _set_statistics(norm, c)
     return seen
+
+
+def _set_statistics(norm: nn.Module, c: _CallSums) -> None:
+    """The averages into the norm's buffers (a norm never called keeps its reset statistics)."""
+    if c.images == 0:
+        norm.reset_running_stats()
+        return
+    norm.running_mean.copy_((c.mean / c.images).to(norm.running_mean.dtype))
+    norm.running_var.copy_((c.var / c.images).to(norm.running_var.dtype))
+    tracked = getattr(norm, "num_batches_tracked", None)
+    if isinstance(tracked, Tensor):
+        tracked.fill_(c.calls)
 
 
 # --------------------------------------------------------------------------------------------------

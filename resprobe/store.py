@@ -483,7 +483,8 @@ def check_can_create(path: Path, overwrite: bool = False) -> None:
         if _holds_batches(directory) and not overwrite:
             raise RecordingError(f"an interrupted recording exists at {directory}: finish it with --resume or "
                                  "start anew with --overwrite")
-    elif path.exists() and not overwrite:
+    # Also beside an empty partial folder (a run killed before its first batch): refused now, not at the end.
+    if path.exists() and not overwrite:
         raise RecordingError(f"{path} exists: pass --overwrite to replace it (only once the new run is complete), "
                              "or --resume to finish an interrupted run")
 
@@ -1125,9 +1126,10 @@ def record(
         loader = probe.loader(remaining, batch_size, workers)
         total = len(source)
         done_count = [sum(len(ranges[k]) for k in done)]
+        size = distributed.world().size
 
-        def advance(n: int) -> None:
-            done_count[0] += n
+        def advance(n: int) -> None:  # torchrun: this rank's share counted for every rank (same pace)
+            done_count[0] = min(total, done_count[0] + n * size)
             if progress:
                 progress(done_count[0], total)
 
@@ -1214,7 +1216,7 @@ def record_in_memory(
     offline: bool = False,
 ) -> Recorded:
     """The same pass as :func:`record`, kept in memory (``align MODEL`` without ``--out``)."""
-    from resprobe.distributed import shard_source
+    from resprobe.distributed import shard_source, world
     from resprobe.recorder import NonfiniteTally, Recorder, concat_batches, gather_batches, iterate
 
     _check_option_values(options)
@@ -1223,9 +1225,10 @@ def record_in_memory(
     # torchrun: each rank records its batches, gathered back in one-process order below
     loader = probe.loader(shard_source(source, int(options.batch_size)), int(options.batch_size), workers)
     done = [0]
+    size = world().size
 
-    def advance(n: int) -> None:
-        done[0] += n
+    def advance(n: int) -> None:  # torchrun: this rank's share counted for every rank (same pace)
+        done[0] = min(len(source), done[0] + n * size)
         if progress:
             progress(done[0], len(source))
 

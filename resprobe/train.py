@@ -48,7 +48,7 @@ from resprobe.errors import BadValue
 from resprobe.evaluate import EvalResult, evaluate
 from resprobe.models import is_resprobe_checkpoint, load_weights, read_checkpoint, save_resprobe_checkpoint
 from resprobe.runtime import CompiledOrEager
-from resprobe.share import check_out_path, check_recalibrate_scope, recalibrate, recalibration_norms
+from resprobe.share import check_out_path, check_recalibrate_scope, recalibrate
 
 AUGMENTS = ("none", "light", "timm")
 OPTIMIZERS = ("sgd", "adamw")
@@ -168,9 +168,29 @@ class FinetuneResult:
     recalibrated: int = 0
     world_size: int = 1  # processes (torchrun); each took --batch-size samples per micro-step
     global_batch_size: int | None = None  # samples per optimizer step: world_size × batch_size × accum_steps
+    steps_per_epoch: int | None = None  # optimizer steps in a whole epoch (a history row may end one early)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C honoured after the run's state was saved at ``step`` of ``total`` into ``out`` (``--resume``
+    continues it). A KeyboardInterrupt, as library callers expect; an interrupt before the first step
+    saves nothing and stays a plain KeyboardInterrupt."""
+
+    def __init__(self, step: int, total: int, out: Path):
+        super().__init__(f"interrupted at step {step} of {total}: the state is saved in {out}")
+        self.step, self.total, self.out = step, total, out
+
+
+def check_new_out(out: str | Path, overwrite: bool = False) -> Path:
+    """``--out`` of a run that starts: as :func:`check_out_path`, and an existing file may be a run to resume."""
+    path = Path(out).expanduser()
+    if path.is_file() and not overwrite:
+        raise BadValue(f"--out {path} already exists; continue the interrupted run with --resume, or pass "
+                       "--overwrite to replace it")
+    return check_out_path(path, overwrite)
 
 
 def best_path(out: str | Path) -> Path:
@@ -506,14 +526,14 @@ def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
 
 
 def _result(run: _Run, out: Path, best_file: Path, world_size: int = 1,
-            global_batch_size: int | None = None) -> FinetuneResult:
+            global_batch_size: int | None = None, per_epoch: int | None = None) -> FinetuneResult:
     last = run.history[-1] if run.history else None
     return FinetuneResult(
         steps=run.state.step, epochs=run.state.epoch,
         train_loss=last["train_loss"] if last else None,
         val=run.last_val, out=str(out), best=str(best_file) if run.best else None, best_val=run.best,
         history=run.history, complete=run.complete, recalibrated=run.recalibrated,
-        world_size=world_size, global_batch_size=global_batch_size,
+        world_size=world_size, global_batch_size=global_batch_size, steps_per_epoch=per_epoch,
     )
 
 
@@ -533,7 +553,7 @@ def finetune(
 
     ``stop(state)`` is asked after every step; when it says yes the run saves its state to
     ``options.out`` and returns with ``complete=False`` (``resume=True`` continues it). Ctrl-C does the
-    same and then raises ``KeyboardInterrupt``.
+    same and then raises :class:`TrainingInterrupted` (a ``KeyboardInterrupt``).
     """
     options.validate()
     model, runtime = probe.model, probe.runtime
@@ -553,7 +573,7 @@ def finetune(
                        f"{options.accum_steps})")
     resumed = _read_resume_state(out, options, data_info) if options.resume else None
     if resumed is None:
-        check_out_path(out, options.overwrite)
+        check_new_out(out, options.overwrite)
         check_out_path(best_file, options.overwrite, option="the best checkpoint")
         _refuse_removing_the_model(out, best_file, probe.loaded.checkpoint)
         if world.main:
@@ -585,7 +605,7 @@ def finetune(
         run.recalibrated, run.complete = int(resumed["recalibrated"]), bool(resumed["complete"])
         if run.complete:
             model.eval()
-            return _result(run, out, best_file, world.size, min(global_batch, n_train))
+            return _result(run, out, best_file, world.size, min(global_batch, n_train), per_epoch)
     else:
         torch.manual_seed(options.seed)  # dropout and drop-path draw from the global generator
         if options.recalibrate:
@@ -667,36 +687,43 @@ def finetune(
                     save_last()
                     model.eval()
                     if interrupted():
-                        raise KeyboardInterrupt
-                    return _result(run, out, best_file, world.size, min(global_batch, n_train))
+                        raise TrainingInterrupted(run.state.step, total, out)
+                    return _result(run, out, best_file, world.size, min(global_batch, n_train), per_epoch)
     finally:
         if options.sync_bn and world.distributed:
             distributed.revert_sync_batchnorm(model)
     model.eval()
-    return _result(run, out, best_file, world.size, min(global_batch, n_train))
+    return _result(run, out, best_file, world.size, min(global_batch, n_train), per_epoch)
 
 
 def _recalibrate(model: nn.Module, train: DataSource, options: FinetuneOptions, runtime: Any,
                  progress: Callable[[int], None] | None) -> int:
     """``--recalibrate N``: re-estimate the norms' statistics on N training images; how many ran.
 
-    Under torchrun rank 0 alone recalibrates, in batches of the processes' batch together (N × B, as
-    one process × N·B does), and the others receive its statistics (every buffer of the recalibrated
-    norms, broadcast), so every rank holds exactly what one process computes: the running averages
-    are float32 recursions over the batches in order, which a division of the images between ranks
-    would combine in another order (equal only to rounding)."""
-    n = int(options.recalibrate or 0)
-    batch_size = options.batch_size * distributed.world().size
+    The images go in batches of the processes' batch together (N × B, as one process × N·B does);
+    under torchrun batch k runs whole on rank k mod N and the ranks' float64 sums are all-reduced
+    (:func:`resprobe.share.recalibrate`), so every rank holds one process's statistics up to the
+    order of the float64 additions. A batch must stay whole: BatchNorm's statistics in train mode
+    are the batch's own."""
+    world = distributed.world()
+    n = min(int(options.recalibrate or 0), len(train))
+    batch_size = options.batch_size * world.size
+    chosen = limit_source(train, n, options.seed)
+    mine = chosen if not world.distributed else \
+        replace(chosen, dataset=Subset(chosen.dataset, distributed.shard_positions(n, batch_size, world)))
+    calib = make_loader(mine, batch_size, options.workers, runtime.device, generator=torch.Generator())
 
-    def on_rank_0() -> int:
-        calib = make_loader(limit_source(train, min(n, len(train)), options.seed),
-                            batch_size, options.workers, runtime.device, generator=torch.Generator())
-        return recalibrate(model, calib, runtime, n, options.recalibrate_scope, progress)
+    shown = [0]
 
-    seen = distributed.on_main(on_rank_0)
-    norms = recalibration_norms(model, options.recalibrate_scope)
-    distributed.broadcast_tensors_([b for norm in norms for b in norm.buffers(recurse=False)])
-    return seen
+    def advance(k: int) -> None:  # the bar counts the run's images: this rank's share for every rank
+        step = min(n - shown[0], k * world.size)
+        shown[0] += step
+        if progress and step:
+            progress(step)
+
+    seen = recalibrate(model, calib, runtime, max(1, n), options.recalibrate_scope, advance,
+                       sum_over=distributed.all_reduce_ if world.distributed else None)
+    return int(distributed.all_reduce_sums([seen])[0])
 
 
 def _train_epoch(model: nn.Module, forward: Callable[[Tensor], Tensor], dataset: Dataset, train: DataSource,

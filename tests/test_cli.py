@@ -188,3 +188,46 @@ def test_ctrl_c_on_a_rank_other_than_0_adds_no_line(capsys, monkeypatch):
             raise KeyboardInterrupt
     assert exit_info.value.exit_code == cli.EXIT_INTERRUPTED
     assert cli._Announced.interrupt and capsys.readouterr().err == ""
+
+
+def test_align_of_a_readout_recording_reports_its_readout_without_the_flag(run, fixture_run):
+    """The recording's choice counts (reference.md): `align RUN.h5` of a `--readout` recording shows the
+    readout as `align RUN.h5 --readout` does, in JSON and in the table."""
+    out, made = fixture_run
+    plain = json.loads(run("align", str(out), "-f", "json").stdout)
+    flagged = json.loads(run("align", str(out), "--readout", "-f", "json").stdout)
+    assert plain["readout"] and plain["readout"] == flagged["readout"] == made["readout"]
+    assert run("align", str(out)).stdout == run("align", str(out), "--readout").stdout
+
+
+def test_user_text_is_printed_as_given_and_titles_do_not_wrap(run, tmp_path):
+    """Paths, specs and names are shown literally (rich markup and emoji codes off: `[bold]` and `:100:`
+    stay as typed), and a table's title is one line when stdout is not a terminal (CliRunner)."""
+    import shutil
+
+    data = tmp_path / "[bold]images:100:.npz"
+    shutil.copyfile(DATA, data)
+    result = run("eval", MODEL, "--data", data, "--limit", "16", "--device", "cpu")
+    assert f"{MODEL} on {data}" in result.stdout.splitlines()[0]
+    assert f"preprocessing of {data}:" in result.stderr
+    assert "💯" not in result.stdout + result.stderr
+    synthetic = run("eval", MODEL, "--data", "synthetic:100", "--limit", "16", "--device", "cpu")
+    assert synthetic.stdout.splitlines()[0].strip() == f"{MODEL} on synthetic:100"
+    assert "preprocessing of synthetic:100: " in synthetic.stderr
+
+
+def test_progress_under_torchrun_counts_the_whole_run(monkeypatch):
+    """Rank 0's callback counts its own share (here 2 of 3 batches of 16 over 40 samples, 2 processes):
+    the bar is over the whole run's 40 samples and never passes them."""
+    from rich.progress import Progress
+
+    from resprobe import cli, distributed
+
+    monkeypatch.setattr(distributed, "world", lambda: distributed.World(0, 2))
+    with Progress(disable=True) as progress:
+        task = progress.add_task("eval", total=40)
+        advance = cli.run_advance(progress, task, 40)
+        advance(16)
+        assert progress.tasks[0].completed == 32
+        advance(8)
+        assert progress.tasks[0].completed == 40 and progress.tasks[0].total == 40

@@ -130,6 +130,8 @@ def test_two_processes_equal_one(tmp_path):
         ("resume", ["record", "--out", resumed, "--resume", "--device", "cpu", "-f", "json"]),
         ("align", ["align", MODEL, "--data", DATA, *COMMON, "-f", "json"]),
         ("ablate", [*ABLATE, "--save-pruned", tmp_path / "pruned2.pt", "--remove", "2"]),
+        # the recording of the same selection is accepted (every rank compares the whole selection)
+        ("ablate_rec", ["ablate", MODEL, "--data", DATA, *COMMON, "--recording", tmp_path / "two.h5", "-f", "json"]),
         ("eval", ["eval", MODEL, "--data", DATA, *COMMON, "-f", "json"]),
         ("finetune", [*FINETUNE, "-b", "16", "--out", tmp_path / "ft2.pt"]),
     ]
@@ -157,6 +159,9 @@ def test_two_processes_equal_one(tmp_path):
     assert [p["removed"] for p in ablate_two["cumulative"]] == [p["removed"] for p in ablate_one["cumulative"]]
     ablate_one["pruned"]["path"] = ablate_two["pruned"]["path"] = None
     assert_close(ablate_two, ablate_one, 1e-9)
+    rec_one = invoke("ablate", MODEL, "--data", DATA, *COMMON, "--recording", tmp_path / "two.h5", "-f", "json")
+    assert_close(one_json(two["ablate_rec"]), one_json(rec_one.stdout), 1e-9)
+    assert one_json(two["ablate_rec"])["proxies"]["source"] == str(tmp_path / "two.h5")
     a = torch.load(tmp_path / "pruned1.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "pruned2.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -209,9 +214,10 @@ BN_RTOL = 1e-4
 def test_finetune_recalibrate_resume_accumulate_and_step_0_on_two_processes(tmp_path):
     """finetune on two processes against one process:
 
-    - ``--recalibrate``: rank 0 alone recalibrates (rank 1 on no image) and every rank gets its
-      statistics: the step-0 row (after recalibration) and the recalibrated best checkpoint equal a
-      one-process run with the same batch size bit for bit, resp. to float64 summation order;
+    - ``--recalibrate``: the images are split between the ranks in whole batches of 2 × 16 (rank 0
+      the first 32, rank 1 the last 8) and the float64 sums all-reduced: the step-0 row (after
+      recalibration) and the recalibrated best checkpoint equal a one-process run with batches of
+      32 to float64 summation order;
     - the step-0 row equals ``eval`` of the starting model in one process (after the DDP wrap);
     - ``--accum-steps 2`` with 2 × 8 and ``--sync-bn`` equals one process with 16 and ``--accum-steps
       2`` (the same micro-batches: each BatchNorm call sees the same 16 samples);
@@ -245,19 +251,19 @@ def test_finetune_recalibrate_resume_accumulate_and_step_0_on_two_processes(tmp_
     assert share_two == share_one and share_one["recalibrated"] == 40
     _assert_same_weights(t / "shared2.pt", t / "shared1.pt")
 
-    # finetune --recalibrate: once, on rank 0
-    assert (t / "recal.rank0.recalibrated").read_text() == "40"
-    assert (t / "recal.rank1.recalibrated").read_text() == "0"
+    # finetune --recalibrate: split between the ranks, batch 0 (32 images) on rank 0, batch 1 (8) on rank 1
+    assert (t / "recal.rank0.recalibrated").read_text() == "32"
+    assert (t / "recal.rank1.recalibrated").read_text() == "8"
     recal_two = one_json(two["recal"])
     recal_one = one_json(invoke(*recal, "-b", "32", "--out", t / "recal1.pt").stdout)  # batches of 2 × 16
     assert recal_two["recalibrated"] == recal_one["recalibrated"] == 40
     start_two, start_one = recal_two["history"][0], recal_one["history"][0]
     assert start_two["val_acc"] == start_one["val_acc"]
-    # the mean of 32 losses: per-rank float64 sums added, vs one running sum (reassociation only)
-    assert start_two["val_loss"] == pytest.approx(start_one["val_loss"], rel=1e-12, abs=0)
-    # PATH.best.pt is the recalibrated start: its buffers are one process's, bit for bit
+    # float64 sums of the statistics added in another order, rounded to float32: equal to 1 ulp or so
+    assert start_two["val_loss"] == pytest.approx(start_one["val_loss"], rel=1e-6, abs=0)
+    # PATH.best.pt is the recalibrated start: its buffers are one process's to float32 rounding
     assert recal_two["best_val"]["step"] == recal_one["best_val"]["step"] == 0
-    _assert_same_weights(t / "recal2.best.pt", t / "recal1.best.pt")
+    _assert_weights_close(t / "recal2.best.pt", t / "recal1.best.pt", rtol=1e-6, atol=1e-7)
 
     # step 0 without --recalibrate = the starting model's one-process eval on the same 32 samples
     evaluated = one_json(invoke("eval", MODEL, "--data", DATA, "--limit", "32", "--seed", "0", "-b", "16",

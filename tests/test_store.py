@@ -312,3 +312,22 @@ def test_a_run_from_before_the_fingerprint_still_resumes(tmp_path):
     del meta["attrs"]["weights_sha256"]
     meta_file.write_text(json.dumps(meta))
     assert record(RecordOptions(), out, resume=True, device="cpu").complete
+
+
+def test_an_existing_output_beside_an_empty_partial_folder_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A run killed before its first batch leaves an empty RUN.h5.partial: an existing RUN.h5 is refused
+    at once (before the model loads), as without that folder, and stays as it was."""
+    import resprobe.store as store
+
+    out = tmp_path / "run.h5"
+    record(options(limit=8), out, device="cpu")
+    before = out.read_bytes()
+    partial_dir(out).mkdir()
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(store, "open_for_recording", must_not_load)
+    with pytest.raises(RecordingError, match=r"exists: pass --overwrite.*--resume"):
+        record(options(limit=8), out, device="cpu")
+    assert out.read_bytes() == before

@@ -344,3 +344,58 @@ def test_resume_from_another_directory_with_relative_data_paths(tmp_path, monkey
     assert result.complete and result.steps == 3
     for key, value in whole_probe.model.state_dict().items():
         assert torch.equal(value, probe.model.state_dict()[key]), key
+
+
+def test_ctrl_c_names_the_resume_command_and_an_existing_out_names_resume(tmp_path, run, monkeypatch):
+    """Ctrl-C during finetune: the state is saved and stderr gives the command that continues it (as
+    `record` does); an existing --out names --resume as well as --overwrite."""
+    import contextlib
+    import sys
+
+    import resprobe.train as train
+
+    @contextlib.contextmanager
+    def pressed_at_once():  # Ctrl-C during the first step: the loop stops after it
+        yield lambda: True
+
+    monkeypatch.setattr(train, "_deferred_interrupt", pressed_at_once)
+    out = tmp_path / "ft.pt"
+    args = ["finetune", MODEL, "--data", DATA, "--limit", "32", "--out", str(out), "--max-steps", "3", "-b", "8",
+            "--device", "cpu"]
+    monkeypatch.setattr(sys, "argv", ["resprobe", *args])
+    result = run(*args, code=130)
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == (f"interrupted at step 1 of 3: the state is saved in {out}; continue with `resprobe "
+                         f"{' '.join(args)} --resume`"), result.stderr
+    assert "interrupted" not in "\n".join(lines[:-1])
+    monkeypatch.undo()
+    again = run(*args, code=1).stderr
+    assert again.strip() == (f"error: --out {out} already exists; continue the interrupted run with --resume, or "
+                             "pass --overwrite to replace it")
+    assert json.loads(run(*args, "--resume", "-f", "json").stdout)["steps"] == 3
+
+
+def test_the_table_numbers_epochs_from_1_and_says_which_step_a_partial_epoch_and_the_best_reached(run, tmp_path):
+    """32 samples in batches of 8: 4 steps an epoch; --max-steps 6 ends the 2nd epoch after 2 of its 4
+    steps. Rows: start, 1, 2 (2 of 4 steps); the best is named by its step, never "epoch 0"."""
+    args = ["finetune", MODEL, "--data", DATA, "--limit", "32", "--val-data", DATA, "--val-limit", "16", "-b", "8",
+            "--max-steps", "6", "--lr", "0.001", "--device", "cpu", "--out", tmp_path / "ft.pt"]
+    payload = json.loads(run(*args, "-f", "json").stdout)
+    assert payload["steps_per_epoch"] == 4 and [h["step"] for h in payload["history"]] == [0, 4, 6]
+    table = run(*args, "--overwrite").stdout
+    cells = [[c for c in line.split() if c != "│"] for line in table.splitlines()]
+    rows = [c[:5] for c in cells if c[:1] in (["start"], ["1"], ["2"])]
+    assert rows == [["start", "0", "—", "—", rows[0][4]], ["1", "4", *rows[1][2:]], ["2", "(2", "of", "4", "steps)"]]
+    step = payload["best_val"]["step"]
+    best = [line for line in table.splitlines() if line.lstrip().startswith("best")]
+    assert best and best[0].lstrip().startswith("best (the start)" if step == 0 else f"best (step {step})")
+    assert "epoch 0" not in table
+    # a best model after 6 steps (in the partial 2nd epoch) is named by its step
+    from resprobe.report import emit, finetune_table
+
+    payload["best_val"] = {**payload["best_val"], "epoch": 1, "step": 6}
+    import io
+
+    text = io.StringIO()
+    emit(payload, "table", finetune_table, out=text)
+    assert "best (step 6)" in text.getvalue()
