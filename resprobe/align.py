@@ -21,6 +21,7 @@ import numpy as np
 from resprobe.recorder import Recorded
 
 Z95 = 1.96
+TOKEN_STATS = ("token_cos", "token_update_cos")  # extra columns of language-model recordings
 
 
 def _mean(values: np.ndarray) -> float | None:
@@ -93,6 +94,9 @@ def summarize_block(recorded: Recorded, j: int) -> dict[str, Any]:
         n_valid=int((~invalid).sum()) if identity else 0,
         n_invalid=int(invalid.sum()),
     )
+    for name in TOKEN_STATS:  # language models (DESIGN §8): mean of per-token cosines
+        if name in recorded.stats:
+            row[f"{name}_mean"] = _mean(recorded.stats[name][:, j].astype(np.float64))
     return row
 
 
@@ -112,10 +116,26 @@ def summarize_stages(recorded: Recorded) -> list[dict[str, Any]]:
     return rows
 
 
+def is_lm_recording(recorded: Recorded) -> bool:
+    return "token_cos" in recorded.stats
+
+
+def _lm_losses(recorded: Recorded) -> dict[str, Any]:
+    """Language models: mean NLL per scored token (each window's count is in ``label``), perplexity,
+    n_tokens and the protocol, in place of the vision loss and accuracy (DESIGN §8 "Loss")."""
+    losses = recorded.loss.astype(np.float64)
+    ok = np.isfinite(losses)
+    n = int(recorded.label[ok].sum())
+    loss = float(losses[ok].sum() / n) if n else None
+    ppl = (math.exp(loss) if loss < 700 else math.inf) if loss is not None else None
+    return {"loss": loss, "perplexity": ppl, "n_tokens": n, "acc": None,
+            "protocol": recorded.attrs.get("protocol") or None}
+
+
 def summarize(recorded: Recorded) -> dict[str, Any]:
     """The ``align`` report's statistics (without provenance fields)."""
     blocks = [summarize_block(recorded, j) for j in range(len(recorded.blocks))]
-    return {
+    report = {
         "n_samples": recorded.n_samples,
         "n_invalid": sum(b["n_invalid"] for b in blocks),
         "complete": bool(recorded.complete),
@@ -124,6 +144,9 @@ def summarize(recorded: Recorded) -> dict[str, Any]:
         "blocks": blocks,
         "stages": summarize_stages(recorded),
     }
+    if is_lm_recording(recorded):
+        report.update(_lm_losses(recorded))
+    return report
 
 
 def align_report(recorded: Recorded, readout: list[dict[str, Any]] | None = None) -> dict[str, Any]:

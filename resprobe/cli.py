@@ -60,7 +60,8 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emo
 # Options shared by the commands (Annotated aliases keep each signature readable)
 
 Model = Annotated[str, typer.Argument(help="torchvision:NAME[:WEIGHTS] | timm:NAME | NAME | hf-hub:ORG/NAME | "
-                                      "checkpoint PATH | package.module:callable", show_default=False)]
+                                      "checkpoint PATH | package.module:callable | "
+                                      "transformers:NAME_OR_DIR[@REV] (a causal LM)", show_default=False)]
 Format = Annotated[str, typer.Option("--format", "-f", help="Report format: table, json or csv.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes on stderr.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
@@ -109,6 +110,50 @@ RecordDecode = Annotated[Optional[str], typer.Option("--decode", help="auto (the
                                                    "device: where image files are decoded.", show_default=False)]
 ClassMap = Annotated[Optional[str], typer.Option("--class-map", help="Folder name → class index: a text file "
                                                  "(one name a line) or JSON.", show_default=False)]
+
+# Language models (DESIGN §8): options that only `transformers:` models read
+SeqLen = Annotated[Optional[int], typer.Option("--seq-len", help="Language models: tokens per window (default: "
+                                               "min(1024, the model's maximum positions)).", show_default=False)]
+Stride = Annotated[Optional[int], typer.Option("--stride", help="Language models: window start every S tokens "
+                                               "(default: --seq-len); overlaps score only new tokens.",
+                                               show_default=False)]
+TextColumnOpt = Annotated[Optional[str], typer.Option("--text-column", help="Language models: the text column of "
+                                                   ".jsonl/.parquet/hfds: data (default text).", show_default=False)]
+TokenizerOpt = Annotated[Optional[str], typer.Option("--tokenizer", help="Language models: another tokenizer "
+                                                     "(hub id or folder) than the model's.", show_default=False)]
+SkipTokens = Annotated[Optional[int], typer.Option("--skip-tokens", help="Language models: leave the first K "
+                                                   "positions of each window out of the statistics (not the loss).",
+                                                   show_default=False)]
+Granularity = Annotated[Optional[str], typer.Option("--granularity", help="Language models: layer (default) or "
+                                                    "sublayer (NAME:attn and NAME:mlp).", show_default=False)]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Language models: run the model's own "
+                                               "code from its repository (only for code you trust).")]
+
+
+@dataclass
+class LMArgs:
+    """The language-model options of one command (ignored by vision models)."""
+
+    seq_len: int | None = None
+    stride: int | None = None
+    text_column: str | None = None
+    tokenizer: str | None = None
+    skip_tokens: int | None = None
+    granularity: str | None = None
+    trust_remote_code: bool = False
+
+    def open(self, model: str, device: str, precision: str, offline: bool):  # -> LMProbe
+        from resprobe.lm_models import open_lm_probe
+
+        return open_lm_probe(model, self.tokenizer, device, precision, offline, self.trust_remote_code,
+                             self.granularity or "layer", self.seq_len, self.stride, self.text_column,
+                             self.skip_tokens)
+
+
+def is_lm(model: str | None) -> bool:
+    from resprobe.lm_models import is_lm_model
+
+    return is_lm_model(model)
 
 
 @dataclass
@@ -472,6 +517,8 @@ def blocks_command(
     model_kwargs: ModelKwargs = None, ema: Ema = False, trust_checkpoint: Trust = False, blocks: BlocksGlob = None,
     input_size: InputSize = None,
     offline: Offline = False,
+    seq_len: SeqLen = None, granularity: Granularity = None, trust_remote_code: TrustRemoteCode = False,
+    tokenizer: TokenizerOpt = None,
     fmt: Format = "table", quiet: Quiet = False, debug: Debug = False,
 ) -> None:
     """List the residual blocks of MODEL in execution order, with stage, kind and shapes."""
@@ -480,6 +527,13 @@ def blocks_command(
 
     with command_errors(debug, quiet):
         check_format(fmt)
+        if is_lm(model):
+            from resprobe.lm_eval import blocks_payload
+
+            lm = LMArgs(seq_len, None, None, tokenizer, None, granularity, trust_remote_code)
+            payload = blocks_payload(lm.open(model, "cpu", "fp32", offline))
+            emit(payload, fmt, blocks_table, lambda p: p["blocks"])
+            return
         probe = ModelArgs(model, checkpoint, pretrained, num_classes, model_kwargs, ema, trust_checkpoint, blocks,
                           input_size, device="cpu", offline=offline).open()
         payload = {"model": str(probe.loaded.spec), **provenance(probe), "params": count_params(probe.model),
@@ -502,14 +556,28 @@ def eval_command(
     input_size: InputSize = None, mean: Mean = None, std: Std = None, crop_pct: CropPct = None,
     interpolation: Interpolation = None, device: Device = "auto", precision: Precision = "fp32",
     offline: Offline = False, labels: Labels = None, decode: Decode = "auto",
+    seq_len: SeqLen = None, stride: Stride = None, text_column: TextColumnOpt = None, tokenizer: TokenizerOpt = None,
+    trust_remote_code: TrustRemoteCode = False,
     fmt: Format = "table", quiet: Quiet = False, debug: Debug = False,
 ) -> None:
-    """Loss, top-1 and top-5 accuracy of MODEL on --data."""
+    """Loss, top-1 and top-5 accuracy of MODEL on --data (language models: loss per token, perplexity)."""
     from resprobe.evaluate import evaluate
     from resprobe.report import emit, eval_table
 
     with command_errors(debug, quiet, scale_out=True):
         check_format(fmt)
+        if is_lm(model):
+            from resprobe.lm_eval import eval_payload
+            from resprobe.lm_eval import eval_table as lm_eval_table
+
+            require(data, "--data", "the text to evaluate on (text:PATH or hfds:NAME)")
+            probe = LMArgs(seq_len, stride, text_column, tokenizer, None, None, trust_remote_code).open(
+                model, device, precision, offline)
+            with make_progress(quiet) as progress:
+                task = progress.add_task("eval", total=None)
+                payload = eval_payload(probe, data, limit, seed, batch_size, lambda n: progress.advance(task, n))
+            emit(payload, fmt, lm_eval_table, lambda p: [{k: v for k, v in p.items() if k != "protocol"}])
+            return
         require(data, "--data", "the images to evaluate on")
         probe = ModelArgs(model, checkpoint, pretrained, num_classes, model_kwargs, ema, trust_checkpoint, blocks,
                           input_size, mean, std, crop_pct, interpolation, device, precision, offline,
@@ -540,8 +608,10 @@ Readout = Annotated[bool, typer.Option("--readout", help="Also apply the model's
 
 def _record_options(model, data, limit, seed, batch_size, class_map, checkpoint, pretrained, num_classes, model_kwargs,
                     ema, blocks, input_size, mean, std, crop_pct, interpolation, precision, target, save_tensors,
-                    tensor_dtype, readout, labels=None, decode=None):  # -> RecordOptions
+                    tensor_dtype, readout, labels=None, decode=None, lm=None):  # -> RecordOptions
     from resprobe.store import RecordOptions
+
+    lm = lm or LMArgs()
 
     return RecordOptions(
         model=model, checkpoint=checkpoint, pretrained=pretrained or None, num_classes=num_classes,
@@ -550,6 +620,8 @@ def _record_options(model, data, limit, seed, batch_size, class_map, checkpoint,
         interpolation=interpolation, data=data, class_map=class_map, limit=limit, seed=seed, batch_size=batch_size,
         target=target, save_tensors=save_tensors, tensor_dtype=tensor_dtype, precision=precision,
         readout=readout or None, labels=labels, decode=decode,
+        seq_len=lm.seq_len, stride=lm.stride, text_column=lm.text_column, tokenizer=lm.tokenizer,
+        skip_tokens=lm.skip_tokens, granularity=lm.granularity, trust_remote_code=lm.trust_remote_code or None,
     )
 
 
@@ -590,6 +662,8 @@ def record_command(
     precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 (default; TF32 off), tf32, bf16, fp16.",
                                                      show_default=False)] = None,
     offline: Offline = False, labels: Labels = None, decode: RecordDecode = None,
+    seq_len: SeqLen = None, stride: Stride = None, text_column: TextColumnOpt = None, tokenizer: TokenizerOpt = None,
+    skip_tokens: SkipTokens = None, granularity: Granularity = None, trust_remote_code: TrustRemoteCode = False,
     fmt: Format = "table", quiet: Quiet = False, debug: Debug = False,
 ) -> None:
     """Record every block's per-sample statistics (delta, gradient, norms, cosines) into an HDF5 file.
@@ -607,7 +681,9 @@ def record_command(
             require(data, "--data", "the images to record on")
         options = _record_options(model, data, limit, seed, batch_size, class_map, checkpoint, pretrained, num_classes,
                                   model_kwargs, ema, blocks, input_size, mean, std, crop_pct, interpolation, precision,
-                                  target, save_tensors, tensor_dtype, readout, labels, decode)
+                                  target, save_tensors, tensor_dtype, readout, labels, decode,
+                                  LMArgs(seq_len, stride, text_column, tokenizer, skip_tokens, granularity,
+                                         trust_remote_code))
         try:
             result = _run_record(options, out, overwrite, resume, device, workers, trust_checkpoint, quiet, offline)
         except Interrupted as exc:
@@ -656,6 +732,8 @@ def align_command(
     input_size: InputSize = None, mean: Mean = None, std: Std = None, crop_pct: CropPct = None,
     interpolation: Interpolation = None, device: Device = "auto", precision: Precision = "fp32",
     offline: Offline = False, labels: Labels = None, decode: Decode = "auto",
+    seq_len: SeqLen = None, stride: Stride = None, text_column: TextColumnOpt = None, tokenizer: TokenizerOpt = None,
+    skip_tokens: SkipTokens = None, granularity: Granularity = None, trust_remote_code: TrustRemoteCode = False,
     fmt: Format = "table", quiet: Quiet = False, debug: Debug = False,
 ) -> None:
     """How well each block's residual F follows the negative loss gradient (cosine < 0 = refining), and how
@@ -675,7 +753,9 @@ def align_command(
             options = _record_options(model, data, limit, seed, batch_size, class_map, checkpoint, pretrained,
                                       num_classes, model_kwargs, ema, blocks, input_size, mean, std, crop_pct,
                                       interpolation, precision, target, None, None, readout, labels,
-                                      None if decode == "auto" else decode)
+                                      None if decode == "auto" else decode,
+                                      LMArgs(seq_len, stride, text_column, tokenizer, skip_tokens, granularity,
+                                             trust_remote_code))
             result = _run_record(options, out, overwrite, False, device, workers, trust_checkpoint, quiet, offline)
             recorded = open_recording(result.out) if out else result
         payload = align_report(recorded)  # with the readout whenever the recording holds one

@@ -599,7 +599,9 @@ def concat_batches(batches: list[BatchStats], blocks: list[dict[str, Any]], **kw
         label=cat([b.label for b in batches], np.int64),
         pred=cat([b.pred for b in batches], np.int64),
         loss=cat([b.loss for b in batches], np.float32),
-        stats={s: cat([b.stats[s] for b in batches], np.float32, (n_blocks,)) for s in STAT_NAMES},
+        # §3's statistics and any extra columns the batches hold (language models' token cosines)
+        stats={s: cat([b.stats[s] for b in batches], np.float32, (n_blocks,))
+               for s in (list(batches[0].stats) if batches else STAT_NAMES)},
         readout={r: np.concatenate([b.readout[r] for b in batches]) for r in readout_names},
         **kwargs,
     )

@@ -522,7 +522,7 @@ def write_hdf5(path: Path, recorded: Recorded, complete: bool) -> None:
             samples.create_dataset(name, data=values, chunks=chunk, maxshape=(None,), compression="gzip",
                                    compression_opts=4, fletcher32=True)
         stats = f.create_group("stats")
-        for name in STAT_NAMES:
+        for name in stat_names(recorded.stats):
             stats.create_dataset(name, data=recorded.stats[name].astype(np.float32),
                                  chunks=(max(1, min(n, 1024)), max(1, n_blocks)), maxshape=(None, n_blocks),
                                  compression="gzip", compression_opts=4, fletcher32=True)
@@ -542,6 +542,12 @@ def write_hdf5(path: Path, recorded: Recorded, complete: bool) -> None:
         f.flush()
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
+
+
+def stat_names(keys: Any, prefix: str = "") -> list[str]:
+    """§3's statistics, then any extra columns a recording holds (language models' ``token_cos``, …)."""
+    extra = sorted(k[len(prefix):] for k in keys if k.startswith(prefix) and k[len(prefix):] not in STAT_NAMES)
+    return [*STAT_NAMES, *extra]
 
 
 def _attr(value: Any) -> Any:
@@ -624,7 +630,7 @@ def _read_partial(directory: Path, meta: Any) -> Recording:
         block_names=names, blocks=blocks,
         index=cat("index", np.int64), label=cat("label", np.int64), pred=cat("pred", np.int64),
         loss=cat("loss", np.float32),
-        stats={s: cat(f"stat.{s}", np.float32, (len(names),)) for s in STAT_NAMES},
+        stats={s: cat(f"stat.{s}", np.float32, (len(names),)) for s in stat_names(parts, "stat.")},
         attrs={**attrs, "n_planned": n_planned, "n_done": n},
         complete=n >= n_planned, n_planned=n_planned,
         readout={k: np.concatenate(v) for k, v in readout.items()},
@@ -712,7 +718,7 @@ _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 def _read_hdf5(f: Any, path: Path, load_tensors: bool) -> Recording:
     attrs = {k: _decode(v) for k, v in f.attrs.items()}
-    for key in ("preprocessing", "options"):
+    for key in ("preprocessing", "options", "protocol"):
         if isinstance(attrs.get(key), str) and attrs[key]:
             attrs[key] = json.loads(attrs[key])
     g = f["blocks"]
@@ -723,7 +729,7 @@ def _read_hdf5(f: Any, path: Path, load_tensors: bool) -> Recording:
     n_done = int(attrs.get("n_done", 0))
     if n_done < 0:
         raise RecordingError(f"{path} is a damaged resprobe recording (n_done {n_done})")
-    stats = {s: np.asarray(f["stats"][s][:n_done], dtype=np.float32) for s in STAT_NAMES}
+    stats = {s: np.asarray(f["stats"][s][:n_done], dtype=np.float32) for s in stat_names(f["stats"])}
     samples = {k: np.asarray(f["samples"][k][:n_done]) for k in ("index", "label", "pred", "loss")}
     shapes_ok = (all(v.shape == (n_done, len(names)) for v in stats.values())
                  and all(v.shape == (n_done,) for v in samples.values()))
@@ -953,6 +959,14 @@ class RecordOptions:
     readout: bool | None = None
     labels: str | None = None  # --labels FILE for a flat folder of images
     decode: str | None = None  # where image files are decoded: auto (on CUDA: the device), cpu, device
+    # Language models (DESIGN §8); None for vision runs
+    seq_len: int | None = None
+    stride: int | None = None
+    text_column: str | None = None
+    tokenizer: str | None = None
+    skip_tokens: int | None = None
+    granularity: str | None = None
+    trust_remote_code: bool | None = None
 
     DEFAULTS = {"pretrained": False, "ema": False, "seed": 0, "batch_size": 64, "target": "label", "save_tensors": 0,
                 "tensor_dtype": "float32", "precision": "fp32", "readout": False, "model_kwargs": {},
@@ -1036,7 +1050,6 @@ def record(
     from torch.utils.data import Subset
 
     from resprobe import distributed
-    from resprobe.recorder import Recorder
 
     out = Path(out)
     if resume and overwrite:
@@ -1136,8 +1149,9 @@ def record(
         if progress and done_count[0]:
             progress(done_count[0], total)
         dtype = torch.float16 if options.tensor_dtype == "float16" else torch.float32
-        with Recorder(probe.anatomy, probe.runtime, target=str(options.target), save_tensors=int(options.save_tensors),
-                      tensor_dtype=dtype, readout=readout) as recorder:
+        with _recorder_for(probe)(probe.anatomy, probe.runtime, target=str(options.target),
+                                  save_tensors=int(options.save_tensors), tensor_dtype=dtype,
+                                  readout=readout) as recorder:
             return run_recording(writer, recorder, loader, numbers, advance, warn)
     except BaseException:
         if writer is not None and created_here and not distributed.is_distributed():
@@ -1193,6 +1207,10 @@ def _already_complete(out: Path, options: RecordOptions, warn: Callable[[str], N
 def open_for_recording(options: RecordOptions, device: str = "auto", trust_checkpoint: bool = False,
                        offline: bool = False) -> tuple[Any, Any, list[str]]:
     """The probe, the (limited) data source and the readout blocks that ``options`` describe."""
+    from resprobe.lm_models import is_lm_model
+
+    if is_lm_model(options.model):
+        return _open_lm_for_recording(options, device, offline)
     from resprobe.probe import open_probe
 
     probe = open_probe(str(options.model), options.checkpoint, bool(options.pretrained), options.num_classes,
@@ -1207,6 +1225,24 @@ def open_for_recording(options: RecordOptions, device: str = "auto", trust_check
     return probe, source, readout
 
 
+def _open_lm_for_recording(options: RecordOptions, device: str, offline: bool) -> tuple[Any, Any, list[str]]:
+    """:func:`open_for_recording` for a language model (DESIGN §8)."""
+    from resprobe.lm_models import open_lm_probe
+
+    probe = open_lm_probe(str(options.model), options.tokenizer, device, str(options.precision), offline,
+                          bool(options.trust_remote_code), options.granularity or "layer", options.seq_len,
+                          options.stride, options.text_column, options.skip_tokens)
+    source = probe.data(str(options.data), options.limit, int(options.seed or 0))
+    return probe, source, []
+
+
+def _recorder_for(probe: Any) -> Any:
+    """The probe's own recorder (language models), or the vision :class:`Recorder`."""
+    from resprobe.recorder import Recorder
+
+    return getattr(probe, "make_recorder", Recorder)
+
+
 def record_in_memory(
     options: RecordOptions,
     device: str = "auto",
@@ -1217,7 +1253,7 @@ def record_in_memory(
 ) -> Recorded:
     """The same pass as :func:`record`, kept in memory (``align MODEL`` without ``--out``)."""
     from resprobe.distributed import shard_source, world
-    from resprobe.recorder import NonfiniteTally, Recorder, concat_batches, gather_batches, iterate
+    from resprobe.recorder import NonfiniteTally, concat_batches, gather_batches, iterate
 
     _check_option_values(options)
     options = options.with_defaults()
@@ -1232,7 +1268,7 @@ def record_in_memory(
         if progress:
             progress(done[0], len(source))
 
-    with Recorder(probe.anatomy, probe.runtime, str(options.target), readout=readout) as recorder:
+    with _recorder_for(probe)(probe.anatomy, probe.runtime, str(options.target), readout=readout) as recorder:
         batches = gather_batches(list(iterate(recorder, loader, advance)))
     blocks = [b.to_dict() for b in probe.anatomy.blocks]
     tally = NonfiniteTally([b["name"] for b in blocks], [b["kind"] == "identity" for b in blocks])

@@ -26,7 +26,8 @@ except SystemExit as exc:
     code = exc.code
 else:
     code = 0
-print(json.dumps({"code": code, "imported": sorted(m for m in ("timm", "torchvision") if m in sys.modules)}),
+print(json.dumps({"code": code, "imported": sorted(m for m in ("timm", "torchvision", "transformers")
+                                                   if m in sys.modules)}),
       file=sys.stderr)
 """
 
@@ -50,3 +51,11 @@ def test_a_torchvision_model_on_arrays_does_not_import_timm():
     # Also shows that the probe sees imports: torchvision is there.
     assert imported_by("eval", "torchvision:resnet18", "--num-classes", "4", "--data", DATA, "--limit", "8",
                        "--device", "cpu", "-f", "json", "-q") == ["torchvision"]
+
+
+def test_import_resprobe_and_a_vision_blocks_listing_import_no_transformers():
+    code = ("import sys, resprobe, resprobe.cli, resprobe.store, resprobe.align, resprobe.lm_models; "
+            "print('transformers' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "False", result.stderr
+    assert "transformers" not in imported_by("blocks", "torchvision:resnet18", "--num-classes", "4", "-f", "json", "-q")

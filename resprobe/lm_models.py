@@ -1,0 +1,431 @@
+"""Decoder language models (Hugging Face transformers): loading and their residual units (DESIGN §8).
+
+MODEL is ``transformers:NAME_OR_DIR[@REVISION]`` (a hub id or a local ``save_pretrained`` folder) or a
+local folder whose ``config.json`` names a causal-LM architecture. Nothing here imports transformers
+until a model is loaded, so ``import resprobe`` and the vision commands never do.
+
+Blocks are the decoder layers, found as the model's one ``nn.ModuleList`` of exactly
+``config.num_hidden_layers`` layers: no per-architecture list of attribute names, so new
+architectures work. ``--granularity sublayer`` splits a pre-norm layer ``h → h1 = h + A(h) → out =
+h1 + M(h1)`` into two units by reading ``h1`` where the MLP branch starts (the input of the module
+named in :data:`MLP_ENTRY`, or derived from the layer's children); parallel-residual layers (GPT-NeoX,
+GPT-J, Falcon) have no ``h1`` and stay whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from resprobe.errors import BadValue, ModelError
+
+log = logging.getLogger("resprobe")
+
+PREFIX = "transformers:"
+GRANULARITIES = ("layer", "sublayer")
+
+# Layer class -> the child whose input is the residual stream between the attention and the MLP update
+# (h1). Classes not listed are derived from their children by :func:`mlp_entry`.
+MLP_ENTRY: dict[str, str] = {
+    "LlamaDecoderLayer": "post_attention_layernorm",
+    "MistralDecoderLayer": "post_attention_layernorm",
+    "Qwen2DecoderLayer": "post_attention_layernorm",
+    "Qwen3DecoderLayer": "post_attention_layernorm",
+    "Phi3DecoderLayer": "post_attention_layernorm",
+    "MixtralDecoderLayer": "post_attention_layernorm",
+    "Qwen2MoeDecoderLayer": "post_attention_layernorm",
+    "Gemma2DecoderLayer": "pre_feedforward_layernorm",  # post_attention_layernorm is inside the branch
+    "Gemma3DecoderLayer": "pre_feedforward_layernorm",
+    "GPT2Block": "ln_2",
+    "Olmo2DecoderLayer": "mlp",  # norms after each branch (inside it): the MLP reads h1 directly
+    "GPTNeoXLayer": "post_attention_layernorm",  # only with use_parallel_residual=False
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Recognizing and loading
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """``NAME_OR_DIR[@REVISION]`` of a ``transformers:`` spec (or a bare folder)."""
+    body = spec[len(PREFIX):] if spec.startswith(PREFIX) else spec
+    if "@" in body and not Path(body).exists():
+        name, revision = body.rsplit("@", 1)
+        return name, revision or None
+    return body, None
+
+
+def _causal_architectures(config: dict[str, Any]) -> list[str]:
+    return [a for a in config.get("architectures") or [] if a.endswith(("ForCausalLM", "LMHeadModel"))]
+
+
+def is_lm_model(spec: str | None) -> bool:
+    """MODEL names a transformers causal LM: the prefix, or a folder whose config.json says so.
+    Reads a file at most: imports nothing heavy."""
+    if not spec:
+        return False
+    if spec.startswith(PREFIX):
+        return True
+    config = Path(spec).expanduser() / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return bool(_causal_architectures(json.loads(config.read_text())))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _needs_remote_code(config: dict[str, Any]) -> bool:
+    auto_map = config.get("auto_map") or {}
+    return any(key in auto_map for key in ("AutoModelForCausalLM", "AutoConfig", "AutoModel"))
+
+
+@dataclass
+class LoadedLM:
+    spec: str
+    name: str  # NAME_OR_DIR
+    revision: str | None
+    model: nn.Module
+    tokenizer: Any  # a transformers tokenizer, or None when none was found
+    tokenizer_name: str | None
+    max_positions: int | None
+    precision: str = "fp32"
+
+
+def _local_config(name: str, spec: str, trust_remote_code: bool) -> dict[str, Any] | None:
+    """The folder's config.json (checked), or None for a hub id."""
+    path = Path(name).expanduser()
+    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    if not looks_local:
+        return None
+    if not path.is_dir():
+        raise ModelError(f"{spec}: {path} is not a folder (give a save_pretrained folder or a hub id)")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{spec}: {path} holds no config.json, so it is not a transformers model folder "
+                         "(write one with save_pretrained)")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{spec}: {path / 'config.json'} is not readable JSON ({type(exc).__name__})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{spec}: {path / 'config.json'} is not a JSON object")
+    if _needs_remote_code(config) and not trust_remote_code:
+        raise ModelError(f"{spec} needs code from its own files (config.json auto_map) to load; pass "
+                         "--trust-remote-code only if you trust that code")
+    return config
+
+
+def _load_error(spec: str, exc: BaseException, offline: bool) -> ModelError:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "trust_remote_code" in str(exc):
+        return ModelError(f"{spec} needs code from its repository to load; pass --trust-remote-code only if you "
+                          "trust that code")
+    if offline:
+        return ModelError(f"{spec} could not be loaded from the local Hugging Face cache (--offline): {text}")
+    return ModelError(f"{spec} could not be loaded: {text}")
+
+
+def load_lm(spec: str, tokenizer: str | None = None, precision: str = "fp32", offline: bool = False,
+            trust_remote_code: bool = False) -> LoadedLM:
+    """The model (eval mode, parameters frozen) and its tokenizer, as transformers loads them."""
+    if precision not in ("fp32", "bf16"):
+        raise BadValue(f"--precision {precision!r}: language models run in fp32 or bf16")
+    name, revision = split_spec(spec)
+    if not name:
+        raise ModelError(f"{spec}: give a hub id or a folder after '{PREFIX}'")
+    _local_config(name, spec, trust_remote_code)
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError:
+        raise ModelError("language models need the transformers package: pip install 'resprobe[llm]'") from None
+    common = {"revision": revision, "local_files_only": offline, "trust_remote_code": trust_remote_code}
+    try:
+        config = AutoConfig.from_pretrained(name, **common)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a bad id or folder
+        raise _load_error(spec, exc, offline) from None
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' own bars on stderr: resprobe has its own
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype, **common)
+    except Exception as exc:  # noqa: BLE001
+        raise _load_error(spec, exc, offline) from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    model.eval().requires_grad_(False)
+    tok_name = tokenizer or name
+    tok = load_tokenizer(tok_name, revision if tokenizer is None else None, offline, trust_remote_code)
+    return LoadedLM(spec, name, revision, model, tok, tok_name, max_positions(model.config), precision)
+
+
+def load_tokenizer(name: str, revision: str | None, offline: bool, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, revision=revision, local_files_only=offline,
+                                             trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"no tokenizer could be loaded from {name} ({text}); give one with --tokenizer") from None
+
+
+def text_config(config: Any) -> Any:
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
+
+
+def max_positions(config: Any) -> int | None:
+    config = text_config(config)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoder layers and units
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's list of ``num_hidden_layers`` decoder layers: the outermost ModuleList of that
+    length whose members share one class (MoE expert lists live inside layers, so they lose)."""
+    n = getattr(text_config(getattr(model, "config", None)), "num_hidden_layers", None)
+    if not isinstance(n, int) or n < 1:
+        raise ModelError(f"{type(model).__name__}: its config has no num_hidden_layers, so resprobe cannot find its "
+                         "decoder layers")
+    candidates = [(name, module) for name, module in model.named_modules()
+                  if isinstance(module, nn.ModuleList) and len(module) == n
+                  and len({type(m) for m in module}) == 1]
+    outer = [(name, m) for name, m in candidates
+             if not any(name.startswith(other + ".") for other, _ in candidates if other != name)]
+    if len(outer) != 1:
+        found = ", ".join(name for name, _ in outer) or "none"
+        raise ModelError(f"{type(model).__name__}: expected one list of {n} decoder layers, found {found}")
+    return outer[0]
+
+
+def _parallel_residual(layer: nn.Module, config: Any) -> bool:
+    for owner in (layer, text_config(config)):
+        for key in ("use_parallel_residual", "parallel_attn", "parallel_residual"):
+            if getattr(owner, key, False) is True:
+                return True
+    return False
+
+
+def mlp_entry(layer: nn.Module, config: Any) -> str | None:
+    """The child of ``layer`` whose input is h1 (between attention and MLP), or None where the layer
+    has no such point (a parallel residual) or resprobe cannot tell."""
+    if _parallel_residual(layer, config):
+        return None
+    children = dict(layer.named_children())
+    name = MLP_ENTRY.get(type(layer).__name__)
+    if name is None:  # derived from the pre-norm pattern's child names
+        if "pre_feedforward_layernorm" in children:
+            name = "pre_feedforward_layernorm"
+        elif "ln_1" in children and "ln_2" in children:
+            name = "ln_2"
+        elif ("input_layernorm" in children and "post_attention_layernorm" in children
+              and "post_feedforward_layernorm" not in children):
+            name = "post_attention_layernorm"
+    return name if name in children else None
+
+
+@dataclass
+class LMUnit:
+    """One residual unit: a whole decoder layer or its attention/MLP half (``part``)."""
+
+    name: str
+    index: int
+    layer: nn.Module
+    layer_index: int
+    part: str  # "layer", "attn" or "mlp"
+    hidden: int
+    seq_len: int
+    params: int
+    stage: int = 0
+    kind: str = "identity"
+
+    def to_dict(self) -> dict[str, Any]:
+        shape = [self.seq_len, self.hidden]
+        return {"name": self.name, "stage": self.stage, "index": self.index, "kind": self.kind, "in_shape": shape,
+                "out_shape": shape, "params": self.params}
+
+    @property
+    def is_identity(self) -> bool:
+        return True
+
+
+@dataclass
+class LMAnatomy:
+    model: nn.Module
+    blocks: list[LMUnit]
+    layers_name: str
+    entries: dict[int, nn.Module] = field(default_factory=dict)  # layer index -> its MLP entry (sublayer)
+    head: Any = None
+
+    @property
+    def names(self) -> list[str]:
+        return [b.name for b in self.blocks]
+
+    def __getitem__(self, name: str) -> LMUnit:
+        for block in self.blocks:
+            if block.name == name:
+                return block
+        raise KeyError(name)
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def _sub_params(layer: nn.Module, entry: str) -> tuple[int, int]:
+    """Parameters of the attention half (children before the MLP entry in registration order, norms
+    included) and of the MLP half (the rest). Reported only; no statistic depends on it."""
+    names = [n for n, _ in layer.named_children()]
+    attn = {n for n in names if "attn" in n or "attention" in n or n in ("input_layernorm", "ln_1")}
+    a = sum(_params(m) for n, m in layer.named_children() if n in attn)
+    return a, _params(layer) - a
+
+
+def lm_anatomy(model: nn.Module, seq_len: int, granularity: str = "layer") -> LMAnatomy:
+    """The units of ``model`` in execution order (DESIGN §8 "Blocks")."""
+    if granularity not in GRANULARITIES:
+        raise BadValue(f"--granularity {granularity!r}: choose layer or sublayer")
+    prefix, layers = decoder_layers(model)
+    config = getattr(model, "config", None)
+    hidden = int(getattr(text_config(config), "hidden_size", 0) or 0)
+    units: list[LMUnit] = []
+    entries: dict[int, nn.Module] = {}
+    for i, layer in enumerate(layers):
+        name = f"{prefix}.{i}"
+        entry = mlp_entry(layer, config) if granularity == "sublayer" else None
+        if entry is None:
+            if granularity == "sublayer" and not _parallel_residual(layer, config):
+                raise BadValue(f"--granularity sublayer: resprobe does not know where the attention update ends in "
+                               f"{type(layer).__name__} (use --granularity layer)")
+            units.append(LMUnit(name, len(units), layer, i, "layer", hidden, seq_len, _params(layer)))
+            continue
+        entries[i] = getattr(layer, entry)
+        pa, pm = _sub_params(layer, entry)
+        units.append(LMUnit(f"{name}:attn", len(units), layer, i, "attn", hidden, seq_len, pa))
+        units.append(LMUnit(f"{name}:mlp", len(units), layer, i, "mlp", hidden, seq_len, pm))
+    return LMAnatomy(model, units, prefix, entries)
+
+
+# --------------------------------------------------------------------------------------------------
+# The probe: what every LM command starts from
+
+
+@dataclass
+class LMProbe:
+    """The language-model counterpart of :class:`resprobe.probe.Probe` (the same attributes that
+    ``store.record`` reads: ``anatomy``, ``runtime``, ``describe``, ``loader``, ``make_recorder``)."""
+
+    loaded: LoadedLM
+    runtime: Any
+    granularity: str = "layer"
+    seq_len: int | None = None
+    stride: int | None = None
+    text_column: str = "text"
+    skip_tokens: int = 0
+    offline: bool = False
+    protocol: dict[str, Any] | None = None
+    _anatomy: LMAnatomy | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.loaded.model
+
+    @property
+    def anatomy(self) -> LMAnatomy:
+        if self._anatomy is None:
+            self._anatomy = lm_anatomy(self.model, int(self.resolved_seq_len()), self.granularity)
+        return self._anatomy
+
+    def resolved_seq_len(self) -> int:
+        """--seq-len, default min(1024, the model's maximum positions); above the maximum: refused."""
+        limit = self.loaded.max_positions
+        if self.seq_len is None:
+            return min(1024, limit) if limit else 1024
+        if self.seq_len < 2:
+            raise BadValue(f"--seq-len must be at least 2 (one token predicts the next), got {self.seq_len}")
+        if limit is not None and self.seq_len > limit:
+            raise BadValue(f"--seq-len {self.seq_len} is above {self.loaded.spec}'s maximum of {limit} positions")
+        return self.seq_len
+
+    def data(self, spec: str, limit: int | None = None, seed: int = 0) -> Any:
+        from resprobe.lm_text import open_windows
+
+        source = open_windows(spec, self.loaded.tokenizer, self.loaded.tokenizer_name, self.resolved_seq_len(),
+                              self.stride, self.text_column, self.skip_tokens, limit, seed, self.offline)
+        self.protocol = source.protocol
+        for note in source.notes:
+            log.info(note)
+        return source
+
+    def loader(self, source: Any, batch_size: int = 8, workers: int | None = None) -> Iterable:
+        from resprobe.lm_text import window_loader
+
+        return window_loader(source, batch_size)
+
+    def make_recorder(self, anatomy: LMAnatomy, runtime: Any, target: str = "label", save_tensors: int = 0,
+                      readout: Iterable[str] = (), **_: Any) -> Any:
+        from resprobe.lm_record import LMRecorder
+
+        if save_tensors:
+            raise BadValue("--save-tensors is not supported for language models yet")
+        if list(readout):
+            raise BadValue("--readout is not supported for language models")
+        if target != "label":
+            raise BadValue("--target pred is not supported for language models (the loss is the next-token NLL)")
+        return LMRecorder(anatomy, runtime, skip_tokens=self.skip_tokens)
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.loaded.spec, "checkpoint": None, "checkpoint_sha256": None, "preprocessing": None,
+                "protocol": self.protocol}
+
+
+def open_lm_probe(spec: str, tokenizer: str | None = None, device: str = "auto", precision: str = "fp32",
+                  offline: bool = False, trust_remote_code: bool = False, granularity: str = "layer",
+                  seq_len: int | None = None, stride: int | None = None, text_column: str | None = None,
+                  skip_tokens: int | None = None) -> LMProbe:
+    """Load MODEL for an LM command; option values are checked before the model loads."""
+    from resprobe.runtime import make_runtime
+
+    if granularity not in GRANULARITIES:
+        raise BadValue(f"--granularity {granularity!r}: choose layer or sublayer")
+    if skip_tokens is not None and skip_tokens < 0:
+        raise BadValue(f"--skip-tokens must be 0 or more, got {skip_tokens}")
+    if stride is not None and stride < 1:
+        raise BadValue(f"--stride must be at least 1, got {stride}")
+    # bf16: the weights themselves are bf16 (no autocast); statistics are accumulated in fp32.
+    runtime = make_runtime(device, "fp32" if precision == "bf16" else precision)
+    loaded = load_lm(spec, tokenizer, precision, offline, trust_remote_code)
+    loaded.model.to(runtime.device)
+    probe = LMProbe(loaded, runtime, granularity, seq_len, stride, text_column or "text", int(skip_tokens or 0),
+                    offline)
+    seq = probe.resolved_seq_len()
+    if probe.skip_tokens >= seq:
+        raise BadValue(f"--skip-tokens {probe.skip_tokens} leaves no position of a {seq}-token window")
+    return probe
+
+
+def perplexity(loss: float | None) -> float | None:
+    if loss is None or not math.isfinite(loss):
+        return None
+    return math.exp(loss) if loss < 700 else math.inf
