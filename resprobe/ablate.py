@@ -47,7 +47,7 @@ from resprobe.errors import BadValue, ModelError, RecordingError
 from resprobe.evaluate import EvalResult, Tally, borderline_mask, reduce_tallies
 from resprobe.models import register_recipe, save_resprobe_checkpoint
 from resprobe.runtime import Runtime
-from resprobe.share import check_out_path
+from resprobe.share import cache_thread_views, check_out_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from resprobe.probe import Probe
@@ -185,7 +185,7 @@ class AblationEngine:
         (benchmarks/ablate_parts_cpu.py: 0.91–1.0× the sequential time on 2 cores). Not on GPUs
         (one stream), not for the full-forward fallback and segmented models (they patch the shared
         model), and not with a block that writes into its input (the cached inputs would be shared
-        between threads).
+        between threads). Shared stages are fine: each thread runs its own view of a shared block.
         """
         if (not self.fast or self.clone_inputs or self.anatomy.segments or self.runtime.device.type != "cpu"
                 or jobs < 2):  # segments: a suffix run patches its stage's container (Anatomy.run_from)
@@ -202,7 +202,10 @@ class AblationEngine:
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, threads // workers))
         try:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="resprobe-suffix") as pool:
+            # A shared block (resprobe share) runs in a view of its own per thread (resprobe.share.
+            # thread_view), built once per thread: the threads end with this batch.
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="resprobe-suffix",
+                                    initializer=cache_thread_views) as pool:
                 # Longest suffix first, so that no thread is left with a long one at the end.
                 order = sorted(range(len(jobs)), key=lambda i: jobs[i][1])
                 done = dict(zip(order, pool.map(run, [jobs[i] for i in order])))
