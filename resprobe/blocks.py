@@ -370,7 +370,8 @@ def discover_blocks(
     """Find the residual blocks of ``model`` with one dummy forward of shape ``input_shape`` (C, H, W).
 
     Blocks come in execution order with their stage (index of the group they are in), index within
-    the stage, kind (``identity`` when the output has the input's shape) and shapes. The same pass
+    the stage, kind (``identity`` when the shortcut is the identity: the output has the input's shape
+    and no module projects or pools the shortcut) and shapes. The same pass
     finds the modules between consecutive blocks and the head, checked against the model's logits,
     so that :meth:`Anatomy.run_from` reproduces the model from any block.
     """
@@ -441,7 +442,10 @@ def discover_blocks(
         info = seen[name]
         module = modules[name]
         family = family_of(module) or GENERIC
-        kind = "identity" if info["in_shape"] == info["out_shape"] else "transition"
+        # Identity: the shortcut is h itself, which needs the shapes to match AND no projection or
+        # pooling on it (a ResNetV2 stage opener projects even where the stem is as wide as the stage).
+        identity = info["in_shape"] == info["out_shape"] and family.has_identity_shortcut(module)
+        kind = "identity" if identity else "transition"
         stage, index = positions[name]
         blocks.append(Block(name=name, module=module, family=family, stage=stage, index=index, kind=kind,
                             in_shape=info["in_shape"], out_shape=info["out_shape"],
