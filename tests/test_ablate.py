@@ -584,15 +584,25 @@ class GatedBlock(nn.Module):
         return x + torch.tanh(self.conv(x)) * gate * scale
 
 
-class GatedNet(nn.Module):
+class ThreeBlockNet(nn.Module):
+    """A stem, three blocks of class ``block`` that the subclass's forward calls, a known head."""
+
+    def __init__(self, block: type, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.ModuleList([block(8) for _ in range(3)])
+        self.fc = nn.Linear(8, 5)
+
+    def forward_head(self, h):
+        return self.fc(h.mean((2, 3)))
+
+
+class GatedNet(ThreeBlockNet):
     """Each block gets a gate and a scale computed from the image (so no default could stand in)."""
 
     def __init__(self):
-        super().__init__()
-        torch.manual_seed(5)
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.body = nn.ModuleList([GatedBlock(8) for _ in range(3)])
-        self.fc = nn.Linear(8, 5)
+        super().__init__(GatedBlock, 5)
 
     def extras(self, x, i):
         gate = torch.sigmoid(x.mean((1, 2, 3)) * 40)[:, None, None, None]
@@ -606,9 +616,6 @@ class GatedNet(nn.Module):
                 gate, scale = self.extras(x, i)
                 h = block(h, gate, scale=scale)
         return self.forward_head(h)
-
-    def forward_head(self, h):
-        return self.fc(h.mean((2, 3)))
 
     def forward(self, x):
         return self.run(x)
@@ -698,16 +705,9 @@ class CountingBlock(nn.Module):
         return x + torch.tanh(self.conv(x)) * len(memory)
 
 
-class CountingNet(nn.Module):
+class CountingNet(ThreeBlockNet):
     def __init__(self):
-        super().__init__()
-        torch.manual_seed(6)
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.body = nn.ModuleList([CountingBlock(8) for _ in range(3)])
-        self.fc = nn.Linear(8, 5)
-
-    def forward_head(self, h):
-        return self.fc(h.mean((2, 3)))
+        super().__init__(CountingBlock, 6)
 
     def forward(self, x):
         h, memory = self.stem(x), []
