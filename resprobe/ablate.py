@@ -41,18 +41,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from resprobe.blocks import GENERIC, Anatomy, Block, BlockFamily, family_of, replaced_blocks
+from resprobe.blocks import GENERIC, Anatomy, Block, BlockFamily, BlockFn, Extras, family_of, replaced_blocks
 from resprobe.distributed import barrier, is_main
 from resprobe.errors import BadValue, ModelError, RecordingError
 from resprobe.evaluate import EvalResult, Tally, borderline_mask, reduce_tallies
 from resprobe.models import register_recipe, save_resprobe_checkpoint
 from resprobe.runtime import Runtime
-from resprobe.share import check_out_path
+from resprobe.share import cache_thread_views, check_out_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from resprobe.probe import Probe
 
-Fn = Callable[[Tensor], Tensor]
+Fn = BlockFn  # called as the block is called: (h, *what else the model passes it) -> its output
 Variant = Mapping[int, Fn]  # block position -> what runs there instead of the block
 Observer = Callable[[int, Tensor, Tensor], Any]  # (position, block input, block output) -> per-sample values
 Advance = Callable[[int], None]
@@ -120,6 +120,17 @@ class BatchOutcome:
     observed: dict[int, Any] = field(default_factory=dict)
 
 
+@dataclass
+class BlockInputs:
+    """What one batch's base pass kept for the suffix runs: the inputs of the blocks variants start
+    at (and of their segments' wrappers, under ``("segment", first block)``), and what else every
+    block from the first of them on received besides its input (EVA's ``rope=``, masks), as the model
+    passed it: a suffix run passes the same to each block or its replacement."""
+
+    inputs: dict[Any, Tensor]
+    extras: dict[int, Extras]
+
+
 def first_difference(variant: Variant, base: Variant) -> int | None:
     """The first block position where ``variant`` computes something else than ``base`` (None: same)."""
     positions = [i for i in set(variant) | set(base) if variant.get(i) != base.get(i)]
@@ -185,14 +196,14 @@ class AblationEngine:
         (benchmarks/ablate_parts_cpu.py: 0.91–1.0× the sequential time on 2 cores). Not on GPUs
         (one stream), not for the full-forward fallback and segmented models (they patch the shared
         model), and not with a block that writes into its input (the cached inputs would be shared
-        between threads).
+        between threads). Shared stages are fine: each thread runs its own view of a shared block.
         """
         if (not self.fast or self.clone_inputs or self.anatomy.segments or self.runtime.device.type != "cpu"
                 or jobs < 2):  # segments: a suffix run patches its stage's container (Anatomy.run_from)
             return 1
         return min(torch.get_num_threads(), jobs, MAX_SUFFIX_THREADS)
 
-    def _suffixes_in_threads(self, images: Tensor, jobs: list[tuple[Variant, int]], cache: dict[Any, Tensor],
+    def _suffixes_in_threads(self, images: Tensor, jobs: list[tuple[Variant, int]], cache: BlockInputs,
                              workers: int) -> list[Tensor]:
         def run(job: tuple[Variant, int]) -> Tensor:
             # Grad mode and autocast are per thread; the TF32 flags are global and already set.
@@ -202,7 +213,10 @@ class AblationEngine:
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, threads // workers))
         try:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="resprobe-suffix") as pool:
+            # A shared block (resprobe share) runs in a view of its own per thread (resprobe.share.
+            # thread_view), built once per thread: the threads end with this batch.
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="resprobe-suffix",
+                                    initializer=cache_thread_views) as pool:
                 # Longest suffix first, so that no thread is left with a long one at the end.
                 order = sorted(range(len(jobs)), key=lambda i: jobs[i][1])
                 done = dict(zip(order, pool.map(run, [jobs[i] for i in order])))
@@ -211,11 +225,12 @@ class AblationEngine:
         return [done[i] for i in range(len(jobs))]
 
     def _base_pass(self, images: Tensor, base: Variant, keep: set[int],
-                   observer: Observer | None) -> tuple[Tensor, dict[Any, Tensor], dict[int, Any]]:
+                   observer: Observer | None) -> tuple[Tensor, BlockInputs, dict[int, Any]]:
         for _ in range(2):
             cache: dict[Any, tuple[Tensor, int]] = {}
+            extras: dict[int, Extras] = {}
             observed: dict[int, Any] = {}
-            handles = self._install_hooks(keep, observer, cache, observed)
+            handles = self._install_hooks(keep, observer, cache, extras, observed)
             try:
                 with replaced_blocks([self.blocks[i] for i in base], list(base.values())):
                     logits = self.model(images)
@@ -225,12 +240,12 @@ class AblationEngine:
             # torchvision and timm blocks never write into their input, but a custom block might; a
             # changed version counter means a cached tensor is stale: redo the batch with copies.
             if self.clone_inputs or all(t._version == v for t, v in cache.values()):
-                return logits, {i: t for i, (t, _) in cache.items()}, observed
+                return logits, BlockInputs({i: t for i, (t, _) in cache.items()}, extras), observed
             self.clone_inputs = True
         raise AssertionError("unreachable: the second attempt copies every cached input")
 
     def _install_hooks(self, keep: set[int], observer: Observer | None, cache: dict[Any, tuple[Tensor, int]],
-                       observed: dict[int, Any]) -> list[Any]:
+                       extras: dict[int, Extras], observed: dict[int, Any]) -> list[Any]:
         handles = []
         # A segmented model (CSPNet) runs on from a block with its stage's input too: cached under
         # ("segment", first block of the stage).
@@ -242,34 +257,37 @@ class AblationEngine:
                 cache[("segment", first)] = (x, x._version)
 
             handles.append(segment.wrapper.register_forward_pre_hook(entry_hook))
-        for j in sorted(keep):
+        for j in range(min(keep, default=len(self.blocks)), len(self.blocks)):
             module = self.blocks[j].module
 
-            def pre_hook(_m: nn.Module, args: tuple, j: int = j) -> None:
-                h = args[0].detach()
-                h = h.clone() if self.clone_inputs else h
-                cache[j] = (h, h._version)
+            def pre_hook(_m: nn.Module, args: tuple, kwargs: dict, j: int = j) -> None:
+                if len(args) > 1 or kwargs:  # given again to the block (or its replacement) in suffix runs
+                    extras[j] = (args[1:], kwargs)
+                if j in keep:
+                    h = args[0].detach()
+                    h = h.clone() if self.clone_inputs else h
+                    cache[j] = (h, h._version)
 
-            handles.append(module.register_forward_pre_hook(pre_hook))
-            if observer is not None:
+            handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            if observer is not None and j in keep:
                 def post_hook(_m: nn.Module, _args: tuple, out: Tensor, j: int = j) -> None:
                     observed[j] = observer(j, cache[j][0], out.detach())
 
                 handles.append(module.register_forward_hook(post_hook))
         return handles
 
-    def _variant_logits(self, images: Tensor, variant: Variant, start: int, cache: dict[Any, Tensor]) -> Tensor:
+    def _variant_logits(self, images: Tensor, variant: Variant, start: int, cache: BlockInputs) -> Tensor:
         if not self.fast:
             positions = sorted(variant)
             with replaced_blocks([self.blocks[i] for i in positions], [variant[i] for i in positions]):
                 return self.model(images)
-        h = cache[start]
+        h = cache.inputs[start]
         segment = self.anatomy.segment_of(start)
-        entry = cache[("segment", segment.first)] if segment is not None else None
+        entry = cache.inputs[("segment", segment.first)] if segment is not None else None
         if self.clone_inputs:  # the block at ``start`` may write into it, and other variants reuse it
             h = h.clone()
             entry = entry.clone() if entry is not None else None
-        return self.anatomy.run_from(start, h, dict(variant), entry)
+        return self.anatomy.run_from(start, h, variant, entry, cache.extras)
 
 
 def lesion_variant(anatomy: Anatomy, positions: Iterable[int]) -> dict[int, Fn]:
@@ -281,10 +299,10 @@ def unrolled(block: Block, k: int, scale: float = 1.0) -> Fn:
     """The block applied 1 + k times, extra applications damped: ``h ← h + S·(block(h) − h)``."""
     forward = block.module.forward  # the block's own forward, bound now: patching must not recurse
 
-    def fn(h: Tensor) -> Tensor:
-        out = forward(h)
+    def fn(h: Tensor, *args: Any, **kwargs: Any) -> Tensor:  # each application gets what the block got
+        out = forward(h, *args, **kwargs)
         for _ in range(k):
-            out = out + scale * (forward(out) - out)
+            out = out + scale * (forward(out, *args, **kwargs) - out)
         return out
 
     return fn
@@ -760,7 +778,7 @@ class RemovedBlock(nn.Module):
 
     _resprobe_removed = True
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *_args: Any, **_kwargs: Any) -> Tensor:  # what else the model passes: unused
         return x
 
 
@@ -782,7 +800,7 @@ class LesionedBlock(nn.Module):
             elif isinstance(value, (int, float)):  # NFNet's beta
                 object.__setattr__(self, attr, value)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *_args: Any, **_kwargs: Any) -> Tensor:  # the shortcut reads x only
         return self.family.lesion(self, x)
 
 

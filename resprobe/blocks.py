@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +62,9 @@ class Block:
         return (self.is_identity or self.family.lesion_fn is not None
                 or self.family.shortcut_module(self.module) is not None)
 
-    def lesion(self, h: Tensor) -> Tensor:
+    def lesion(self, h: Tensor, *_args: Any, **_kwargs: Any) -> Tensor:
+        """The block with its residual branch removed. What else the model passes the block (a rotary
+        embedding, a mask) is accepted and not needed: the shortcut reads ``h`` only."""
         if not self.can_lesion:
             raise ModelError(f"cannot remove transition block {self.name}: resprobe does not know its shortcut "
                              f"({type(self.module).__name__}); leave out --include-transitions")
@@ -71,6 +73,11 @@ class Block:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "stage": self.stage, "index": self.index, "kind": self.kind,
                 "in_shape": list(self.in_shape), "out_shape": list(self.out_shape), "params": self.params}
+
+
+BlockFn = Callable[..., Tensor]  # called as the block is: (h, *args, **kwargs) -> its output
+# What a block receives besides its input, as the model called it: (args after the first, kwargs).
+Extras = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 @dataclass
@@ -138,34 +145,40 @@ class Anatomy:
         """The segment holding block ``position`` (None for a plain chain)."""
         return next((s for s in self.segments if s.first <= position <= s.last), None)
 
-    def run_from(self, position: int, h: Tensor, replace: dict[int, Callable[[Tensor], Tensor]] | None = None,
-                 entry: Tensor | None = None) -> Tensor:
+    def run_from(self, position: int, h: Tensor, replace: Mapping[int, BlockFn] | None = None,
+                 entry: Tensor | None = None, extras: Mapping[int, Extras] | None = None) -> Tensor:
         """Logits from block ``position``'s input ``h``: blocks ``position..end`` (each optionally
         replaced, e.g. by its lesion) with the modules between them, then the head. In a segmented
-        model ``entry`` is the input of the segment's wrapper (:class:`Segment`)."""
+        model ``entry`` is the input of the segment's wrapper (:class:`Segment`). ``extras[i]``: what
+        block i received besides its input in the model's own forward (EVA's ``rope=``, a mask),
+        passed again to it or to its replacement."""
         if not self.can_run_suffix:
             raise ModelError("this model's blocks are not a simple chain; resprobe cannot run it from a block")
         replace = replace or {}
+        extras = extras or {}
         if self.segments:
             if entry is None:
                 raise ValueError("run_from in a segmented model needs the segment's input (entry)")
-            return self._run_segments_from(position, h, replace, entry)
+            return self._run_segments_from(position, h, replace, entry, extras)
         for i in range(position, len(self.blocks)):
-            fn = replace.get(i)
-            h = fn(h) if fn is not None else self.blocks[i].module(h)
+            h = self._run_block(i, h, replace, extras)
             if i < len(self.glue):  # the modules between block i and block i + 1
                 for module in self.glue[i]:
                     h = module(h)
         assert self.head is not None
         return self.head(h)
 
-    def _run_segments_from(self, position: int, h: Tensor, replace: dict[int, Callable[[Tensor], Tensor]],
-                           entry: Tensor) -> Tensor:
+    def _run_block(self, i: int, h: Tensor, replace: Mapping[int, BlockFn], extras: Mapping[int, Extras]) -> Tensor:
+        fn = replace.get(i) or self.blocks[i].module
+        args, kwargs = extras.get(i, ((), {}))
+        return fn(h, *args, **kwargs)
+
+    def _run_segments_from(self, position: int, h: Tensor, replace: Mapping[int, BlockFn],
+                           entry: Tensor, extras: Mapping[int, Extras]) -> Tensor:
         segment = self.segment_of(position)
         assert segment is not None
         for i in range(position, segment.last + 1):
-            fn = replace.get(i)
-            h = fn(h) if fn is not None else self.blocks[i].module(h)
+            h = self._run_block(i, h, replace, extras)
             for module in self.glue[i] if i < segment.last else segment.tail:
                 h = module(h)
         # Replacements in later segments patch those blocks (the wrappers' own forwards run them).
@@ -357,7 +370,8 @@ def discover_blocks(
     """Find the residual blocks of ``model`` with one dummy forward of shape ``input_shape`` (C, H, W).
 
     Blocks come in execution order with their stage (index of the group they are in), index within
-    the stage, kind (``identity`` when the output has the input's shape) and shapes. The same pass
+    the stage, kind (``identity`` when the shortcut is the identity: the output has the input's shape
+    and no module projects or pools the shortcut) and shapes. The same pass
     finds the modules between consecutive blocks and the head, checked against the model's logits,
     so that :meth:`Anatomy.run_from` reproduces the model from any block.
     """
@@ -367,9 +381,9 @@ def discover_blocks(
     handles = []
 
     def pre_hook(name: str) -> Callable:
-        def hook(_m: nn.Module, args: tuple) -> None:
+        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
             if name not in seen and args and isinstance(args[0], Tensor):
-                seen[name] = {"in": args[0], "in_shape": tuple(args[0].shape[1:])}
+                seen[name] = {"in": args[0], "in_shape": tuple(args[0].shape[1:]), "extras": (args[1:], kwargs)}
                 order.append(name)
         return hook
 
@@ -385,7 +399,7 @@ def discover_blocks(
     placeholders = {n: m for n, m in model.named_modules() if n and getattr(m, "_resprobe_removed", False)}
     watched = [*candidates, *placeholders.items()]
     for name, module in watched:
-        handles.append(module.register_forward_pre_hook(pre_hook(name)))
+        handles.append(module.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
         handles.append(module.register_forward_hook(post_hook(name)))
     # Glue candidates: modules neither inside a block nor holding one (a removed block's placeholder
     # is glue: it runs between the blocks that remain).
@@ -428,7 +442,10 @@ def discover_blocks(
         info = seen[name]
         module = modules[name]
         family = family_of(module) or GENERIC
-        kind = "identity" if info["in_shape"] == info["out_shape"] else "transition"
+        # Identity: the shortcut is h itself, which needs the shapes to match AND no projection or
+        # pooling on it (a ResNetV2 stage opener projects even where the stem is as wide as the stage).
+        identity = info["in_shape"] == info["out_shape"] and family.has_identity_shortcut(module)
+        kind = "identity" if identity else "transition"
         stage, index = positions[name]
         blocks.append(Block(name=name, module=module, family=family, stage=stage, index=index, kind=kind,
                             in_shape=info["in_shape"], out_shape=info["out_shape"],
@@ -446,16 +463,21 @@ def discover_blocks(
     chained = len(glue) == len(blocks) - 1
     head = _checked_head(model, calls, seen[blocks[-1].name]["out"], logits) if chained else None
     anatomy = Anatomy(model=model, blocks=blocks, head=head, chained=chained, glue=glue)
+    extras = {i: seen[b.name]["extras"] for i, b in enumerate(blocks) if any(seen[b.name]["extras"])}
+    if head is not None and extras and not _reproduces(anatomy, seen[blocks[0].name]["in"], extras, logits):
+        # Blocks called with more than their input, and running on from block 0 with what each got
+        # does not give the logits (an argument that changes between calls): full forwards instead.
+        anatomy.head, anatomy.chained = None, False
     if head is None:  # not a chain to the logits (one block left in a pruned CSPNet is a chain of one)
-        segmented = _segmented(anatomy, seen, calls, holder_calls, logits)
+        segmented = _segmented(anatomy, seen, calls, holder_calls, logits, extras)
         if segmented is not None:
             anatomy.glue, anatomy.segments = segmented
     return anatomy
 
 
 def _segmented(anatomy: Anatomy, seen: dict[str, dict[str, Any]], calls: list[_Call],
-               holder_calls: dict[str, list[tuple[Tensor | None, Any]]], logits: Tensor
-               ) -> tuple[list[tuple[nn.Module, ...]], list[Segment]] | None:
+               holder_calls: dict[str, list[tuple[Tensor | None, Any]]], logits: Tensor,
+               extras: Mapping[int, Extras]) -> tuple[list[tuple[nn.Module, ...]], list[Segment]] | None:
     """The blocks as :class:`Segment` s (one per module holding a run of them), or None where the model
     is not such a sequence: each run chained inside its container, each container and wrapper called
     once with one tensor, the wrappers chained to each other and to the logits, and running on from
@@ -528,7 +550,7 @@ def _segmented(anatomy: Anatomy, seen: dict[str, dict[str, Any]], calls: list[_C
         with torch.no_grad():
             for position in (0, len(blocks) - 1):
                 g = segments.index(trial.segment_of(position))  # type: ignore[arg-type]
-                out = trial.run_from(position, seen[names[position]]["in"], entry=entries[g])
+                out = trial.run_from(position, seen[names[position]]["in"], entry=entries[g], extras=extras)
                 if out.shape != logits.shape or not torch.allclose(out, logits, rtol=1e-4, atol=1e-5):
                     return None
     except (RuntimeError, TypeError, ValueError, IndexError):
@@ -536,6 +558,21 @@ def _segmented(anatomy: Anatomy, seen: dict[str, dict[str, Any]], calls: list[_C
     finally:
         model.train(was_training)
     return glue, segments
+
+
+def _reproduces(anatomy: Anatomy, h: Tensor, extras: Mapping[int, Extras], logits: Tensor) -> bool:
+    """Whether running on from block 0's input ``h``, each block given ``extras``, gives ``logits``."""
+    model = anatomy.model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = anatomy.run_from(0, h, extras=extras)
+    except (RuntimeError, TypeError, ValueError, IndexError):
+        return False
+    finally:
+        model.train(was_training)
+    return out.shape == logits.shape and torch.allclose(out, logits, rtol=1e-4, atol=1e-5)
 
 
 def _composed(modules: tuple[nn.Module, ...]) -> Callable[[Tensor], Tensor]:
@@ -595,8 +632,9 @@ def _checked_head(model: nn.Module, calls: list[_Call], last: Tensor, logits: Te
 
 
 @contextlib.contextmanager
-def replaced_blocks(blocks: Sequence[Block], fns: Sequence[Callable[[Tensor], Tensor]] | None = None) -> Iterator[None]:
-    """Within the context, each block's forward is its lesion (or the given function).
+def replaced_blocks(blocks: Sequence[Block], fns: Sequence[BlockFn] | None = None) -> Iterator[None]:
+    """Within the context, each block's forward is its lesion (or the given function), called with
+    whatever the model passes the block.
 
     Works for any model, however its blocks are wired, because the model's own forward still runs.
     """

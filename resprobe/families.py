@@ -82,6 +82,13 @@ class BlockFamily:
         module = getattr(block, self.shortcut, None) if self.shortcut else None
         return module if isinstance(module, nn.Module) else None
 
+    def has_identity_shortcut(self, block: nn.Module) -> bool:
+        """Whether ``block``'s shortcut is ``h`` itself: no shortcut module, or one that computes
+        nothing (``nn.Identity``, an empty Sequential). A projection or pooling on the shortcut makes
+        the block a transition even where its output has its input's shape (docs/reference.md)."""
+        module = self.shortcut_module(block)
+        return module is None or _computes_nothing(module)
+
     def post_module(self, block: nn.Module) -> nn.Module | None:
         module = getattr(block, self.post, None) if self.post else None
         return module if isinstance(module, nn.Module) else None
@@ -118,6 +125,12 @@ class BlockFamily:
 
 
 GENERIC = BlockFamily("generic", preact=True, branch_end=(), shortcut=None)
+
+
+def _computes_nothing(module: nn.Module) -> bool:
+    if isinstance(module, nn.Identity):
+        return True
+    return isinstance(module, nn.Sequential) and all(_computes_nothing(m) for m in module)
 
 
 def _attr_is_not(attr: str, value: Any) -> Callable[[nn.Module], bool]:

@@ -20,6 +20,12 @@ How a shared stage sits in the model (and in its state dict)::
 Running iteration t points each slot of the shared block at iteration t's own module, then runs the
 shared block's own forward (through ``torch.func.functional_call`` with the relaxed weights when
 there are LoRA factors). Any block class works: nothing here knows how a block computes its output.
+
+Threads: running an iteration sets state on the shared block (its slots' targets, settings, buffers),
+so two threads must never run the same module tree at once. The main thread runs the shared block
+itself; every other thread runs its own *view* of it (:func:`thread_view`: the same parameters and
+buffers in a copy of the module tree), so iterations can run side by side (``ablate``'s suffix
+threads). Within one tree an iteration started while another runs is refused, never mixed.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import contextlib
 import copy
 import dataclasses
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -275,6 +282,53 @@ class _Slot(nn.Module):
         return f"per-iteration {self.path}"
 
 
+# --------------------------------------------------------------------------------------------------
+# Per-thread views of a shared block
+
+
+_THREAD = threading.local()  # .views: {id(shared block): (shared block, view)} of a caching thread
+
+
+def module_tree_view(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s tree of modules that holds the same parameter and buffer tensors (no data
+    is copied): attributes set on the copy, and parameters or buffers swapped in it, leave ``module``
+    as it is. Hooks are shared (each copy keeps the hook dictionaries of its original)."""
+    view = copy.copy(module)
+    view.__dict__["_parameters"] = dict(module._parameters)
+    view.__dict__["_buffers"] = dict(module._buffers)
+    view.__dict__["_modules"] = {name: module_tree_view(child) if child is not None else None
+                                 for name, child in module._modules.items()}
+    return view
+
+
+def cache_thread_views() -> None:
+    """From now on, this thread builds each shared block's view once (a thread pool's initializer).
+    Only for threads that end with their work: a view does not follow a later ``model.to(...)``."""
+    _THREAD.views = {}
+
+
+def thread_view(shared_block: nn.Module) -> nn.Module:
+    """The tree this thread runs ``shared_block``'s iterations in: the block itself in the main thread,
+    a view of it (:func:`module_tree_view`) in any other, so that threads never share a slot's target."""
+    if threading.current_thread() is threading.main_thread():
+        return shared_block
+    views: dict[int, tuple[nn.Module, nn.Module]] | None = getattr(_THREAD, "views", None)
+    if views is None:
+        return _idle_view(shared_block)
+    entry = views.get(id(shared_block))
+    if entry is None or entry[0] is not shared_block:
+        entry = views[id(shared_block)] = (shared_block, _idle_view(shared_block))
+    return entry[1]
+
+
+def _idle_view(shared_block: nn.Module) -> nn.Module:
+    view = module_tree_view(shared_block)
+    for module in view.modules():  # copied while another thread runs an iteration: not that one's
+        if isinstance(module, _Slot):
+            _set_unregistered(module, "target", None)
+    return view
+
+
 class LowRank(nn.Module):
     """One iteration's correction of one shared weight: ``W_t = W + B @ A`` with W as [O, rest]."""
 
@@ -336,11 +390,16 @@ class SharedIteration(nn.Module):
                 _place(self.lora, path, offset)
 
     @contextlib.contextmanager
-    def running(self) -> Iterator[None]:
+    def running(self) -> Iterator[nn.Module]:
         """Within the context, the shared block's slots run this iteration's modules, with this
-        iteration's layer scales, settings and buffers."""
-        block = self.shared_block
+        iteration's layer scales, settings and buffers. Yields the tree to run: the shared block, or
+        this thread's view of it (:func:`thread_view`)."""
+        block = thread_view(self.shared_block)
         slots = [(block.get_submodule(p), self.get_submodule(p)) for p in self.own_paths]
+        busy = [slot.path for slot, _ in slots if slot.target is not None]
+        if busy:  # another iteration is inside this tree: its norms would be replaced under it
+            raise RuntimeError(f"iteration {self.iteration} of a shared block started while another iteration "
+                               f"runs it ({busy[0]} is taken)")
         for slot, own in slots:
             _set_unregistered(slot, "target", own)
         saved_config = {}
@@ -357,7 +416,7 @@ class SharedIteration(nn.Module):
         for name in self.scale_names:
             block._parameters[name] = self._parameters[name]
         try:
-            yield
+            yield block
         finally:
             for name in self.scale_names:
                 block._parameters.pop(name, None)
@@ -369,7 +428,7 @@ class SharedIteration(nn.Module):
             for slot, _ in slots:
                 _set_unregistered(slot, "target", None)
 
-    def relaxed_weights(self) -> dict[str, Tensor]:
+    def relaxed_weights(self) -> dict[str, Tensor]:  # keys are paths, valid in any view of the block
         """``{path.weight: W + B_t A_t}`` for every shared weight with a LoRA correction, and
         ``{path: p + δ_t}`` for every other shared parameter with an offset."""
         weights = {}
@@ -383,10 +442,10 @@ class SharedIteration(nn.Module):
         return weights
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with self.running():
+        with self.running() as block:
             if not self.lora_paths and not self.offset_paths:
-                return self.shared_block(*args, **kwargs)
-            return torch.func.functional_call(self.shared_block, self.relaxed_weights(), args, kwargs)
+                return block(*args, **kwargs)
+            return torch.func.functional_call(block, self.relaxed_weights(), args, kwargs)
 
     def owned(self, module: nn.Module | None) -> nn.Module | None:
         """This iteration's own module where the shared block has a slot, else the shared module."""
@@ -420,8 +479,8 @@ class SharedIterationFamily(BlockFamily):
         return block.owned(self.inner.shortcut_module(block.shared_block))  # type: ignore[operator]
 
     def lesion(self, block: nn.Module, h: Tensor) -> Tensor:
-        with block.running():  # type: ignore[attr-defined]
-            return self.inner.lesion(block.shared_block, h)  # type: ignore[attr-defined]
+        with block.running() as tree:  # type: ignore[attr-defined]
+            return self.inner.lesion(tree, h)
 
 
 _ITERATION_CLASSES: dict[BlockFamily, type[SharedIteration]] = {}

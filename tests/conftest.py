@@ -23,13 +23,25 @@ sys.path.insert(0, str(HERE))  # tinymodels importable, also as MODEL "tinymodel
 # One intra-op thread for the whole suite. The tensors are tiny, so a second thread gains little, and
 # on a shared, busy machine OpenMP threads spinning for a core cost far more: on 2 busy cores a
 # recording test took 90 s with two threads and 11 s with one (2026-12-01). Subprocesses get
-# OMP_NUM_THREADS=1 for the same reason. Tests that need several threads say so themselves.
+# OMP_NUM_THREADS=1 for the same reason. Tests that need several threads say so themselves
+# (``@pytest.mark.default_threads``).
+DEFAULT_THREADS = torch.get_num_threads()  # the CPU's default, as at interpreter start
 torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "default_threads: the test runs with the CPU's default thread count "
+                                       "(at least 2, so that threaded code paths are taken)")
+
+
 @pytest.fixture(autouse=True)
-def _single_thread():
-    """Every test starts with one thread, whatever an earlier test left behind."""
+def _single_thread(request):
+    """Every test starts with one thread, whatever an earlier test left behind; a test marked
+    ``default_threads`` with the CPU's default (at least 2: on one core the threaded paths are still
+    taken)."""
+    marked = request.node.get_closest_marker("default_threads") is not None
+    torch.set_num_threads(max(2, DEFAULT_THREADS) if marked else 1)
+    yield
     torch.set_num_threads(1)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -103,3 +104,112 @@ def test_zoo_cifar_resnet_is_analysable():
     assert [b.kind for b in probe.anatomy.blocks] == ["identity", "identity", "transition", "identity",
                                                       "transition", "identity"]
     assert probe.anatomy.can_run_suffix
+
+
+# --------------------------------------------------------------------------------------------------
+# A projection on a shape-preserving shortcut makes a transition (issue 22 item 5)
+
+
+def resnetv2_stem_as_wide_as_stage0() -> torch.nn.Module:
+    """timm ResNetV2 whose stage 0 keeps the stem's 8 channels: its first block projects anyway."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnetv2_50", num_classes=5, layers=[2, 1, 1, 1], channels=[8, 16, 16, 32],
+                              stem_chs=8)
+    return tinymodels.randomize_norms(model, 3).eval()
+
+
+def block_inputs(model: torch.nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    inputs = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0].clone()))
+             for n in names]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return inputs
+
+
+def test_resnetv2_projection_with_equal_shapes_is_a_transition_and_f_is_its_branch():
+    from resprobe.recorder import Recorder
+    from resprobe.runtime import make_runtime
+
+    model = resnetv2_stem_as_wide_as_stage0().requires_grad_(False)
+    anatomy = discover_blocks(model, (3, 32, 32))
+    block = anatomy["stages.0.blocks.0"]
+    assert block.in_shape == block.out_shape and block.module.downsample is not None
+    assert block.kind == "transition"
+    assert anatomy["stages.0.blocks.1"].kind == "identity"
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 3, 32, 32, generator=g), torch.randint(0, 5, (6,), generator=g)
+    h = block_inputs(model, [block.name], x)[block.name]
+    b = block.module
+    with torch.no_grad():  # the pre-activation bottleneck's branch, written out
+        branch = b.conv3(b.norm3(b.conv2(b.norm2(b.conv1(b.norm1(h))))))
+    j = anatomy.position(block.name)
+    with Recorder(anatomy, make_runtime("cpu")) as recorder:
+        got = recorder.run_batch(x, y, torch.arange(6)).stats
+    np.testing.assert_allclose(got["branch_norm"][:, j], branch.flatten(1).double().norm(dim=1).numpy(), rtol=1e-4)
+    assert not np.isfinite(got["cos"][:, j]).any()  # transitions: only norms
+    # removing it keeps the projection: downsample(norm1(h)), not h
+    with torch.no_grad():
+        torch.testing.assert_close(block.lesion(h), b.downsample(b.norm1(h)))
+
+
+def projected_torchvision_basic() -> torch.nn.Module:
+    """torchvision ResNet whose first block is given a 1×1 conv + BN shortcut at stride 1, 64 → 64."""
+    from torch import nn
+    from torchvision.models.resnet import BasicBlock
+
+    model = tinymodels.torchvision_tiny()
+    torch.manual_seed(1)
+    first = model.layer1[0]
+    model.layer1[0] = BasicBlock(64, 64, downsample=nn.Sequential(nn.Conv2d(64, 64, 1, bias=False),
+                                                                  nn.BatchNorm2d(64)))
+    model.layer1[0].load_state_dict(first.state_dict(), strict=False)
+    return tinymodels.randomize_norms(model, 6).eval()
+
+
+def projected_timm_basic() -> torch.nn.Module:
+    """timm ResNet whose first block is given an avg-down shortcut (``downsample_avg``) at stride 1."""
+    from timm.models.resnet import BasicBlock, downsample_avg
+
+    model = tinymodels.timm_basic()
+    torch.manual_seed(1)
+    model.layer1[0] = BasicBlock(8, 8, downsample=downsample_avg(8, 8, 1))
+    return tinymodels.randomize_norms(model, 6).eval()
+
+
+@pytest.mark.parametrize("make", [projected_torchvision_basic, projected_timm_basic], ids=lambda f: f.__name__)
+def test_shape_preserving_downsample_makes_a_transition(make):
+    from resprobe.recorder import Recorder
+    from resprobe.runtime import make_runtime
+
+    model = make().requires_grad_(False)
+    anatomy = discover_blocks(model, (3, 32, 32))
+    block = anatomy["layer1.0"]
+    assert block.in_shape == block.out_shape and block.kind == "transition"
+    assert anatomy["layer1.1"].kind == "identity"
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 3, 32, 32, generator=g), torch.randint(0, 5, (6,), generator=g)
+    h = block_inputs(model, [block.name], x)[block.name]
+    b = block.module
+    with torch.no_grad():
+        branch = b.bn2(b.conv2(F.relu(b.bn1(b.conv1(h)))))
+        torch.testing.assert_close(block.lesion(h), F.relu(b.downsample(h)))
+    with Recorder(anatomy, make_runtime("cpu")) as recorder:
+        got = recorder.run_batch(x, y, torch.arange(6)).stats
+    j = anatomy.position(block.name)
+    np.testing.assert_allclose(got["branch_norm"][:, j], branch.flatten(1).double().norm(dim=1).numpy(), rtol=1e-4)
+
+
+def test_identity_shortcut_modules_keep_blocks_identity():
+    """An ``nn.Identity`` or empty shortcut is no projection: the block stays an identity block."""
+    from torch import nn
+
+    model = tinymodels.torchvision_tiny()
+    model.layer1[1].downsample = nn.Sequential(nn.Identity())
+    model.layer1[0].downsample = nn.Identity()
+    anatomy = discover_blocks(model, (3, 32, 32))
+    assert anatomy["layer1.0"].kind == anatomy["layer1.1"].kind == "identity"

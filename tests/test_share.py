@@ -388,3 +388,54 @@ def test_iteration_modules_are_shared_iterations(tmp_path):
     after, result = shared(tinymodels.timm_basic(), stages=[0])
     assert all(isinstance(after.layer1[i], SharedIteration) for i in range(2))
     assert result.recipe["stages"][0]["container"] == "layer1"
+
+
+# --------------------------------------------------------------------------------------------------
+# Threads (issue 22 item 1): iterations of one shared block run side by side
+
+
+@pytest.mark.parametrize("lora_rank", [None, 2])
+def test_iterations_run_side_by_side_in_threads_use_their_own_norms(lora_rank):
+    """Two threads, each running another iteration of the same shared block, both inside it at once (a
+    barrier in a hook on the shared conv holds them there): each must run its own norms, as alone."""
+    import threading
+
+    after, _ = shared(tinymodels.randomize_norms(tinymodels.timm_basic()), stages=[0], lora_rank=lora_rank)
+    after.eval()
+    iterations = [after.layer1[0], after.layer1[1]]
+    h = torch.randn(4, 8, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        alone = [it(h) for it in iterations]
+    assert not torch.allclose(alone[0], alone[1])  # the iterations differ by their norms
+    barrier = threading.Barrier(2, timeout=20)
+    conv = iterations[0].shared_block.conv1
+    handle = conv.register_forward_hook(lambda *_a: [barrier.wait()] and None)  # None: the output stays
+    results: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        try:
+            with torch.no_grad():
+                results[i] = iterations[i](h)
+        except Exception as exc:  # noqa: BLE001 - the failure is the finding
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        handle.remove()
+    for i in range(2):
+        assert isinstance(results[i], torch.Tensor), results[i]
+        torch.testing.assert_close(results[i], alone[i], rtol=0, atol=0)
+
+
+def test_an_iteration_started_inside_another_is_refused():
+    """The shared block runs one iteration at a time in a thread: never silently another's norms."""
+    after, _ = shared(tinymodels.timm_basic(), stages=[0])
+    first, second = after.layer1[0], after.layer1[1]
+    with first.running(), pytest.raises(RuntimeError, match="iteration"):
+        with second.running():
+            pass
