@@ -19,10 +19,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from ablate_parts_cpu import cifar_batch
-from resprobe.ablate import AblationEngine, evaluate_pass, lesion_variant
-from resprobe.blocks import discover_blocks
+
+from resprobe.ablate_engine import AblationEngine, evaluate_pass, lesion_variant
+from resprobe.models.blocks import discover_blocks
 from resprobe.runtime import make_runtime
 
 

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import CIFAR_MEAN, CIFAR_STD, cifar_arrays
 
 import resprobe.ablate as ablate
-from common import CIFAR_MEAN, CIFAR_STD, cifar_arrays
-from resprobe.ablate import AblationEngine, lesion_variant
-from resprobe.blocks import discover_blocks
-from resprobe.models import build_architecture, build_with_weights, load_weights
+from resprobe.ablate_engine import AblationEngine, lesion_variant
+from resprobe.models.blocks import discover_blocks
+from resprobe.models.build import build_architecture, build_with_weights, load_weights
 from resprobe.runtime import make_runtime
 
 

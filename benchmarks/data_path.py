@@ -118,7 +118,7 @@ def floor(probe, n: int, batch_size: int, backward: bool) -> float:
 
 def timed_record(args, data: str, out: Path, decode: str, workers: int | None) -> Clock:
     """The whole ``record`` call (the model is loaded again: a second or two of the CPU phase's total)."""
-    from resprobe.store import RecordOptions, record
+    from resprobe.record import RecordOptions, record
 
     options = RecordOptions(model=args.model, data=data, batch_size=args.batch_size, input_size=args.input_size,
                             pretrained=None, decode=decode)

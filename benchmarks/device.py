@@ -13,7 +13,7 @@ On synthetic 224×224 data, torchvision ResNet-50 (random weights, 1000 classes)
   of F, or recomputing F from the last BatchNorm's input) against torch operations, with the
   kernel's achieved read bandwidth;
 * ablate: every identity block removed in turn, resprobe's prefix-cache engine against the naive
-  way (a full forward per removal), both from ``resprobe.ablate.AblationEngine``;
+  way (a full forward per removal), both from ``resprobe.ablate_engine.AblationEngine``;
 * finetune: one training step as ``resprobe finetune`` takes it (``light`` augmentation on the
   device, forward, backward, SGD with Nesterov momentum and decoupled weight decay groups), eager and
   with ``--compile`` (``torch.compile``; its compile time is reported separately).
@@ -46,14 +46,20 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from resprobe.ablate import AblationEngine, lesion_variant
-from resprobe.blocks import Anatomy, discover_blocks
-from resprobe import fused_stats
-from resprobe.fused_stats import AffineBranch
-from resprobe.recorder import STAT_NAMES, IdentityStats, Recorder, identity_block_stats
+from resprobe.ablate_engine import AblationEngine, lesion_variant
+from resprobe.models.blocks import Anatomy, discover_blocks
+from resprobe.recording import fused_stats
+from resprobe.recording.fused_stats import AffineBranch
+from resprobe.recording.recorder import STAT_NAMES, IdentityStats, Recorder, identity_block_stats
 from resprobe.runtime import Runtime, make_runtime
-from resprobe.train import (FinetuneOptions, compiled_forward, light_augment_samples, make_optimizer, make_scheduler,
-                            train_step)
+from resprobe.train import (
+    FinetuneOptions,
+    compiled_forward,
+    light_augment_samples,
+    make_optimizer,
+    make_scheduler,
+    train_step,
+)
 
 
 def log(message: str) -> None:

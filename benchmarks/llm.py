@@ -60,8 +60,8 @@ def timed(fn, device: str) -> tuple[float, int]:
 
 
 def main() -> None:
-    from resprobe.lm_models import lm_anatomy
-    from resprobe.lm_record import LMRecorder
+    from resprobe.models.causal_lm import lm_anatomy
+    from resprobe.recording.lm_recorder import LMRecorder
     from resprobe.runtime import make_runtime
 
     parser = argparse.ArgumentParser()

@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from common import CIFAR_MEAN, CIFAR_STD, cifar_arrays, measure, python
 
 HERE = Path(__file__).resolve().parent
@@ -294,7 +293,7 @@ def run_resprobe(args: argparse.Namespace) -> None:
     import torch
 
     from resprobe.cli import app
-    from resprobe.store import open_recording
+    from resprobe.recording.reader import open_recording
 
     torch.set_num_threads(args.threads)
     spec = model_spec(args.model)

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-
-import resprobe.recorder as recorder
 from common import CIFAR_MEAN, CIFAR_STD, cifar_arrays
-from resprobe.blocks import discover_blocks
+
+import resprobe.recording.recorder as recorder
+from resprobe.models.blocks import discover_blocks
 from resprobe.runtime import make_runtime
 
 

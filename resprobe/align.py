@@ -18,10 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from resprobe.recorder import Recorded
+from resprobe.recording.recorder import TOKEN_STATS, Recorded
 
 Z95 = 1.96
-TOKEN_STATS = ("token_cos", "token_update_cos")  # extra columns of language-model recordings
 
 
 def _mean(values: np.ndarray) -> float | None:

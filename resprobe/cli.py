@@ -143,7 +143,7 @@ class LMArgs:
     trust_remote_code: bool = False
 
     def open(self, model: str, device: str, precision: str, offline: bool):  # -> LMProbe
-        from resprobe.lm_models import open_lm_probe
+        from resprobe.lm_probe import open_lm_probe
 
         return open_lm_probe(model, self.tokenizer, device, precision, offline, self.trust_remote_code,
                              self.granularity or "layer", self.seq_len, self.stride, self.text_column,
@@ -151,7 +151,7 @@ class LMArgs:
 
 
 def is_lm(model: str | None) -> bool:
-    from resprobe.lm_models import is_lm_model
+    from resprobe.models.causal_lm import is_lm_model
 
     return is_lm_model(model)
 
@@ -209,7 +209,7 @@ def split_list(text: str | None) -> list[str] | None:
 
 
 def check_format(fmt: str) -> None:
-    from resprobe.report import FORMATS
+    from resprobe.render.report import FORMATS
 
     if fmt not in FORMATS:
         raise BadValue(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -522,13 +522,13 @@ def blocks_command(
     fmt: Format = "table", quiet: Quiet = False, debug: Debug = False,
 ) -> None:
     """List the residual blocks of MODEL in execution order, with stage, kind and shapes."""
-    from resprobe.blocks import count_params
-    from resprobe.report import blocks_table, emit
+    from resprobe.models.blocks import count_params
+    from resprobe.render.report import blocks_table, emit
 
     with command_errors(debug, quiet):
         check_format(fmt)
         if is_lm(model):
-            from resprobe.lm_eval import blocks_payload
+            from resprobe.evaluate_lm import blocks_payload
 
             lm = LMArgs(seq_len, None, None, tokenizer, None, granularity, trust_remote_code)
             payload = blocks_payload(lm.open(model, "cpu", "fp32", offline))
@@ -562,13 +562,13 @@ def eval_command(
 ) -> None:
     """Loss, top-1 and top-5 accuracy of MODEL on --data (language models: loss per token, perplexity)."""
     from resprobe.evaluate import evaluate
-    from resprobe.report import emit, eval_table
+    from resprobe.render.report import emit, eval_table
 
     with command_errors(debug, quiet, scale_out=True):
         check_format(fmt)
         if is_lm(model):
-            from resprobe.lm_eval import eval_payload
-            from resprobe.lm_eval import eval_table as lm_eval_table
+            from resprobe.evaluate_lm import eval_payload
+            from resprobe.render.report import lm_eval_table
 
             require(data, "--data", "the text to evaluate on (text:PATH or hfds:NAME)")
             probe = LMArgs(seq_len, stride, text_column, tokenizer, None, None, trust_remote_code).open(
@@ -609,7 +609,7 @@ Readout = Annotated[bool, typer.Option("--readout", help="Also apply the model's
 def _record_options(model, data, limit, seed, batch_size, class_map, checkpoint, pretrained, num_classes, model_kwargs,
                     ema, blocks, input_size, mean, std, crop_pct, interpolation, precision, target, save_tensors,
                     tensor_dtype, readout, labels=None, decode=None, lm=None):  # -> RecordOptions
-    from resprobe.store import RecordOptions
+    from resprobe.record import RecordOptions
 
     lm = lm or LMArgs()
 
@@ -628,7 +628,7 @@ def _record_options(model, data, limit, seed, batch_size, class_map, checkpoint,
 def _run_record(options, out: str | None, overwrite: bool, resume: bool, device: str, workers, trust: bool,
                 quiet: bool, offline: bool = False):
     """Record to ``out`` (durable) or, without ``out``, in memory; with a progress bar."""
-    from resprobe.store import record, record_in_memory
+    from resprobe.record import record, record_in_memory
 
     with make_progress(quiet) as progress:
         task = progress.add_task("record", total=None)
@@ -671,7 +671,7 @@ def record_command(
     Durable: a run killed at any moment loses at most the batch in flight; finish it with --resume.
     On CUDA a fused Triton kernel computes the statistics (RESPROBE_FUSED_STATS=0 turns it off).
     """
-    from resprobe.report import emit, record_table
+    from resprobe.render.report import emit, record_table
 
     with command_errors(debug, quiet, scale_out=True):
         check_format(fmt)
@@ -714,7 +714,7 @@ def _is_not_a_model_file(text: str) -> bool:
     """An existing path that cannot be a MODEL checkpoint (``align FILE`` without --data: a recording)."""
     from pathlib import Path
 
-    from resprobe.models import looks_like_checkpoint
+    from resprobe.models.checkpoints import looks_like_checkpoint
 
     path = Path(text)
     return path.exists() and not (path.is_file() and looks_like_checkpoint(path))
@@ -739,8 +739,8 @@ def align_command(
     """How well each block's residual F follows the negative loss gradient (cosine < 0 = refining), and how
     large it is (ℓ2 ratio), per block and per stage (paper §4.1)."""
     from resprobe.align import align_report
-    from resprobe.report import align_table, emit
-    from resprobe.store import open_recording
+    from resprobe.render.report import align_table, emit
+    from resprobe.recording.reader import open_recording
 
     with command_errors(debug, quiet, scale_out=True):
         check_format(fmt)
@@ -817,7 +817,7 @@ def ablate_command(
     """Which blocks can go: loss and accuracy with each block removed (exact), greedy or one-shot removal
     curves, cheap proxies, unrolling, pruned checkpoints (paper §4.2, §4.4)."""
     from resprobe.ablate import AblateOptions, parse_unroll, run_ablation
-    from resprobe.report import ablate_rows, ablate_table, emit
+    from resprobe.render.report import ablate_rows, ablate_table, emit
 
     with command_errors(debug, quiet, scale_out=True):
         check_format(fmt)
@@ -896,9 +896,9 @@ def share_command(
 ) -> None:
     """Turn the identity blocks of stages into one shared block applied in place, with per-iteration norms
     (paper §4.5), optionally relaxed by per-iteration low-rank corrections; write it as a checkpoint."""
-    from resprobe.data import limit_source
-    from resprobe.models import save_resprobe_checkpoint
-    from resprobe.report import emit, share_table
+    from resprobe.data.loaders import limit_source
+    from resprobe.models.checkpoints import save_resprobe_checkpoint
+    from resprobe.render.report import emit, share_table
     from resprobe.share import (ShareOptions, check_out_path, check_rebuildable, check_recalibrate_scope, parse_stages,
                                 share_stages)
     from resprobe.share import recalibrate as recalibrate_norms
@@ -1006,7 +1006,7 @@ def finetune_command(
 ) -> None:
     """Fine-tune MODEL (original, pruned, shared or randomly initialized) on --data; --out holds the last state,
     PATH.best.pt the best by --val-data loss; --resume continues an interrupted run exactly."""
-    from resprobe.report import emit, finetune_table
+    from resprobe.render.report import emit, finetune_table
     from resprobe.share import check_rebuildable
     from resprobe import distributed
     from resprobe.train import FinetuneOptions, TrainingInterrupted, check_new_out, finetune
@@ -1075,8 +1075,8 @@ def plot_command(
 ) -> None:
     """Draw a figure: per-block alignment and ℓ2 ratio (with the last-stage readout when recorded) from a
     recording or an align JSON, or per-block removal cost, removal curve and proxies from an ablate JSON."""
-    from resprobe.plot import plot
-    from resprobe.report import emit, plot_table
+    from resprobe.render.plot import plot
+    from resprobe.render.report import emit, plot_table
 
     with command_errors(debug, quiet):
         check_format(fmt)

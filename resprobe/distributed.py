@@ -347,7 +347,7 @@ def _shard_class() -> type:
 
 
 def shard_source(source: Any, batch_size: int) -> Any:
-    """``source`` (a :class:`resprobe.data.DataSource`) restricted to this rank's batches."""
+    """``source`` (a :class:`resprobe.data.datasets.DataSource`) restricted to this rank's batches."""
     if not is_distributed():
         return source
     from dataclasses import replace

@@ -17,31 +17,23 @@ from typing import Any
 
 import torch
 
-from resprobe.blocks import Anatomy, discover_blocks, require_blocks
-from resprobe.data import (
-    DataSource,
+from resprobe.data.datasets import DataSource
+from resprobe.data.loaders import limit_source, make_loader
+from resprobe.data.preprocessing import (
     Preprocessing,
-    check_labels_fit,
     contradicted_preprocessing,
     contradiction_warning,
     default_preprocessing,
     describe_preprocessing,
-    limit_source,
-    make_loader,
-    open_data,
     override_preprocessing,
     upscale_warning,
-    warn_notes,
 )
+from resprobe.data.specs import check_labels_fit, open_data, warn_notes
 from resprobe.errors import ModelError
-from resprobe.models import (
-    LoadedModel,
-    LoadOptions,
-    built_input_size,
-    input_size_mismatch,
-    load_model,
-    weights_fingerprint,
-)
+from resprobe.models.blocks import Anatomy, discover_blocks, require_blocks
+from resprobe.models.build import built_input_size, input_size_mismatch
+from resprobe.models.fingerprint import weights_fingerprint
+from resprobe.models.loading import LoadedModel, LoadOptions, load_model
 from resprobe.runtime import Runtime, make_runtime
 
 # Notes for the user (the preprocessing used): the command line shows them on stderr unless --quiet.
@@ -116,8 +108,8 @@ class Probe:
 
     def loader(self, source: DataSource, batch_size: int = 64, workers: int | None = None) -> Iterable:
         """Batches of (images, labels, indices); image files are decoded on the device where
-        :mod:`resprobe.decode` can (CUDA, by default), in CPU worker processes otherwise."""
-        from resprobe.decode import device_loader
+        :mod:`resprobe.data.decode` can (CUDA, by default), in CPU worker processes otherwise."""
+        from resprobe.data.decode import device_loader
 
         on_device = device_loader(source, self.preprocessing, self.runtime.device, batch_size, workers, self.decode)
         return on_device if on_device is not None else make_loader(source, batch_size, workers, self.runtime.device)

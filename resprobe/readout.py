@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from resprobe.evaluate import BORDERLINE_MARGIN, borderline_mask
-from resprobe.recorder import Recorded
+from resprobe.recording.recorder import Recorded
 
 BORDERLINE = BORDERLINE_MARGIN
 

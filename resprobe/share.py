@@ -44,9 +44,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from resprobe.blocks import GENERIC, Anatomy, BlockFamily, count_params, family_of, register_block_family
+from resprobe.models.blocks import GENERIC, Anatomy, BlockFamily, count_params, family_of, register_block_family
 from resprobe.errors import BadValue, ModelError
-from resprobe.models import register_recipe
+from resprobe.models.recipes import register_recipe
 
 SHARED_ATTR = "resprobe_shared"
 RECIPE_KIND = "share"

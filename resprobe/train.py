@@ -43,10 +43,13 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset, Subset
 
 from resprobe import distributed
-from resprobe.data import DataSource, IndexedDataset, Preprocessing, TensorImages, limit_source, make_loader
+from resprobe.data.datasets import DataSource, IndexedDataset, TensorImages
+from resprobe.data.preprocessing import Preprocessing
+from resprobe.data.loaders import limit_source, make_loader
 from resprobe.errors import BadValue
 from resprobe.evaluate import EvalResult, evaluate
-from resprobe.models import is_resprobe_checkpoint, load_weights, read_checkpoint, save_resprobe_checkpoint
+from resprobe.models.checkpoints import is_resprobe_checkpoint, read_checkpoint, save_resprobe_checkpoint
+from resprobe.models.build import load_weights
 from resprobe.runtime import CompiledOrEager
 from resprobe.share import check_out_path, check_recalibrate_scope, recalibrate
 

@@ -28,7 +28,7 @@ from pathlib import Path
 @contextlib.contextmanager
 def instrumented(settings: dict, stem: Path):
     """The job's settings applied to resprobe for the duration of the job."""
-    import resprobe.hdf5_probe as hdf5_probe
+    import resprobe.recording.hdf5_probe as hdf5_probe
     import resprobe.train as train
 
     import resprobe.probe as probe

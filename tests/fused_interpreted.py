@@ -18,10 +18,10 @@ import triton
 import triton.language as tl
 
 import tinymodels
-from resprobe import fused_stats
-from resprobe._triton_kernels import _round_like
-from resprobe.blocks import discover_blocks
-from resprobe.recorder import STAT_NAMES, Recorder
+from resprobe.recording import fused_stats
+from resprobe.recording._triton_kernels import _round_like
+from resprobe.models.blocks import discover_blocks
+from resprobe.recording.recorder import STAT_NAMES, Recorder
 from resprobe.runtime import make_runtime
 from test_fused_stats import float64_sums
 from test_recorder import FAMILIES, reference_stats, split

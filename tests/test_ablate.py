@@ -14,26 +14,18 @@ from torch import nn
 
 import tinymodels
 from conftest import FIXTURES
-from resprobe.ablate import (
+from resprobe.ablate_engine import (
     AblationEngine,
     Batches,
-    InputOutputAngles,
     borderline_mask,
     evaluate_pass,
-    greedy_curve,
-    harm,
-    kendall_tau_b,
     lesion_variant,
-    one_shot_curve,
-    prune_model,
-    rank_removals,
-    rankdata,
-    removal_order,
-    save_pruned,
-    spearman,
     unrolled,
 )
-from resprobe.blocks import Anatomy, discover_blocks, replaced_blocks
+from resprobe.ablate_proxies import InputOutputAngles, kendall_tau_b, rankdata, spearman
+from resprobe.ablate_curves import greedy_curve, harm, one_shot_curve, rank_removals, removal_order
+from resprobe.ablate_prune import prune_model, save_pruned
+from resprobe.models.blocks import Anatomy, discover_blocks, replaced_blocks
 from resprobe.evaluate import EvalResult, Tally
 from resprobe.runtime import make_runtime
 
@@ -397,7 +389,7 @@ def test_pruned_model_keeps_other_blocks_and_their_stage_and_index():
 def test_run_ablation_remove_beyond_one_shot_curve(tmp_path):
     from resprobe.ablate import AblateOptions, run_ablation
     from resprobe.evaluate import evaluate
-    from resprobe.models import load_model
+    from resprobe.models.loading import load_model
     from resprobe.probe import open_probe
 
     probe = open_probe(FIXTURE_MODEL, device="cpu")
@@ -579,7 +571,7 @@ def test_cli_recording_of_another_random_initialization_is_refused(run, tmp_path
     recording = tmp_path / "run.h5"
     run("record", *args, "--seed", "0", "--out", str(recording), "--quiet")
     same = ablate_json(run, *args, "--seed", "0", "--recording", str(recording))
-    from resprobe.store import open_recording
+    from resprobe.recording.reader import open_recording
 
     recorded = open_recording(recording)
     assert same["weights_sha256"] == recorded.attrs["weights_sha256"]

@@ -8,15 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from resprobe.ablate import (
-    AblationEngine,
-    evaluate_pass,
-    greedy_curve,
-    lesion_variant,
-    unrolled,
-)
-from resprobe.blocks import discover_blocks, replaced_blocks
+from resprobe.ablate_curves import greedy_curve
+from resprobe.ablate_engine import AblationEngine, evaluate_pass, lesion_variant, unrolled
 from resprobe.evaluate import EvalResult, Tally
+from resprobe.models.blocks import discover_blocks, replaced_blocks
 from resprobe.runtime import make_runtime
 
 CPU = make_runtime("cpu")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from resprobe.align import summarize
-from resprobe.recorder import STAT_NAMES, Recorded
+from resprobe.recording.recorder import STAT_NAMES, Recorded
 
 
 def make_recorded() -> Recorded:
@@ -75,7 +75,7 @@ def test_removal_estimate_matches_a_finite_difference_on_the_fixture(one_thread)
     import torch.nn.functional as F
 
     from conftest import DATA, MODEL
-    from resprobe.ablate import alignment_summary, proxy_table
+    from resprobe.ablate_proxies import alignment_summary, proxy_table
     from resprobe.probe import open_probe
     probe = open_probe(MODEL, device="cpu")
     loader = probe.loader(probe.data(DATA, limit=32), batch_size=32)

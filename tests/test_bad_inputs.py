@@ -27,8 +27,8 @@ from typer.testing import CliRunner
 import tinymodels
 from conftest import DATA, FIXTURES, HERE, MODEL, MODEL_KWARGS, ROOT
 from resprobe.cli import app
-from resprobe.recorder import STAT_NAMES
-from resprobe.store import open_recording, partial_dir
+from resprobe.recording.recorder import STAT_NAMES
+from resprobe.recording.reader import open_recording, partial_dir
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -228,7 +228,7 @@ def test_damaged_hdf5_recordings_and_arrays_fail_in_one_line(recording, tmp_path
     """Whatever the damage (truncated or overwritten in the superblock, the root group, the metadata,
     the data): exit 1 and one line, or for damage that misses everything read, a report (a crash of the
     HDF5 library would end the test run)."""
-    from resprobe.data import _load_arrays
+    from resprobe.data.specs import _load_arrays
     from resprobe.errors import DataError
 
     arrays = tmp_path / "arrays.h5"
@@ -260,7 +260,7 @@ def test_an_hdf5_file_that_sends_the_library_into_a_loop_is_one_line(monkeypatch
     """fixtures/damaged_loops.h5: a recording of the fixture with bits flipped in its first 4 KiB, on
     which h5py 3.16 / HDF5 2.0.0 reads the root group's attributes for minutes. The child reading it
     first is stopped at its time limit (here shortened to 3 s) and resprobe says so in one line."""
-    import resprobe.hdf5_probe as probe
+    import resprobe.recording.hdf5_probe as probe
 
     monkeypatch.setattr(probe, "MIN_SECONDS", 3.0)
     fails("align", FIXTURES / "damaged_loops.h5", expect=("damaged HDF5 file", "did not finish", "after 3 s"))
@@ -269,7 +269,7 @@ def test_an_hdf5_file_that_sends_the_library_into_a_loop_is_one_line(monkeypatch
 def test_an_hdf5_library_crash_is_one_line(recording, tmp_path, monkeypatch):
     """The HDF5 library dying on a file (SIGSEGV, abort) happens in the child that reads the file first:
     resprobe says so in one line. (The child is made to die as the library would.)"""
-    import resprobe.hdf5_probe as probe
+    import resprobe.recording.hdf5_probe as probe
 
     monkeypatch.setattr(probe, "PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
     monkeypatch.setattr(probe, "_READ_THROUGH", set())  # files read through before this test: again
@@ -376,7 +376,7 @@ def test_full_disk_while_writing_batches_keeps_them_for_resume(tmp_path, monkeyp
 
 
 def test_full_disk_while_finishing(tmp_path, monkeypatch):
-    import resprobe.store as store
+    from resprobe.recording import writer
 
     out = tmp_path / "run.h5"
 
@@ -384,7 +384,7 @@ def test_full_disk_while_finishing(tmp_path, monkeypatch):
         Path(path).write_bytes(b"half a file")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(store, "write_hdf5", full_disk)
+    monkeypatch.setattr(writer, "write_hdf5", full_disk)
     fails("record", MODEL, "--data", DATA, "--limit", "16", "--batch-size", "8", "--out", out,
           expect=("disk is full", "--resume"))
     monkeypatch.undo()

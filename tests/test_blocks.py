@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import tinymodels
-from resprobe.blocks import discover_blocks, replaced_blocks
+from resprobe.models.blocks import discover_blocks, replaced_blocks
 from resprobe.errors import ModelError
-from resprobe.models import LoadOptions, load_model
+from resprobe.models.loading import LoadOptions, load_model
 
 # (MODEL, blocks per stage, basic blocks?) — "layer{i}.{k}" names, or ResNetV2's "stages.{i}.blocks.{k}".
 ARCHITECTURES = [
@@ -99,7 +99,7 @@ def test_lesions_per_family(make):
 def test_zoo_cifar_resnet_is_analysable():
     from resprobe.probe import open_probe
 
-    probe = open_probe("resprobe.zoo:cifar_resnet", num_classes=10, model_kwargs={"depth": 14}, device="cpu")
+    probe = open_probe("resprobe.models.zoo:cifar_resnet", num_classes=10, model_kwargs={"depth": 14}, device="cpu")
     assert probe.preprocessing.input_size == (3, 32, 32) and probe.preprocessing.mean[0] == 0.4914
     assert [b.kind for b in probe.anatomy.blocks] == ["identity", "identity", "transition", "identity",
                                                       "transition", "identity"]
@@ -132,7 +132,7 @@ def block_inputs(model: torch.nn.Module, names: list[str], x: torch.Tensor) -> d
 
 
 def test_resnetv2_projection_with_equal_shapes_is_a_transition_and_f_is_its_branch():
-    from resprobe.recorder import Recorder
+    from resprobe.recording.recorder import Recorder
     from resprobe.runtime import make_runtime
 
     model = resnetv2_stem_as_wide_as_stage0().requires_grad_(False)
@@ -183,7 +183,7 @@ def projected_timm_basic() -> torch.nn.Module:
 
 @pytest.mark.parametrize("make", [projected_torchvision_basic, projected_timm_basic], ids=lambda f: f.__name__)
 def test_shape_preserving_downsample_makes_a_transition(make):
-    from resprobe.recorder import Recorder
+    from resprobe.recording.recorder import Recorder
     from resprobe.runtime import make_runtime
 
     model = make().requires_grad_(False)

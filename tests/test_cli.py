@@ -26,7 +26,7 @@ def test_blocks_json_and_csv(run):
 
 
 def test_csv_joins_only_shapes_with_x():
-    from resprobe.report import to_csv
+    from resprobe.render.report import to_csv
 
     text = to_csv([{"name": "layer2.0", "in_shape": [16, 8, 8], "out_shape": [24, 4, 4], "cos_ci95": [-0.5, 0.25],
                     "removed": ["layer1.0", "layer1.1"], "values": [1, None, 2.5], "empty": [],

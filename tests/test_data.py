@@ -10,17 +10,12 @@ import torch
 from PIL import Image
 
 from conftest import CIFAR10, requires_cifar
-from resprobe.data import (
-    Preprocessing,
-    limit_source,
-    make_loader,
-    open_data,
-    override_preprocessing,
-    select_indices,
-)
+from resprobe.data.preprocessing import Preprocessing, override_preprocessing
+from resprobe.data.loaders import limit_source, make_loader, select_indices
+from resprobe.data.specs import open_data
 from resprobe.errors import BadValue, DataError
 from resprobe.evaluate import evaluate
-from resprobe.models import LoadOptions, load_model
+from resprobe.models.loading import LoadOptions, load_model
 from resprobe.probe import open_probe
 from resprobe.runtime import make_runtime
 

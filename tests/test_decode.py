@@ -1,4 +1,4 @@
-"""The device data path (resprobe.decode), run on CPU tensors: the transform is device-agnostic and
+"""The device data path (resprobe.data.decode), run on CPU tensors: the transform is device-agnostic and
 torchvision's decode_jpeg takes device="cpu" as well as "cuda". No GPU is needed."""
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import torch
 from conftest import MODEL, invoke
 from PIL import Image
 
-from resprobe.data import ImageTransform, Preprocessing, limit_source, make_loader, open_data
-from resprobe.decode import (
+from resprobe.data.preprocessing import ImageTransform, Preprocessing
+from resprobe.data.loaders import limit_source, make_loader
+from resprobe.data.specs import open_data
+from resprobe.data.decode import (
     DeviceTransform,
     EncodedFiles,
     decode_on_device,

@@ -22,7 +22,8 @@ import torch
 
 from conftest import DATA, HERE, MODEL, ROOT, invoke
 from resprobe import distributed
-from resprobe.store import RecordOptions, open_recording, partial_dir, record
+from resprobe.record import RecordOptions, record
+from resprobe.recording.reader import open_recording, partial_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

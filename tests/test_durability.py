@@ -27,8 +27,8 @@ from typer.testing import CliRunner
 
 from conftest import DATA, FIXTURES, MODEL, ROOT
 from resprobe.cli import app
-from resprobe.recorder import STAT_NAMES
-from resprobe.store import open_recording, partial_dir
+from resprobe.recording.recorder import STAT_NAMES
+from resprobe.recording.reader import open_recording, partial_dir
 
 BATCH = 16
 N = 256
@@ -40,8 +40,8 @@ import os, signal, sys, time
 point = os.environ.get("KILL_AT", "")
 slow = float(os.environ.get("SLOW_BATCH", "0") or 0)
 
-import resprobe.recorder as recorder
-import resprobe.store as store
+import resprobe.recording.recorder as recorder
+import resprobe.recording.writer as store
 
 
 def die():
@@ -308,7 +308,7 @@ def test_a_file_that_appears_during_a_run_is_not_replaced_without_overwrite(tmp_
     not replace it (a hard link installs RUN.h5); its batches stay in the partial folder, and --resume
     finishes once the file is moved away. With --overwrite the run replaces it."""
     from resprobe.errors import RecordingError
-    from resprobe.store import RecordOptions, record
+    from resprobe.record import RecordOptions, record
 
     out = tmp_path / "run.h5"
     options = RecordOptions(model=MODEL, data=DATA, limit=32, seed=0, batch_size=16)

@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import tinymodels
-from resprobe.ablate import AblationEngine, evaluate_pass, lesion_variant, prune_model
-from resprobe.blocks import count_params, discover_blocks, replaced_blocks
+from resprobe.ablate_engine import AblationEngine, evaluate_pass, lesion_variant
+from resprobe.ablate_prune import prune_model
+from resprobe.models.blocks import count_params, discover_blocks, replaced_blocks
 from resprobe.evaluate import Tally
-from resprobe.recorder import STAT_NAMES, Recorder
+from resprobe.recording.recorder import STAT_NAMES, Recorder
 from resprobe.runtime import make_runtime
 from resprobe.share import ShareOptions, share_stages
 
@@ -747,7 +748,7 @@ def test_discovering_a_torchvision_model_does_not_import_timm():
     import subprocess
     import sys
 
-    code = ("import sys, torchvision; from resprobe.blocks import discover_blocks; "
+    code = ("import sys, torchvision; from resprobe.models.blocks import discover_blocks; "
             "discover_blocks(torchvision.models.resnet18(num_classes=3), (3, 32, 32)); "
             "print('timm' in sys.modules)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}

@@ -11,7 +11,7 @@ import torch
 
 from conftest import FIXTURES, ROOT
 from resprobe.probe import open_probe
-from resprobe.zoo import cifar_resnet
+from resprobe.models.zoo import cifar_resnet
 
 RESNET20 = FIXTURES / "resnet20" / "resnet20.pt"
 

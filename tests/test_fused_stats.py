@@ -1,4 +1,4 @@
-"""The fused statistics kernel (resprobe.fused_stats): its arithmetic in Triton's interpreter, its
+"""The fused statistics kernel (resprobe.recording.fused_stats): its arithmetic in Triton's interpreter, its
 compilation for real GPUs, and how ``record`` chooses it and falls back from it.
 
 CI has no GPU. The kernel's arithmetic runs in Triton's CPU interpreter (``fused_interpreted.py``, in
@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from conftest import HERE, ROOT
-from resprobe import fused_stats, recorder
-from resprobe.recorder import IdentityStats, fused_by_default, identity_block_stats
+from resprobe.recording import fused_stats
+from resprobe.recording import recorder
+from resprobe.recording.recorder import IdentityStats, fused_by_default, identity_block_stats
 from resprobe.runtime import Runtime, make_runtime
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,7 +72,7 @@ def test_kernel_compiles_for_gpus_with_wide_loads(capability, dtype, affine, tmp
     except ImportError as exc:  # an older Triton without these names
         pytest.skip(f"this Triton cannot compile ahead of time: {exc}")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    from resprobe._triton_kernels import identity_sums_kernel
+    from resprobe.recording._triton_kernels import identity_sums_kernel
 
     pointers = ["h_ptr", "out_ptr", "g_ptr", "g_out_ptr", "branch_ptr"]
     signature = {**{p: f"*{dtype}" for p in pointers}, "scale_ptr": "*fp32", "shift_ptr": "*fp32",
@@ -216,8 +217,8 @@ def test_unsupported_layouts_use_torch_operations(monkeypatch):
 
 def test_recorder_module_keeps_the_kernel_optional():
     """resprobe imports without Triton: the kernel module is imported only when it runs."""
-    assert "resprobe._triton_kernels" not in recorder.__dict__
-    code = ("import sys; sys.modules['triton'] = None; import resprobe.recorder, resprobe.fused_stats as f; "
+    assert "resprobe.recording._triton_kernels" not in recorder.__dict__
+    code = ("import sys; sys.modules['triton'] = None; import resprobe.recording.recorder, resprobe.recording.fused_stats as f; "
             "assert not f.triton_available(); print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "ok", done.stderr

@@ -21,11 +21,14 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from resprobe.align import align_report
-from resprobe.data import Preprocessing, open_data
+from resprobe.data.preprocessing import Preprocessing
+from resprobe.data.specs import open_data
 from resprobe.errors import ResprobeError
-from resprobe.models import LoadOptions, extract_state_dict, load_model, read_checkpoint, save_resprobe_checkpoint
-from resprobe.recorder import STAT_NAMES, Recorded
-from resprobe.store import open_recording, read_partial, write_hdf5
+from resprobe.models.loading import LoadOptions, load_model
+from resprobe.models.checkpoints import extract_state_dict, read_checkpoint, save_resprobe_checkpoint
+from resprobe.recording.recorder import STAT_NAMES, Recorded
+from resprobe.recording.reader import open_recording, read_partial
+from resprobe.recording.writer import write_hdf5
 
 FUZZ = settings(derandomize=True, max_examples=30, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -40,12 +43,12 @@ def hdf5_in_process():
     """HDF5 files are read here without the child process that first reads them for crashes (one
     Python start per example would make this module minutes long); the property is about the
     exceptions of the in-process reader. test_bad_inputs.py covers the child."""
-    import resprobe.hdf5_probe
+    import resprobe.recording.hdf5_probe
 
-    saved = resprobe.hdf5_probe.crash_reason
-    resprobe.hdf5_probe.crash_reason = lambda path: None
+    saved = resprobe.recording.hdf5_probe.crash_reason
+    resprobe.recording.hdf5_probe.crash_reason = lambda path: None
     yield
-    resprobe.hdf5_probe.crash_reason = saved
+    resprobe.recording.hdf5_probe.crash_reason = saved
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT, invoke
 
 from resprobe.errors import ModelError
-from resprobe.models import LoadOptions, load_model
+from resprobe.models.loading import LoadOptions, load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -139,7 +139,7 @@ def test_timm_pretrained_from_the_cache_equals_the_same_weights_as_checkpoint(ca
 
 
 def test_pretrained_cfg_drives_preprocessing_and_classes(caches):
-    from resprobe.data import default_preprocessing
+    from resprobe.data.preprocessing import default_preprocessing
 
     put_hf(caches, "timm/test_resnet.r160_in1k", {"model.safetensors": random_weights("test_resnet")})
     loaded = load_model("timm:test_resnet.r160_in1k", LoadOptions(pretrained=True, offline=True))
@@ -176,7 +176,7 @@ def test_online_pretrained_goes_through_timm_create_model(caches, monkeypatch):
     downloads) the weights itself: no overlay, no cache_dir."""
     import timm
 
-    from resprobe import hub
+    from resprobe.models import hub
 
     calls = []
     real = timm.create_model
@@ -333,7 +333,7 @@ def test_pretrained_from_the_cache_needs_no_network(caches, hub_unreachable):
 def test_quiet_retries_drops_only_huggingface_hubs_retry_lines(caplog):
     import logging
 
-    from resprobe.hub import quiet_retries
+    from resprobe.models.hub import quiet_retries
 
     logger = logging.getLogger("huggingface_hub.utils._http")
     with caplog.at_level(logging.WARNING), quiet_retries():

@@ -54,7 +54,7 @@ def test_a_torchvision_model_on_arrays_does_not_import_timm():
 
 
 def test_import_resprobe_and_a_vision_blocks_listing_import_no_transformers():
-    code = ("import sys, resprobe, resprobe.cli, resprobe.store, resprobe.align, resprobe.lm_models; "
+    code = ("import sys, resprobe, resprobe.cli, resprobe.record, resprobe.align, resprobe.models.causal_lm; "
             "print('transformers' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.stdout.strip() == "False", result.stderr

@@ -85,7 +85,7 @@ def test_record_then_align_of_the_recording_equals_align_in_memory(lm_dir, text,
     assert from_file["protocol"]["n_windows"] == 7 and from_file["protocol"]["skip_tokens"] == 1
     assert from_file["n_tokens"] == 7 * 15
     # --limit: the seeded rule of §2 on the window list
-    from resprobe.store import open_recording
+    from resprobe.recording.reader import open_recording
 
     rec = open_recording(out)
     n_total = from_file["protocol"]["n_windows_total"]

@@ -14,7 +14,7 @@ from conftest import invoke  # noqa: E402
 from test_distributed import one_json, run_jobs  # noqa: E402
 from tinylms import save_model, write_text  # noqa: E402
 
-from resprobe.store import open_recording  # noqa: E402
+from resprobe.recording.reader import open_recording
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

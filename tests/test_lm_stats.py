@@ -15,9 +15,9 @@ pytest.importorskip("transformers")
 
 from tinylms import ARCHITECTURES, make_model  # noqa: E402
 
-from resprobe.lm_models import lm_anatomy  # noqa: E402
-from resprobe.lm_record import LM_STAT_NAMES, LMRecorder  # noqa: E402
-from resprobe.lm_text import first_scored  # noqa: E402
+from resprobe.data.text import first_scored
+from resprobe.models.causal_lm import lm_anatomy
+from resprobe.recording.lm_recorder import LM_STAT_NAMES, LMRecorder
 from resprobe.runtime import make_runtime  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

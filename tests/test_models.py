@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 
 import tinymodels
 from resprobe.errors import ModelError
-from resprobe.models import LoadOptions, clean_state_dict, load_model, parse_model_spec
+from resprobe.models.loading import LoadOptions, load_model, parse_model_spec
+from resprobe.models.checkpoints import clean_state_dict
 
 ARCH = "timm:resnet18"
 KWARGS = {"layers": [1, 1, 1, 1], "channels": [8, 16, 16, 32], "stem_width": 4, "stem_type": "deep"}
@@ -147,8 +148,8 @@ class WithComputedBuffer(torch.nn.Module):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_build_with_weights_skips_random_init_and_keeps_model_dtypes(dtype, monkeypatch):
-    import resprobe.models as models
-    from resprobe.models import build_with_weights
+    import resprobe.models.build as models
+    from resprobe.models.build import build_with_weights
 
     state = {k: v.to(dtype) for k, v in reference_state().items()}
     arch = {"source": "timm", "name": "resnet18", "num_classes": 7, "kwargs": KWARGS}
@@ -165,8 +166,8 @@ def test_build_with_weights_skips_random_init_and_keeps_model_dtypes(dtype, monk
 
 def test_build_with_weights_falls_back_where_the_checkpoint_lacks_a_tensor(monkeypatch):
     """A buffer computed at construction is not in the checkpoint: built and loaded the ordinary way."""
-    import resprobe.models as models
-    from resprobe.models import build_with_weights
+    import resprobe.models.build as models
+    from resprobe.models.build import build_with_weights
 
     monkeypatch.setattr(models, "build_architecture", lambda arch, pretrained=False, offline=False: (WithComputedBuffer(), None))
     state = {k: torch.randn_like(v) for k, v in WithComputedBuffer().state_dict().items()}
@@ -196,7 +197,7 @@ def test_a_model_without_weights_is_seeded_and_the_global_rng_is_left_alone():
 
 
 def test_weights_sha256_covers_names_dtypes_shapes_and_values():
-    from resprobe.models import state_dict_sha256
+    from resprobe.models.fingerprint import state_dict_sha256
 
     state = {"a.weight": torch.arange(6.0).reshape(2, 3), "a.bias": torch.zeros(2), "n": torch.tensor(3)}
     digest = state_dict_sha256(state)
@@ -223,7 +224,7 @@ def test_file_sha256_is_cached_by_path_size_and_times(tmp_path, monkeypatch):
     import hashlib
     import os
 
-    import resprobe.models as models
+    import resprobe.models.fingerprint as models
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     path = tmp_path / "w.pt"
@@ -259,7 +260,7 @@ def test_cli_eval_of_a_model_without_weights_is_the_same_network_for_the_same_se
 
 
 def test_weights_fingerprint_of_an_unchanged_checkpoint_is_remembered(tmp_path, monkeypatch):
-    import resprobe.models as models
+    import resprobe.models.fingerprint as models
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     path = tmp_path / "w.pt"
@@ -326,13 +327,13 @@ def test_class_count_comes_from_any_classifier(tmp_path, spec, kwargs):
                                        ("maxvit_t", "classifier.5"), ("mobilenet_v3_small", "classifier.3"),
                                        ("squeezenet1_0", "classifier.1"), ("inception_v3", "fc")])
 def test_torchvision_classifier_is_found_without_a_name_list(name, head):
-    from resprobe.models import _classifier_name
+    from resprobe.models.build import _classifier_name
 
     assert _classifier_name({"source": "torchvision", "name": name, "kwargs": {}}) == head
 
 
 def test_classifier_key_prefers_the_linear_with_the_class_count():
-    from resprobe.models import classifier_key
+    from resprobe.models.build import classifier_key
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 10), torch.nn.ReLU(), torch.nn.Linear(10, 3))
     assert classifier_key(model) == "2"

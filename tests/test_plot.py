@@ -119,7 +119,7 @@ def test_alignment_svg_from_align_json_names_every_block(recording, tmp_path):
 def test_alignment_from_older_json_draws_the_removal_estimate_from_first_order_mean(recording, tmp_path):
     """JSON written before ``removal_estimate_mean`` existed: the panel shows −first_order_mean; JSON
     with neither (hand-made) gets the two cosine/ratio panels only."""
-    from resprobe.plot import removal_estimates
+    from resprobe.render.plot import removal_estimates
 
     _, payload = recording
     old = [{k: v for k, v in b.items() if k != "removal_estimate_mean"} for b in payload["blocks"]]
@@ -149,7 +149,8 @@ def test_readout_figure_alone(recording, tmp_path):
 
 def test_unfinished_recording_is_drawn_and_marked(tmp_path):
     """A run stopped mid-way: RUN.h5 does not exist yet, its partial folder does."""
-    from resprobe.store import RecordOptions, partial_dir, record
+    from resprobe.record import RecordOptions, record
+    from resprobe.recording.reader import partial_dir
 
     class Stop(Exception):
         pass
@@ -204,7 +205,7 @@ def test_proxy_panels_labels_do_not_run_together(cos):
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from resprobe.plot import STYLE, ablate_figure
+    from resprobe.render.plot import STYLE, ablate_figure
 
     payload = ablate_payload(cumulative=False)
     for row, value in zip(payload["proxies"]["blocks"], cos):
@@ -319,7 +320,7 @@ def test_kind_that_the_input_cannot_give(recording, tmp_path):
 
 
 def test_missing_matplotlib_is_one_clear_error(tmp_path, monkeypatch):
-    from resprobe.plot import plot
+    from resprobe.render.plot import plot
 
     source = write_json(tmp_path / "ablate.json", ablate_payload())
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError

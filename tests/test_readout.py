@@ -18,10 +18,10 @@ from typer.testing import CliRunner
 
 import tinymodels
 from conftest import DATA, MODEL
-from resprobe.blocks import discover_blocks
+from resprobe.models.blocks import discover_blocks
 from resprobe.cli import app
 from resprobe.readout import BORDERLINE, summarize_readout
-from resprobe.recorder import Recorded, Recorder, concat_batches
+from resprobe.recording.recorder import Recorded, Recorder, concat_batches
 from resprobe.runtime import make_runtime
 
 CLASSES = 5

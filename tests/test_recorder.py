@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import tinymodels
-from resprobe.blocks import discover_blocks
-from resprobe.recorder import STAT_NAMES, Recorder, collect
+from resprobe.models.blocks import discover_blocks
+from resprobe.recording.recorder import STAT_NAMES, Recorder, collect
 from resprobe.runtime import make_runtime
 
 # -- the model split by hand -------------------------------------------------------------------------
@@ -304,7 +304,7 @@ def test_channels_last_statistics_match_hand_split_autograd():
 
 
 def test_per_sample_dot_products_whatever_the_layouts():
-    from resprobe.recorder import _dot, _norm
+    from resprobe.recording.recorder import _dot, _norm
 
     g = torch.Generator().manual_seed(7)
     a, b = torch.randn(3, 4, 5, 6, generator=g), torch.randn(3, 4, 5, 6, generator=g)
@@ -323,7 +323,7 @@ def test_per_sample_dot_products_whatever_the_layouts():
 def test_iterate_launches_the_next_batch_before_awaiting_the_last():
     """A GPU stays busy: batch k+1 is launched before batch k's results are awaited; results keep
     their order, and the last batch is not lost. The CPU awaits each batch at once."""
-    from resprobe.recorder import iterate
+    from resprobe.recording.recorder import iterate
 
     events: list[str] = []
 

@@ -23,7 +23,8 @@ import torch
 import tinymodels
 from conftest import DATA, HERE, MODEL, MODEL_KWARGS, ROOT, invoke
 from resprobe.errors import ModelError
-from resprobe.models import LoadOptions, load_model, read_checkpoint
+from resprobe.models.loading import LoadOptions, load_model
+from resprobe.models.checkpoints import read_checkpoint
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -163,7 +164,7 @@ def test_a_checkpoint_cannot_name_library_code_to_run(tmp_path, marker):
 
 def test_local_model_code_in_a_checkpoint_still_loads(tmp_path):
     """The user's own model code (here tests/tinymodels.py) is not a library: no flag needed."""
-    from resprobe.models import save_resprobe_checkpoint
+    from resprobe.models.checkpoints import save_resprobe_checkpoint
 
     loaded = load_model("tinymodels:timm_basic", LoadOptions())
     path = save_resprobe_checkpoint(tmp_path / "custom.pt", loaded)

@@ -16,9 +16,11 @@ import torch
 from PIL import Image
 
 from conftest import CIFAR10, requires_cifar
-from resprobe.data import DataSource, Preprocessing, TensorImages, override_preprocessing
+from resprobe.data.datasets import DataSource, TensorImages
+from resprobe.data.preprocessing import Preprocessing, override_preprocessing
 from resprobe.errors import BadValue, DataError
-from resprobe.models import LoadOptions, load_model, read_checkpoint
+from resprobe.models.loading import LoadOptions, load_model
+from resprobe.models.checkpoints import read_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -120,7 +122,7 @@ def test_options_contradicting_the_checkpoint_warn_in_the_library():
 
 
 def test_upscale_threshold_is_the_resize_actually_done():
-    from resprobe.data import upscale_warning
+    from resprobe.data.preprocessing import upscale_warning
 
     pre = Preprocessing((3, 224, 224), crop_pct=0.875, resize="torchvision")  # resized to 256, cropped to 224
 
@@ -285,7 +287,7 @@ def test_float_arrays_outside_0_1_are_refused(run, tmp_path, images):
 
 def test_float_arrays_slightly_outside_0_1_are_taken_as_they_are(tmp_path):
     """A bicubic resize overshoots [0, 1] (by 0.109 at a hard edge): accepted, values not clamped; 1.2 is not."""
-    from resprobe.data import open_data
+    from resprobe.data.specs import open_data
 
     rng = np.random.default_rng(0)
     data = rng.random((4, 3, 8, 8)).astype(np.float32)
@@ -546,10 +548,10 @@ def test_ablate_refuses_a_recording_of_another_run(run, tmp_path):
 
 def test_recording_check_compares_labels_in_the_library(tmp_path):
     """Same spec, same samples, other labels (the file was replaced): refused too."""
-    from resprobe.ablate import check_recording_fits
+    from resprobe.ablate_proxies import check_recording_fits
     from resprobe.errors import RecordingError
     from resprobe.probe import open_probe
-    from resprobe.store import RecordOptions, record_in_memory
+    from resprobe.record import RecordOptions, record_in_memory
 
     probe = open_probe(FIXTURE_MODEL, device="cpu")
     source = probe.data(FIXTURE_DATA, limit=8)
@@ -564,7 +566,7 @@ def test_library_errors_are_resprobe_errors():
     with pytest.raises(BadValue):
         override_preprocessing(Preprocessing(), mean="0.5,0.5,255")
     with pytest.raises(DataError):
-        from resprobe.data import arrays_to_tensor
+        from resprobe.data.specs import arrays_to_tensor
 
         arrays_to_tensor(np.full((1, 3, 2, 2), 2.0, dtype=np.float32))
 

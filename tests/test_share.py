@@ -13,10 +13,10 @@ from torch import nn
 
 import tinymodels
 from conftest import DATA, MODEL, save_state_dict
-from resprobe.blocks import count_params, discover_blocks
-from resprobe.data import TensorImages
+from resprobe.models.blocks import count_params, discover_blocks
+from resprobe.data.datasets import TensorImages
 from resprobe.errors import BadValue, ModelError
-from resprobe.models import load_model
+from resprobe.models.loading import load_model
 from resprobe.runtime import Runtime
 from resprobe.share import (
     SHARED_ATTR,

@@ -1,4 +1,4 @@
-"""ImageNet-style data: flat folders with --labels, tars of image folders, hfds: (resprobe.sources)."""
+"""ImageNet-style data: flat folders with --labels, tars of image folders, hfds: (resprobe.data.sources)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 from conftest import MODEL, invoke
 from test_setup_checks import NAMES, named_checkpoint
 
-from resprobe.data import Preprocessing, open_data
+from resprobe.data.preprocessing import Preprocessing
+from resprobe.data.specs import open_data
 from resprobe.errors import DataError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -352,7 +353,7 @@ def test_a_tar_reports_its_image_size(tmp_path):
 def hand_eval(pixels: np.ndarray, labels: list[int]) -> tuple[float, float]:
     """Loss and accuracy of the fixture model on uint8 NHWC pixels, normalized by hand (its recorded
     mean 0.5, std 0.25, 32×32: no resize), with the labels given."""
-    from resprobe.models import LoadOptions, load_model
+    from resprobe.models.loading import LoadOptions, load_model
 
     model = load_model(MODEL, LoadOptions()).model.eval()
     x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25

@@ -12,8 +12,9 @@ from torch import nn
 
 import tinymodels
 from conftest import DATA, MODEL
-from resprobe.ablate import AblateOptions, AblationEngine, evaluate_pass, lesion_variant, run_ablation
-from resprobe.blocks import discover_blocks, replaced_blocks
+from resprobe.ablate import AblateOptions, run_ablation
+from resprobe.ablate_engine import AblationEngine, evaluate_pass, lesion_variant
+from resprobe.models.blocks import discover_blocks, replaced_blocks
 from resprobe.evaluate import EvalResult, Tally
 from resprobe.runtime import make_runtime
 from resprobe.share import ShareOptions, share_stages

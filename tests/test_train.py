@@ -11,7 +11,7 @@ import torch
 from conftest import DATA, MODEL
 from resprobe.errors import BadValue
 from resprobe.evaluate import evaluate
-from resprobe.models import load_model
+from resprobe.models.loading import load_model
 from resprobe.probe import open_probe
 from resprobe.train import (
     FinetuneOptions,
@@ -391,7 +391,7 @@ def test_the_table_numbers_epochs_from_1_and_says_which_step_a_partial_epoch_and
     assert best and best[0].lstrip().startswith("best (the start)" if step == 0 else f"best (step {step})")
     assert "epoch 0" not in table
     # a best model after 6 steps (in the partial 2nd epoch) is named by its step
-    from resprobe.report import emit, finetune_table
+    from resprobe.render.report import emit, finetune_table
 
     payload["best_val"] = {**payload["best_val"], "epoch": 1, "step": 6}
     import io

@@ -403,3 +403,12 @@ def plot_table(payload: Mapping[str, Any]) -> RenderableType:
     table = new_table("figure written", "out", "kind", "panels")
     table.add_row(str(payload["out"]), str(payload["kind"]), ", ".join(payload["panels"]))
     return table
+
+
+def lm_eval_table(payload: dict[str, Any]) -> Any:
+    """A language model's eval: windows, tokens, loss (mean NLL per scored token), perplexity."""
+    table = new_table(f"{payload['model']} on {payload.get('data', '')}", "windows", "tokens", "loss", "perplexity",
+                      right=("windows", "tokens", "loss", "perplexity"))
+    table.add_row(f"{payload['n']:,}", f"{payload['n_tokens']:,}", fmt_num(payload["loss"]),
+                  fmt_num(payload["perplexity"]))
+    return table

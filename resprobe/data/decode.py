@@ -24,7 +24,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from resprobe.data import DataSource, Preprocessing, loader_workers, resize_side
+from resprobe.data.datasets import DataSource
+from resprobe.data.loaders import loader_workers
+from resprobe.data.preprocessing import Preprocessing, resize_side
 from resprobe.errors import BadValue, DataError
 
 DECODE_MODES = ("auto", "cpu", "device")
@@ -88,7 +90,7 @@ class EncodedFiles(Dataset):
                 return torch.frombuffer(bytearray(data), dtype=torch.uint8), True, int(label), index
             return pil_rgb(data), False, int(label), index
         except Exception as exc:  # noqa: BLE001 - OSError, PIL's errors for corrupt files
-            from resprobe.data import _image_error
+            from resprobe.data.datasets import _image_error
 
             raise DataError(f"cannot read image {path}: {_image_error(exc)}; remove or replace the file") from None
 

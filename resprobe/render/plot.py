@@ -98,7 +98,7 @@ def load_input(source: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     path = Path(source)
     if _looks_like_recording(path):
         from resprobe.align import align_report
-        from resprobe.store import open_recording
+        from resprobe.recording.reader import open_recording
 
         recording = open_recording(path)
         return align_report(recording), dict(recording.attrs)

@@ -1,6 +1,6 @@
 """One-pass per-sample sums of an identity block, as a Triton kernel (the GPU fast path of ``record``).
 
-:func:`resprobe.recorder.identity_block_stats` needs seven per-sample sums of the block's tensors:
+:func:`resprobe.recording.recorder.identity_block_stats` needs seven per-sample sums of the block's tensors:
 ‖h‖², ‖F‖², ‖U‖², ‖g‖², F·g, U·g and U·(∂ℓ/∂out), where U = out − h. Written with torch operations,
 each of them is a separate pass over an activation, plus the passes that form U and convert bf16/fp16
 tensors to float32: about 15 reads and writes of an activation-sized tensor per block. This kernel
@@ -34,8 +34,6 @@ SUMS = ("input_sq", "branch_sq", "update_sq", "grad_sq", "dot", "update_dot", "o
 BLOCK = 1024
 STEPS = 4
 CHUNK = BLOCK * STEPS
-
-
 _BATCHNORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
 # module -> (what the map was computed from, scale, shift): a forward pass would otherwise launch six
 # small kernels per block to recompute the same map.
@@ -174,7 +172,7 @@ def identity_sums(h: Tensor, out: Tensor, g: Tensor, g_out: Tensor | None,
     n = h.numel() // batch
     chunks = -(-n // CHUNK)
     partial = torch.empty((batch, chunks, 7), dtype=torch.float32, device=h.device)
-    from resprobe._triton_kernels import identity_sums_kernel as kernel
+    from resprobe.recording._triton_kernels import identity_sums_kernel as kernel
 
     channels, plane = (h.shape[1], h[0, 0].numel()) if h.dim() > 2 else (1, 1)
     scale, shift = (affine.scale.to(h.device), affine.shift.to(h.device)) if affine is not None else (partial, partial)

@@ -6,7 +6,7 @@ A block is one residual unit (docs/reference.md)::
     pre-activation:   out = shortcut(h) + F(h)          PreAct ResNets, ConvNeXt, inverted residuals, NFNet
     transformer:      out = h + A(h) + M(·)             ViT/DeiT, Swin (one unit, F = U = out − h)
 
-What resprobe needs to know about a block is keyed on its **class** (:mod:`resprobe.families`,
+What resprobe needs to know about a block is keyed on its **class** (:mod:`resprobe.models.families`,
 re-exported here). This module finds the blocks of a model, their stages, and the modules that run
 between them (so that the model can be run on from any block's input: :meth:`Anatomy.run_from`).
 """
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from resprobe.errors import ModelError
-from resprobe.families import (  # noqa: F401  (re-exported: other modules import them from here)
+from resprobe.models.families import (
     GENERIC,
     BlockFamily,
     block_family,

@@ -26,10 +26,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from resprobe.align import TOKEN_STATS
-from resprobe.lm_models import LMAnatomy
-from resprobe.lm_text import scored_mask, stats_mask
-from resprobe.recorder import STAT_NAMES, PendingBatch, _cos, _to_host
+from resprobe.data.text import scored_mask, stats_mask
+from resprobe.models.causal_lm import LMAnatomy
+from resprobe.recording.recorder import STAT_NAMES, TOKEN_STATS, PendingBatch, _cos, _to_host
 
 LM_STAT_NAMES = STAT_NAMES + TOKEN_STATS
 
@@ -86,7 +85,7 @@ class _Unit:
 class LMRecorder:
     """Hooks on every unit of ``anatomy``; :meth:`launch_batch` does one forward + backward.
 
-    The interface of :class:`resprobe.recorder.Recorder` that ``store.run_recording`` uses
+    The interface of :class:`resprobe.recording.recorder.Recorder` that ``store.run_recording`` uses
     (``launch_batch(input_ids, first_scored, indices)``, ``samples_seen``, ``launches_ahead``)."""
 
     def __init__(self, anatomy: LMAnatomy, runtime: Any, skip_tokens: int = 0):

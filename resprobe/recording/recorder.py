@@ -13,7 +13,7 @@ numbers as soon as the block's last ingredient arrives:
 * block forward hook: ``out``; a tensor hook on ``out`` keeps ``g_out = ∂ℓ/∂out``;
 * when ``g`` arrives, every statistic of the block is computed at once (float32, U = out − h) and
   the block's references are dropped: on CUDA by a fused Triton kernel that reads each tensor once
-  (:mod:`resprobe.fused_stats`), elsewhere by :func:`identity_block_stats`'s torch operations.
+  (:mod:`resprobe.recording.fused_stats`), elsewhere by :func:`identity_block_stats`'s torch operations.
 
 In pre-activation and transformer blocks ``F = U = out − h`` (identity blocks; the family's
 ``f_is_u``), so nothing needs copying. Token tensors [B, N, C] and channels-last [B, H, W, C] blocks
@@ -37,16 +37,17 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from resprobe import fused_stats
-from resprobe.fused_stats import AffineBranch
-from resprobe.blocks import Anatomy, Block
 from resprobe.errors import BadValue
+from resprobe.models.blocks import Anatomy, Block
+from resprobe.recording import fused_stats
+from resprobe.recording.fused_stats import AffineBranch
 from resprobe.runtime import FirstCallFallback, Runtime
 
 STAT_NAMES = ("input_norm", "branch_norm", "update_norm", "grad_norm", "dot", "update_dot", "out_dot", "cos",
               "update_cos")
 TENSOR_KINDS = ("input", "branch", "update", "grad")
 TARGETS = ("label", "pred")
+TOKEN_STATS = ("token_cos", "token_update_cos")  # extra columns of language-model recordings (DESIGN §8)
 
 
 def _dims(t: Tensor) -> tuple[int, ...]:
@@ -126,7 +127,7 @@ def fused_by_default(runtime: Runtime) -> bool:
 
 
 class IdentityStats:
-    """:func:`identity_block_stats` through the fused Triton kernel (:mod:`resprobe.fused_stats`) or
+    """:func:`identity_block_stats` through the fused Triton kernel (:mod:`resprobe.recording.fused_stats`) or
     torch operations; both give the same statistics up to float32 summation order.
 
     Triton compiles the kernel at the first call for each variant of input

@@ -1,11 +1,11 @@
-"""Small residual networks for 32×32 images, buildable as MODEL ``resprobe.zoo:cifar_resnet``.
+"""Small residual networks for 32×32 images, buildable as MODEL ``resprobe.models.zoo:cifar_resnet``.
 
 ImageNet ResNets shrink a 32×32 image to 8×8 before their first block (stride-2 stem and max-pool)
 and to 1×1 in the last stage. The CIFAR ResNets of He et al. (2016) — and of the paper this project
 follows — keep the full resolution in a 3×3 stem and use three stages of widths 16·w, 32·w, 64·w.
 This builds that network from timm's ``BasicBlock``, so every resprobe command knows its blocks::
 
-    resprobe finetune resprobe.zoo:cifar_resnet --model-kwargs '{"depth": 20}' --num-classes 10 ...
+    resprobe finetune resprobe.models.zoo:cifar_resnet --model-kwargs '{"depth": 20}' --num-classes 10 ...
 """
 
 from __future__ import annotations

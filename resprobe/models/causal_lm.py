@@ -1,16 +1,6 @@
-"""Decoder language models (Hugging Face transformers): loading and their residual units (DESIGN §8).
-
-MODEL is ``transformers:NAME_OR_DIR[@REVISION]`` (a hub id or a local ``save_pretrained`` folder) or a
-local folder whose ``config.json`` names a causal-LM architecture. Nothing here imports transformers
-until a model is loaded, so ``import resprobe`` and the vision commands never do.
-
-Blocks are the decoder layers, found as the model's one ``nn.ModuleList`` of exactly
-``config.num_hidden_layers`` layers: no per-architecture list of attribute names, so new
-architectures work. ``--granularity sublayer`` splits a pre-norm layer ``h → h1 = h + A(h) → out =
-h1 + M(h1)`` into two units by reading ``h1`` where the MLP branch starts (the input of the module
-named in :data:`MLP_ENTRY`, or derived from the layer's children); parallel-residual layers (GPT-NeoX,
-GPT-J, Falcon) have no ``h1`` and stay whole.
-"""
+"""Decoder language models (Hugging Face transformers): loading `transformers:NAME_OR_DIR[@REV]` and
+local save_pretrained folders, and finding their decoder layers and sublayer units without
+per-architecture name lists (DESIGN §8)."""
 
 from __future__ import annotations
 
@@ -18,7 +8,6 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +18,9 @@ from torch import nn
 from resprobe.errors import BadValue, ModelError
 
 log = logging.getLogger("resprobe")
-
 PREFIX = "transformers:"
 GRANULARITIES = ("layer", "sublayer")
+
 
 # Layer class -> the child whose input is the residual stream between the attention and the MLP update
 # (h1). Classes not listed are derived from their children by :func:`mlp_entry`.
@@ -49,10 +38,6 @@ MLP_ENTRY: dict[str, str] = {
     "Olmo2DecoderLayer": "mlp",  # norms after each branch (inside it): the MLP reads h1 directly
     "GPTNeoXLayer": "post_attention_layernorm",  # only with use_parallel_residual=False
 }
-
-
-# --------------------------------------------------------------------------------------------------
-# Recognizing and loading
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
@@ -197,10 +182,6 @@ def max_positions(config: Any) -> int | None:
     return None
 
 
-# --------------------------------------------------------------------------------------------------
-# Decoder layers and units
-
-
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's list of ``num_hidden_layers`` decoder layers: the outermost ModuleList of that
     length whose members share one class (MoE expert lists live inside layers, so they lose)."""
@@ -325,104 +306,6 @@ def lm_anatomy(model: nn.Module, seq_len: int, granularity: str = "layer") -> LM
         units.append(LMUnit(f"{name}:attn", len(units), layer, i, "attn", hidden, seq_len, pa))
         units.append(LMUnit(f"{name}:mlp", len(units), layer, i, "mlp", hidden, seq_len, pm))
     return LMAnatomy(model, units, prefix, entries)
-
-
-# --------------------------------------------------------------------------------------------------
-# The probe: what every LM command starts from
-
-
-@dataclass
-class LMProbe:
-    """The language-model counterpart of :class:`resprobe.probe.Probe` (the same attributes that
-    ``store.record`` reads: ``anatomy``, ``runtime``, ``describe``, ``loader``, ``make_recorder``)."""
-
-    loaded: LoadedLM
-    runtime: Any
-    granularity: str = "layer"
-    seq_len: int | None = None
-    stride: int | None = None
-    text_column: str = "text"
-    skip_tokens: int = 0
-    offline: bool = False
-    protocol: dict[str, Any] | None = None
-    _anatomy: LMAnatomy | None = None
-
-    @property
-    def model(self) -> nn.Module:
-        return self.loaded.model
-
-    @property
-    def anatomy(self) -> LMAnatomy:
-        if self._anatomy is None:
-            self._anatomy = lm_anatomy(self.model, int(self.resolved_seq_len()), self.granularity)
-        return self._anatomy
-
-    def resolved_seq_len(self) -> int:
-        """--seq-len, default min(1024, the model's maximum positions); above the maximum: refused."""
-        limit = self.loaded.max_positions
-        if self.seq_len is None:
-            return min(1024, limit) if limit else 1024
-        if self.seq_len < 2:
-            raise BadValue(f"--seq-len must be at least 2 (one token predicts the next), got {self.seq_len}")
-        if limit is not None and self.seq_len > limit:
-            raise BadValue(f"--seq-len {self.seq_len} is above {self.loaded.spec}'s maximum of {limit} positions")
-        return self.seq_len
-
-    def data(self, spec: str, limit: int | None = None, seed: int = 0) -> Any:
-        from resprobe.lm_text import open_windows
-
-        source = open_windows(spec, self.loaded.tokenizer, self.loaded.tokenizer_name, self.resolved_seq_len(),
-                              self.stride, self.text_column, self.skip_tokens, limit, seed, self.offline)
-        self.protocol = source.protocol
-        for note in source.notes:
-            log.info(note)
-        return source
-
-    def loader(self, source: Any, batch_size: int = 8, workers: int | None = None) -> Iterable:
-        from resprobe.lm_text import window_loader
-
-        return window_loader(source, batch_size)
-
-    def make_recorder(self, anatomy: LMAnatomy, runtime: Any, target: str = "label", save_tensors: int = 0,
-                      readout: Iterable[str] = (), **_: Any) -> Any:
-        from resprobe.lm_record import LMRecorder
-
-        if save_tensors:
-            raise BadValue("--save-tensors is not supported for language models yet")
-        if list(readout):
-            raise BadValue("--readout is not supported for language models")
-        if target != "label":
-            raise BadValue("--target pred is not supported for language models (the loss is the next-token NLL)")
-        return LMRecorder(anatomy, runtime, skip_tokens=self.skip_tokens)
-
-    def describe(self) -> dict[str, Any]:
-        return {"model": self.loaded.spec, "checkpoint": None, "checkpoint_sha256": None, "preprocessing": None,
-                "protocol": self.protocol}
-
-
-def open_lm_probe(spec: str, tokenizer: str | None = None, device: str = "auto", precision: str = "fp32",
-                  offline: bool = False, trust_remote_code: bool = False, granularity: str = "layer",
-                  seq_len: int | None = None, stride: int | None = None, text_column: str | None = None,
-                  skip_tokens: int | None = None) -> LMProbe:
-    """Load MODEL for an LM command; option values are checked before the model loads."""
-    from resprobe.runtime import make_runtime
-
-    if granularity not in GRANULARITIES:
-        raise BadValue(f"--granularity {granularity!r}: choose layer or sublayer")
-    if skip_tokens is not None and skip_tokens < 0:
-        raise BadValue(f"--skip-tokens must be 0 or more, got {skip_tokens}")
-    if stride is not None and stride < 1:
-        raise BadValue(f"--stride must be at least 1, got {stride}")
-    # bf16: the weights themselves are bf16 (no autocast); statistics are accumulated in fp32.
-    runtime = make_runtime(device, "fp32" if precision == "bf16" else precision)
-    loaded = load_lm(spec, tokenizer, precision, offline, trust_remote_code)
-    loaded.model.to(runtime.device)
-    probe = LMProbe(loaded, runtime, granularity, seq_len, stride, text_column or "text", int(skip_tokens or 0),
-                    offline)
-    seq = probe.resolved_seq_len()
-    if probe.skip_tokens >= seq:
-        raise BadValue(f"--skip-tokens {probe.skip_tokens} leaves no position of a {seq}-token window")
-    return probe
 
 
 def perplexity(loss: float | None) -> float | None:

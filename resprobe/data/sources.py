@@ -328,7 +328,7 @@ def _hf_dataset_path(name: str, spec: str, offline: bool) -> str:
     """What ``datasets.load_dataset`` is given for NAME: a local folder as it is (parquet, arrow or image
     files, or a ``DatasetDict.save_to_disk`` folder); a hub id as it is, or, offline, its cached snapshot
     folder, so that nothing asks the network (datasets would retry the hub for half a minute)."""
-    from resprobe.hub import hf_cache_dir, is_offline
+    from resprobe.models.hub import hf_cache_dir, is_offline
 
     local = Path(name).expanduser()
     if local.exists():

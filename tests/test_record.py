@@ -9,8 +9,9 @@ import pytest
 from conftest import DATA, MODEL
 from resprobe.align import summarize
 from resprobe.errors import RecordingError
-from resprobe.recorder import STAT_NAMES
-from resprobe.store import RecordOptions, open_recording, partial_dir, record, record_in_memory
+from resprobe.recording.recorder import STAT_NAMES
+from resprobe.record import RecordOptions, record, record_in_memory
+from resprobe.recording.reader import open_recording, partial_dir
 
 
 def options(**kw) -> RecordOptions:
@@ -124,7 +125,7 @@ def test_foreign_files_are_refused(tmp_path):
 def test_launching_ahead_as_on_a_gpu_records_the_same(tmp_path, monkeypatch, crash):
     """The order a GPU run takes (batch k+1 launched before batch k is awaited and written), on the
     CPU: the same recording; a crash keeps every batch whose results were taken, and resumes."""
-    from resprobe.recorder import Recorder
+    from resprobe.recording.recorder import Recorder
 
     whole = tmp_path / "whole.h5"
     record(options(), whole, device="cpu")
@@ -150,7 +151,7 @@ def test_slow_disk_keeps_at_most_one_batch_pending(tmp_path, monkeypatch, one_th
     are ever queued or being written, and the recording is still whole."""
     import time
 
-    from resprobe.store import RunWriter
+    from resprobe.recording.writer import RunWriter
 
     write_file, write_batch = RunWriter._write_batch_file, RunWriter.write_batch
     outstanding = []
@@ -216,7 +217,7 @@ def test_a_recording_written_here_is_not_read_through_again(tmp_path, monkeypatc
     import shutil
     import subprocess
 
-    import resprobe.hdf5_probe as hdf5_probe
+    import resprobe.recording.hdf5_probe as hdf5_probe
 
     children = []
     real_run = subprocess.run
@@ -255,7 +256,7 @@ def random_options(**kw) -> RecordOptions:
 def test_recordings_carry_the_fingerprint_of_the_weights_used(tmp_path):
     import torch
 
-    from resprobe.models import state_dict_sha256
+    from resprobe.models.fingerprint import state_dict_sha256
 
     out = tmp_path / "run.h5"
     result = record(options(limit=8), out, device="cpu")
@@ -281,7 +282,7 @@ def test_resume_of_a_model_without_weights_continues_the_same_network(tmp_path):
 def test_resume_refuses_a_checkpoint_changed_in_place(tmp_path):
     import torch
 
-    from resprobe.models import LoadOptions, load_model
+    from resprobe.models.loading import LoadOptions, load_model
 
     weights = tmp_path / "w.pt"
 
@@ -317,7 +318,7 @@ def test_a_run_from_before_the_fingerprint_still_resumes(tmp_path):
 def test_an_existing_output_beside_an_empty_partial_folder_is_refused_before_any_work(tmp_path, monkeypatch):
     """A run killed before its first batch leaves an empty RUN.h5.partial: an existing RUN.h5 is refused
     at once (before the model loads), as without that folder, and stays as it was."""
-    import resprobe.store as store
+    import resprobe.record as store
 
     out = tmp_path / "run.h5"
     record(options(limit=8), out, device="cpu")

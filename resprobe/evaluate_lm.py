@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from resprobe.lm_models import perplexity
-from resprobe.lm_record import window_losses
+from resprobe.models.causal_lm import perplexity
+from resprobe.recording.lm_recorder import window_losses
 
 
 @torch.no_grad()
@@ -37,7 +37,6 @@ def evaluate_lm(model: nn.Module, loader: Iterable, device: torch.device,
     return {"loss": loss, "perplexity": perplexity(loss), "n_tokens": tokens, "n_windows": windows}
 
 
-
 def eval_payload(probe: Any, data: str, limit: int | None, seed: int, batch_size: int,
                  progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """The ``eval`` JSON for a language model: ``{model, data, n, loss, perplexity, n_tokens, protocol}``."""
@@ -53,18 +52,8 @@ def eval_payload(probe: Any, data: str, limit: int | None, seed: int, batch_size
 
 def blocks_payload(probe: Any) -> dict[str, Any]:
     """The ``blocks`` JSON for a language model."""
-    from resprobe.blocks import count_params
+    from resprobe.models.blocks import count_params
 
     return {"model": probe.loaded.spec, "checkpoint": None, "params": count_params(probe.model),
             "layers": probe.anatomy.layers_name, "granularity": probe.granularity,
             "blocks": [b.to_dict() for b in probe.anatomy.blocks]}
-
-
-def eval_table(payload: dict[str, Any]) -> Any:
-    from resprobe.report import fmt_num, new_table
-
-    table = new_table(f"{payload['model']} on {payload.get('data', '')}", "windows", "tokens", "loss", "perplexity",
-                      right=("windows", "tokens", "loss", "perplexity"))
-    table.add_row(f"{payload['n']:,}", f"{payload['n_tokens']:,}", fmt_num(payload["loss"]),
-                  fmt_num(payload["perplexity"]))
-    return table

@@ -167,7 +167,7 @@ def open_windows(spec: str, tokenizer: Any, tokenizer_name: str | None, seq_len:
                  column: str = "text", skip_tokens: int = 0, limit: int | None = None, seed: int = 0,
                  offline: bool = False) -> TextSource:
     """``--data SPEC`` as windows of exactly ``seq_len`` tokens (``--limit`` with the seeded rule of §2)."""
-    from resprobe.data import select_indices
+    from resprobe.data.loaders import select_indices
 
     if tokenizer is None:
         raise BadValue("the model has no tokenizer: give one with --tokenizer")

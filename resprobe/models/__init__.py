@@ -1,0 +1,1 @@
+"""Models: MODEL specs, safe checkpoint loading, the hub, block discovery, per-class family knowledge, the zoo."""

@@ -1,0 +1,1 @@
+"""Rendering: tables, JSON and CSV for people and scripts, and figures."""
