@@ -15,6 +15,7 @@ Medians of ``--repeats`` after one warm-up; the two ways of running the suffixes
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import platform
 import statistics
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import resprobe.ablate as ablate
+ablate = importlib.import_module("resprobe.ablate")  # `resprobe.ablate` is rp.ablate, the function
 from common import CIFAR_MEAN, CIFAR_STD, cifar_arrays
 from resprobe.ablate import AblationEngine, lesion_variant
 from resprobe.blocks import discover_blocks

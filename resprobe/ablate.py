@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from resprobe.blocks import GENERIC, Anatomy, Block, BlockFamily, family_of, replaced_blocks
 from resprobe.distributed import barrier, is_main
 from resprobe.errors import BadValue, ModelError, RecordingError
-from resprobe.evaluate import EvalResult, Tally, borderline_mask, reduce_tallies
+from resprobe.evaluate import EvalResult, Tally, borderline_mask, is_class_labels, reduce_tallies
 from resprobe.models import register_recipe, save_resprobe_checkpoint
 from resprobe.runtime import Runtime
 from resprobe.share import check_out_path
@@ -133,8 +133,9 @@ class AblationEngine:
     """
 
     def __init__(self, model: nn.Module, anatomy: Anatomy, runtime: Runtime,
-                 batches: Iterable[tuple[Tensor, Tensor]], fast: bool = True):
+                 batches: Iterable[tuple[Tensor, Tensor]], fast: bool = True, loss_fn: Any = None):
         self.model = model
+        self.loss_fn = loss_fn  # per-sample loss (outputs, targets) -> [B]; None: cross-entropy
         self.anatomy = anatomy
         self.runtime = runtime
         self.batches = batches
@@ -312,16 +313,19 @@ def evaluate_pass(engine: AblationEngine, variants: Sequence[Variant], base: Var
     base_border, border = Tally(), [Tally() for _ in variants]
     observed: dict[int, list[Any]] = {}
     for outcome in engine.run(variants, base, observer, advance):
-        labels = outcome.labels
-        base_tally.add(outcome.logits, labels)
-        mask = borderline_mask(outcome.logits, labels)
-        any_borderline = bool(mask.any())
+        labels, loss_fn = outcome.labels, engine.loss_fn
+        base_tally.add(outcome.logits, labels, loss_fn)
+        # Borderline samples are defined by class margins: none where the targets are not classes.
+        any_borderline = is_class_labels(labels, outcome.logits)
         if any_borderline:
-            base_border.add(outcome.logits[mask], labels[mask])
+            mask = borderline_mask(outcome.logits, labels)
+            any_borderline = bool(mask.any())
+        if any_borderline:
+            base_border.add(outcome.logits[mask], labels[mask], loss_fn)
         for tally, border_tally, logits in zip(tallies, border, outcome.variants):
-            tally.add(logits, labels)
+            tally.add(logits, labels, loss_fn)
             if any_borderline:
-                border_tally.add(logits[mask], labels[mask])
+                border_tally.add(logits[mask], labels[mask], loss_fn)
         for j, value in outcome.observed.items():
             observed.setdefault(j, []).append(value)
     reduce_tallies([base_tally, *tallies, base_border, *border])  # torchrun: sums over every rank's batches
@@ -1007,7 +1011,8 @@ def run_ablation(probe: Probe, loader: Iterable, options: AblateOptions,
         check_rebuildable(probe)
     n = len(getattr(loader, "dataset", []))
     batches = Batches(loader, probe.runtime, BATCH_CACHE_BYTES if _needs_several_passes(options) else 0)
-    engine = AblationEngine(probe.model, anatomy, probe.runtime, batches, fast=fast)
+    engine = AblationEngine(probe.model, anatomy, probe.runtime, batches, fast=fast,
+                            loss_fn=getattr(probe, "loss_fn", None))
 
     def start(description: str) -> Advance | None:
         return progress(description, n) if progress else None

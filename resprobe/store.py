@@ -1215,7 +1215,7 @@ def record_in_memory(
 ) -> Recorded:
     """The same pass as :func:`record`, kept in memory (``align MODEL`` without ``--out``)."""
     from resprobe.distributed import shard_source
-    from resprobe.recorder import NonfiniteTally, Recorder, concat_batches, gather_batches, iterate
+    from resprobe.recorder import collect
 
     _check_option_values(options)
     options = options.with_defaults()
@@ -1229,15 +1229,7 @@ def record_in_memory(
         if progress:
             progress(done[0], len(source))
 
-    with Recorder(probe.anatomy, probe.runtime, str(options.target), readout=readout) as recorder:
-        batches = gather_batches(list(iterate(recorder, loader, advance)))
-    blocks = [b.to_dict() for b in probe.anatomy.blocks]
-    tally = NonfiniteTally([b["name"] for b in blocks], [b["kind"] == "identity" for b in blocks])
-    for batch in batches:
-        tally.add(batch)
-    for message in tally.messages():
-        warnings.warn(message, stacklevel=2)
-    recorded = concat_batches(batches, blocks)
+    recorded = collect(probe, loader, str(options.target), readout, advance, warn_nonfinite=True)  # as rp.align
     recorded.attrs = {**probe.describe(), "data": options.data}
     recorded.n_planned = len(source)
     return recorded
