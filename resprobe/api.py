@@ -246,7 +246,7 @@ def _spec_probe(model: str, device: str | None, precision: str, blocks: list[str
 def _module_probe(module: nn.Module, device: str | None, precision: str, blocks: list[str] | None) -> Probe:
     from resprobe.blocks import require_blocks
     from resprobe.data import default_preprocessing
-    from resprobe.models import LoadedModel, ModelSpec, _model_num_classes
+    from resprobe.models import LoadedModel, ModelSpec, _model_num_classes, state_dict_sha256
     from resprobe.runtime import make_runtime
 
     runtime = make_runtime(device or _own_device(module), precision)
@@ -255,6 +255,7 @@ def _module_probe(module: nn.Module, device: str | None, precision: str, blocks:
                                        "num_classes": _model_num_classes(module, None), "kwargs": {}})
     loaded = LoadedModel(module, ModelSpec("module", type(module).__name__), arch,
                          recipes=list(origin.get("recipes") or []), preprocessing=origin.get("preprocessing"))
+    loaded.weights_sha256 = state_dict_sha256(module)  # as every report names the weights it describes
     require_blocks(module, blocks)
     return Probe(loaded, default_preprocessing(loaded), runtime, blocks)
 
@@ -381,15 +382,15 @@ def ablate(model: Any, data: Any, loss: LossFn | None = None, cumulative: int | 
     options.check()
     with session(model, data, loss, device, precision, blocks, batch_size) as s:
         report = run_ablation(s.probe, s.loader, options)
-        payload = {"model": str(s.probe.loaded.spec), **_provenance(s.probe), "data": s.data, **report.to_dict()}
+        payload = {"model": str(s.probe.loaded.spec), **report_provenance(s.probe), "data": s.data, **report.to_dict()}
     return AblateResult(payload, s.module, s.origin)
 
 
-def _provenance(probe: Probe) -> dict[str, Any]:
-    """As the command line's reports have them (``cli.provenance``)."""
-    d = probe.describe()
-    return {"checkpoint": d["checkpoint"], "checkpoint_sha256": d["checkpoint_sha256"],
-            "preprocessing": d["preprocessing"]}
+def report_provenance(probe: Probe) -> dict[str, Any]:
+    """``checkpoint`` and ``preprocessing`` (as used) for every report that loads a model."""
+    described = probe.describe()
+    return {"checkpoint": described["checkpoint"], "checkpoint_sha256": described["checkpoint_sha256"],
+            "weights_sha256": described["weights_sha256"], "preprocessing": described["preprocessing"]}
 
 
 def share(model: Any, stages: Sequence[int] | None = None, init: str = "average", norm: str = "unshared",
