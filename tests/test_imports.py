@@ -50,3 +50,24 @@ def test_a_torchvision_model_on_arrays_does_not_import_timm():
     # Also shows that the probe sees imports: torchvision is there.
     assert imported_by("eval", "torchvision:resnet18", "--num-classes", "4", "--data", DATA, "--limit", "8",
                        "--device", "cpu", "-f", "json", "-q") == ["torchvision"]
+
+
+PACKAGE_ONLY = """
+import json, sys
+import resprobe as rp
+light = "torch" not in sys.modules
+api_names = [n for n in ("align", "ablate", "blocks", "evaluate", "share", "finetune", "record", "open_recording",
+                         "save", "load") if n in dir(rp)]
+import resprobe.align  # the module of the same name must not shadow the function
+print(json.dumps({"light": light, "names": api_names, "function": callable(rp.align) and rp.align.__module__}))
+"""
+
+
+def test_import_resprobe_stays_light_and_rp_align_is_the_function():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", PACKAGE_ONLY], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env=env)
+    verdict = json.loads(result.stdout.strip().splitlines()[-1])
+    assert verdict["light"], "import resprobe imported torch"
+    assert len(verdict["names"]) == 10
+    assert verdict["function"] == "resprobe.api"
