@@ -36,18 +36,9 @@ def frame(rows: Iterable[Mapping[str, Any]], columns: Sequence[str] | None = Non
 
 def _figure(payload: Mapping[str, Any], kind: str) -> Any:
     """The figure ``resprobe plot`` draws for this JSON (kind: auto, align, readout, ablate)."""
-    from resprobe.plot import STYLE, _matplotlib, ablate_figure, align_figure, readout_figure, resolve_kind
+    from resprobe.plot import draw
 
-    matplotlib = _matplotlib()
-    chosen = resolve_kind(payload, kind)
-    with matplotlib.rc_context(STYLE):
-        if chosen == "ablate":
-            fig, _ = ablate_figure(payload)
-        elif chosen == "readout":
-            fig, _ = readout_figure(payload)
-        else:
-            fig, _ = align_figure(payload)
-    return fig
+    return draw(payload, kind)[1]
 
 
 def _fmt(value: Any) -> str:
