@@ -547,21 +547,72 @@ def load(path: str | Path, device: str = "cpu") -> nn.Module:
 
 
 def record(model: Any, data: Any, out: str | Path, resume: bool = False, overwrite: bool = False,
-           target: str = "label", device: str | None = None, precision: str = "fp32",
+           loss: LossFn | None = None, target: str = "label", device: str | None = None, precision: str = "fp32",
            blocks: str | Sequence[str] | None = None, batch_size: int = DEFAULT_BATCH_SIZE, **options: Any) -> Run:
-    """``resprobe record`` (durable, resumable HDF5) for spec strings: MODEL and ``--data`` as on the
-    command line; the other options as keywords (``limit=``, ``checkpoint=``, ``num_classes=``, ...)."""
+    """``resprobe record``: the per-sample statistics into ``out`` (HDF5), durable batch by batch and
+    resumable (``resume=True``). MODEL and DATA as spec strings take the command line's other options as
+    keywords (``limit=``, ``checkpoint=``, ...); an in-memory model needs a DataLoader or Dataset that
+    yields the same batches in the same order each time (no shuffling) for a resume."""
     from resprobe.store import RecordOptions
     from resprobe.store import open_recording as read
     from resprobe.store import record as run_record
 
-    if not isinstance(model, (str, Path)) or not isinstance(data, (str, Path)):
-        raise BadValue("rp.record writes a resumable run, which is re-read from its MODEL and --data specs: give "
-                       "both as strings (an in-memory model and DataLoader: rp.align(model, loader) keeps it in memory)")
-    record_options = RecordOptions(model=str(model), data=str(data), blocks=_globs(blocks), target=target,
-                                   precision=precision, batch_size=batch_size, **options)
-    result = run_record(record_options, out, overwrite, resume, device or "auto")
+    if isinstance(model, (str, Path)) and isinstance(data, (str, Path)):
+        if loss is not None:
+            raise BadValue("rp.record(MODEL, DATA) with spec strings records cross-entropy; a custom loss needs the "
+                           "model as a module (a resumed run re-reads the specs, not the loss)")
+        record_options = RecordOptions(model=str(model), data=str(data), blocks=_globs(blocks), target=target,
+                                       precision=precision, batch_size=batch_size, **options)
+        result = run_record(record_options, out, overwrite, resume, device or "auto")
+        return Run(read(result.out), result)
+    if options:
+        raise BadValue(f"rp.record: {', '.join(options)} apply to spec strings only")
+    with session(model, data, loss, device, precision, blocks, batch_size) as s:
+        result = _record_batches(s, Path(out), resume, overwrite, target, precision)
     return Run(read(result.out), result)
+
+
+def _record_batches(s: Session, out: Path, resume: bool, overwrite: bool, target: str, precision: str) -> Any:
+    """:func:`record` of the user's own batches (a sized DataLoader or Dataset, in a fixed order)."""
+    from resprobe import __version__
+    from resprobe.recorder import Recorder
+    from resprobe.store import RunWriter, check_same_weights, now_iso, run_recording
+
+    loader = s.loader
+    source = getattr(loader, "source", None)
+    size = getattr(source, "batch_size", None)
+    if not isinstance(loader, BatchAdapter) or not isinstance(source, DataLoader) or not size \
+            or not hasattr(loader.dataset, "__len__"):
+        raise BadValue("rp.record of an in-memory model needs a DataLoader (or Dataset) with a batch_size and a "
+                       "length, so that a resumed run knows which batches are done")
+    if resume and isinstance(source.sampler, torch.utils.data.RandomSampler):
+        raise BadValue("rp.record(resume=True): the DataLoader shuffles, so its batches differ from the "
+                       "interrupted run's; use shuffle=False")
+    n = len(loader.dataset)
+    probe = s.probe
+    blocks_ = [b.to_dict() for b in probe.anatomy.blocks]
+    settings = {"batch_size": size, "target": target, "precision": precision}
+    if resume:
+        writer = RunWriter.resume(out)
+        if writer.meta["blocks"] != blocks_ or int(writer.meta["n_planned"]) != n:
+            writer.close()
+            raise BadValue(f"rp.record(resume=True): the model or data no longer match what {out} was recording")
+        check_same_weights(writer.meta.get("attrs", {}).get("weights_sha256"), probe.loaded.weights_sha256,
+                           f"resume: {out} was recorded")
+    else:
+        attrs = {"resprobe_version": __version__, "created": now_iso(), **probe.describe(), "data": None,
+                 "options": settings, "target": target, "device": str(probe.runtime.device), "precision": precision,
+                 "torch_version": torch.__version__, "n_planned": n}
+        writer = RunWriter.create(out, {"blocks": blocks_, "n_planned": n, "options": settings, "attrs": attrs},
+                                  overwrite=overwrite)
+    try:
+        numbers = writer.missing_batches(-(-n // size))
+        wanted = set(numbers)
+        batches = (batch for k, batch in enumerate(loader) if k in wanted)  # the done ones are read, not recorded
+        with Recorder(probe.anatomy, probe.runtime, target, loss_fn=probe.loss_fn) as recorder:
+            return run_recording(writer, recorder, batches, numbers)
+    finally:
+        writer.close()
 
 
 def open_recording(path: str | Path) -> Run:

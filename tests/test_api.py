@@ -360,3 +360,33 @@ def test_saved_models_load_in_every_command(setup, tmp_path):
     assert cli_json("eval", path, "--data", data)["loss"] == pytest.approx(expected, rel=1e-5)
     with pytest.raises(BadValue, match="arch="):
         rp.save(model, tmp_path / "plain.pt")
+
+
+def test_record_of_an_in_memory_model_resumes_and_aligns_as_align(setup, tmp_path):
+    model, loader, *_ = setup
+    expected = by_name(rp.align(model, loader).to_json()["blocks"])
+    out = tmp_path / "run.h5"
+    before = state_of(model)
+    with pytest.raises(BadValue, match="DataLoader"):
+        rp.record(model, Interrupting(loader), out)  # not a DataLoader: refused before anything runs
+    assert not out.exists()
+
+    class Stop(DataLoader):  # a DataLoader interrupted at its second batch, once
+        armed = True
+
+        def __iter__(self):
+            for i, batch in enumerate(super().__iter__()):
+                if i == 1 and Stop.armed:
+                    Stop.armed = False
+                    raise KeyboardInterrupt
+                yield batch
+
+    stopping = Stop(loader.dataset, batch_size=8)
+    with pytest.raises(KeyboardInterrupt):
+        rp.record(model, stopping, out)
+    assert_same_state(model, before)
+    run = rp.record(model, stopping, out, resume=True)
+    assert run.complete and run.n_samples == 16
+    for name, row in by_name(rp.open_recording(out).align().to_json()["blocks"]).items():
+        if row["cos_mean"] is not None:
+            assert row["cos_mean"] == pytest.approx(expected[name]["cos_mean"], abs=1e-6)
