@@ -410,11 +410,13 @@ def share(model: Any, stages: Sequence[int] | None = None, init: str = "average"
         raise BadValue("recalibrate=N and train_data go together: the training samples to re-estimate norms on")
     if recalibrate is not None and recalibrate < 1:
         raise BadValue(f"recalibrate must be at least 1, got {recalibrate}")
+    trainable = [p.requires_grad for p in model.parameters()] if isinstance(model, nn.Module) else None
     with session(model, train_data, None, device, precision, blocks, batch_size, example=example) as s:
         shape = s.probe.sample_shape or s.probe.preprocessing.input_size
         runtime = s.probe.runtime
-        new = copy.deepcopy(s.module)  # on the runtime's device, in eval mode, frozen: set for the user below
-    new.requires_grad_(True)
+        new = copy.deepcopy(s.module)  # on the runtime's device, in eval mode; frozen for the call: undone below
+    for param, flag in zip(new.parameters(), trainable or itertools.repeat(True)):
+        param.requires_grad_(flag)
     anatomy = discover_blocks(new, shape, _globs(blocks))
     result = share_stages(new, anatomy, options)
     if recalibrate is not None:
@@ -452,6 +454,8 @@ def finetune(model: Any, train_data: Any, val_data: Any = None, max_steps: int |
     from resprobe.evaluate import evaluate as run_evaluate
     from resprobe.train import FinetuneOptions, make_optimizer, make_scheduler
 
+    if not isinstance(model, nn.Module):
+        raise BadValue("rp.finetune trains a module in place: give the nn.Module (rp.load(PATH) loads a checkpoint)")
     if epochs is not None:
         max_steps = None
     options = FinetuneOptions("", epochs, max_steps, lr, optimizer, momentum, weight_decay, warmup_steps,
@@ -460,7 +464,10 @@ def finetune(model: Any, train_data: Any, val_data: Any = None, max_steps: int |
     history = TrainHistory()
     with session(model, train_data, loss, device, precision, blocks, batch_size, train=True) as s:
         runtime, module, batches = s.probe.runtime, s.module, s.loader
-        per_epoch = sum(1 for _ in batches) if options.max_steps is None else None
+        per_epoch = None
+        if options.max_steps is None:  # epochs: the steps an epoch takes, without reading a sized loader
+            source = getattr(batches, "source", None)
+            per_epoch = len(source) if hasattr(source, "__len__") else sum(1 for _ in batches)
         total = options.max_steps or (per_epoch or 1) * (options.epochs or 1)
         optim = make_optimizer(module, options)
         scheduler = make_scheduler(optim, total, options.warmup_steps)
