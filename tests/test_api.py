@@ -390,3 +390,14 @@ def test_record_of_an_in_memory_model_resumes_and_aligns_as_align(setup, tmp_pat
     for name, row in by_name(rp.open_recording(out).align().to_json()["blocks"]).items():
         if row["cos_mean"] is not None:
             assert row["cos_mean"] == pytest.approx(expected[name]["cos_mean"], abs=1e-6)
+
+
+def test_without_pandas_to_pandas_says_how_to_get_it(setup, monkeypatch):
+    import sys
+
+    model, loader, *_ = setup
+    result = rp.align(model, loader, precision="bf16")  # --precision as on the command line
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    with pytest.raises(BadValue, match="pip install pandas"):
+        result.to_pandas()
+    assert result.to_json()["blocks"]  # the dict needs nothing
