@@ -15,6 +15,7 @@ Medians of ``--repeats`` after one warm-up; the two ways of running the suffixes
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import platform
 import statistics
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from common import CIFAR_MEAN, CIFAR_STD, cifar_arrays
 
-import resprobe.ablate as ablate
+ablate = importlib.import_module("resprobe.ablate")  # `resprobe.ablate` is rp.ablate, the function
 from resprobe.ablate_engine import AblationEngine, lesion_variant
 from resprobe.models.blocks import discover_blocks
 from resprobe.models.build import build_architecture, build_with_weights, load_weights

@@ -224,7 +224,8 @@ def run_ablation(probe: Probe, loader: Iterable, options: AblateOptions,
         check_rebuildable(probe)
     n = len(getattr(loader, "dataset", []))
     batches = Batches(loader, probe.runtime, BATCH_CACHE_BYTES if _needs_several_passes(options) else 0)
-    engine = AblationEngine(probe.model, anatomy, probe.runtime, batches, fast=fast)
+    engine = AblationEngine(probe.model, anatomy, probe.runtime, batches, fast=fast,
+                            loss_fn=getattr(probe, "loss_fn", None))
 
     def start(description: str) -> Advance | None:
         return progress(description, n) if progress else None

@@ -8,12 +8,15 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from resprobe.ablate_engine import AblationEngine, ProgressFactory, evaluate_pass, lesion_variant
+from resprobe.errors import BadValue
 from resprobe.evaluate import EvalResult
 from resprobe.models.blocks import Block
 
 
 def harm(result: EvalResult, by: str) -> float:
     """How bad a model is by ``--by``: its loss, or minus its accuracy. Non-finite counts as worst."""
+    if by == "acc" and result.acc is None:
+        raise BadValue("by acc needs targets that are class indices; rank by loss")
     value = result.loss if by == "loss" else -result.acc
     return value if math.isfinite(value) else math.inf
 
@@ -47,12 +50,17 @@ class BlockRemoval:
         return asdict(self)
 
 
+def _difference(a: float | None, b: float | None) -> float | None:
+    """``a − b``; None where accuracy is undefined (a custom loss's targets that are not classes)."""
+    return a - b if a is not None and b is not None else None
+
+
 def rank_removals(blocks: Sequence[Block], results: Sequence[EvalResult], baseline: EvalResult,
                   by: str) -> list[BlockRemoval]:
     """Rows in block order, ``rank`` 1 = most harmful by ``by``."""
     ranks = {i: r + 1 for r, i in enumerate(rank_order([harm(r, by) for r in results]))}
     return [BlockRemoval(b.name, b.stage, b.index, b.kind, r.loss, r.acc, r.loss - baseline.loss,
-                         r.acc - baseline.acc, ranks[i])
+                         _difference(r.acc, baseline.acc), ranks[i])
             for i, (b, r) in enumerate(zip(blocks, results))]
 
 
@@ -74,7 +82,7 @@ class CurvePoint:
 
 def _point(k: int, removed: Sequence[str], result: EvalResult, baseline: EvalResult) -> CurvePoint:
     return CurvePoint(k, list(removed), removed[-1] if removed else None, result.loss, result.acc,
-                      result.loss - baseline.loss, result.acc - baseline.acc)
+                      result.loss - baseline.loss, _difference(result.acc, baseline.acc))
 
 
 def greedy_curve(engine: AblationEngine, candidates: Sequence[int], k_max: int, by: str, baseline: EvalResult,

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from resprobe.evaluate import EvalResult, Tally, borderline_mask, reduce_tallies
+from resprobe.evaluate import EvalResult, Tally, borderline_mask, is_class_labels, reduce_tallies
 from resprobe.models.blocks import Anatomy, Block, BlockFn, Extras, replaced_blocks
 from resprobe.runtime import Runtime
 from resprobe.share import cache_thread_views
@@ -96,8 +96,9 @@ class AblationEngine:
     """
 
     def __init__(self, model: nn.Module, anatomy: Anatomy, runtime: Runtime,
-                 batches: Iterable[tuple[Tensor, Tensor]], fast: bool = True):
+                 batches: Iterable[tuple[Tensor, Tensor]], fast: bool = True, loss_fn: Any = None):
         self.model = model
+        self.loss_fn = loss_fn  # per-sample loss (outputs, targets) -> [B]; None: cross-entropy
         self.anatomy = anatomy
         self.runtime = runtime
         self.batches = batches
@@ -278,16 +279,19 @@ def evaluate_pass(engine: AblationEngine, variants: Sequence[Variant], base: Var
     base_border, border = Tally(), [Tally() for _ in variants]
     observed: dict[int, list[Any]] = {}
     for outcome in engine.run(variants, base, observer, advance):
-        labels = outcome.labels
-        base_tally.add(outcome.logits, labels)
-        mask = borderline_mask(outcome.logits, labels)
-        any_borderline = bool(mask.any())
+        labels, loss_fn = outcome.labels, engine.loss_fn
+        base_tally.add(outcome.logits, labels, loss_fn)
+        # Borderline samples are defined by class margins: none where the targets are not classes.
+        any_borderline = is_class_labels(labels, outcome.logits)
         if any_borderline:
-            base_border.add(outcome.logits[mask], labels[mask])
+            mask = borderline_mask(outcome.logits, labels)
+            any_borderline = bool(mask.any())
+        if any_borderline:
+            base_border.add(outcome.logits[mask], labels[mask], loss_fn)
         for tally, border_tally, logits in zip(tallies, border, outcome.variants):
-            tally.add(logits, labels)
+            tally.add(logits, labels, loss_fn)
             if any_borderline:
-                border_tally.add(logits[mask], labels[mask])
+                border_tally.add(logits[mask], labels[mask], loss_fn)
         for j, value in outcome.observed.items():
             observed.setdefault(j, []).append(value)
     reduce_tallies([base_tally, *tallies, base_border, *border])  # torchrun: sums over every rank's batches

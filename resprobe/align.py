@@ -139,7 +139,9 @@ def summarize(recorded: Recorded) -> dict[str, Any]:
         "n_invalid": sum(b["n_invalid"] for b in blocks),
         "complete": bool(recorded.complete),
         "loss": _mean(recorded.loss.astype(np.float64)),
-        "acc": float((recorded.pred == recorded.label).mean()) if recorded.n_samples else None,
+        # Label -1: a custom loss's targets are not classes (rp.align(loss=...)), accuracy is undefined.
+        "acc": float((recorded.pred == recorded.label).mean())
+        if recorded.n_samples and (recorded.label >= 0).all() else None,
         "blocks": blocks,
         "stages": summarize_stages(recorded),
     }

@@ -216,10 +216,10 @@ def check_format(fmt: str) -> None:
 
 
 def provenance(probe: Any) -> dict[str, Any]:
-    """``checkpoint`` and ``preprocessing`` (as used) for every report that loads a model."""
-    described = probe.describe()
-    return {"checkpoint": described["checkpoint"], "checkpoint_sha256": described["checkpoint_sha256"],
-            "weights_sha256": described["weights_sha256"], "preprocessing": described["preprocessing"]}
+    """``checkpoint`` and ``preprocessing`` (as used) for every report that loads a model (as rp.ablate's)."""
+    from resprobe.api import report_provenance
+
+    return report_provenance(probe)
 
 
 def require(value: Any, option: str, what: str) -> Any:

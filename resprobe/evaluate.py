@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from resprobe.losses import LossFn, is_class_labels  # noqa: F401  (is_class_labels: re-exported)
 from resprobe.runtime import Runtime
 
 
@@ -18,7 +19,7 @@ class EvalResult:
 
     n: int
     loss: float
-    acc: float
+    acc: float | None  # None: targets that are not class indices (a custom loss)
     top5: float | None
 
     def to_dict(self) -> dict:
@@ -26,7 +27,8 @@ class EvalResult:
 
 
 class Tally:
-    """Sums of per-sample loss and hits, accumulated in float64."""
+    """Sums of per-sample loss and hits, accumulated in float64. ``loss_fn``: per-sample losses
+    (default cross-entropy); accuracy is counted only for class-index targets."""
 
     def __init__(self) -> None:
         self.n = 0
@@ -34,10 +36,19 @@ class Tally:
         self.hits = 0
         self.hits5 = 0
         self.num_classes: int | None = None
+        self.unscored = False  # targets that are not class indices were seen: acc and top5 are None
 
-    def add(self, logits: Tensor, labels: Tensor) -> Tensor:
+    def add(self, logits: Tensor, labels: Tensor, loss_fn: LossFn | None = None) -> Tensor:
         logits = logits.float()
-        losses = F.cross_entropy(logits, labels, reduction="none")
+        if loss_fn is not None:
+            losses = loss_fn(logits, labels).float()
+            if not is_class_labels(labels, logits):  # no classes: loss only, accuracy undefined
+                self.unscored = True
+                self.n += len(losses)
+                self.loss += float(losses.double().sum())
+                return losses
+        else:
+            losses = F.cross_entropy(logits, labels, reduction="none")
         self.n += len(labels)
         self.loss += float(losses.double().sum())
         self.hits += int((logits.argmax(1) == labels).sum())
@@ -56,6 +67,8 @@ class Tally:
 
     def result(self) -> EvalResult:
         n = max(self.n, 1)
+        if self.unscored:
+            return EvalResult(self.n, self.loss / n, None, None)  # type: ignore[arg-type]
         top5 = self.hits5 / n if (self.num_classes or 0) >= 5 else None
         return EvalResult(self.n, self.loss / n, self.hits / n, top5)
 
@@ -82,14 +95,16 @@ def evaluate(
     loader: Iterable,
     runtime: Runtime,
     progress: Callable[[int], None] | None = None,
+    loss_fn: LossFn | None = None,
 ) -> EvalResult:
-    """Mean cross-entropy, top-1 and top-5 accuracy of ``model`` (in eval mode) over ``loader``."""
+    """Mean cross-entropy (or ``loss_fn``'s per-sample loss), top-1 and top-5 accuracy of ``model`` (in
+    eval mode) over ``loader``."""
     tally = Tally()
     for images, labels, _ in loader:
         images, labels = runtime.batch(images), labels.to(runtime.device)
         with runtime.compute():
             logits = model(images)
-        tally.add(logits, labels)
+        tally.add(logits, labels, loss_fn)
         if progress:
             progress(len(labels))
     reduce_tallies([tally])  # torchrun: each rank evaluated its share of the batches

@@ -51,6 +51,7 @@ class Probe:
     input_size_given: bool = False  # --input-size: the user chose it, upscaling is not a surprise
     decode: str = "auto"  # where image files are decoded: "auto" (on CUDA: the device), "cpu", "device"
     offline: bool = False  # --offline: hfds: hub datasets from the local cache only, as the weights
+    loss_fn: Any = None  # per-sample loss (outputs, targets) -> [B] of every pass (rp.align(loss=)); None: cross-entropy
     _anatomy: Anatomy | None = field(default=None, repr=False)
     _noted: set[str] = field(default_factory=set, repr=False)
 

@@ -59,3 +59,24 @@ def test_import_resprobe_and_a_vision_blocks_listing_import_no_transformers():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.stdout.strip() == "False", result.stderr
     assert "transformers" not in imported_by("blocks", "torchvision:resnet18", "--num-classes", "4", "-f", "json", "-q")
+
+
+PACKAGE_ONLY = """
+import json, sys
+import resprobe as rp
+light = "torch" not in sys.modules
+api_names = [n for n in ("align", "ablate", "blocks", "evaluate", "share", "finetune", "record", "open_recording",
+                         "save", "load") if n in dir(rp)]
+import resprobe.align  # the module of the same name must not shadow the function
+print(json.dumps({"light": light, "names": api_names, "function": callable(rp.align) and rp.align.__module__}))
+"""
+
+
+def test_import_resprobe_stays_light_and_rp_align_is_the_function():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", PACKAGE_ONLY], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env=env)
+    verdict = json.loads(result.stdout.strip().splitlines()[-1])
+    assert verdict["light"], "import resprobe imported torch"
+    assert len(verdict["names"]) == 10
+    assert verdict["function"] == "resprobe.api"

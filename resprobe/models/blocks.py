@@ -133,6 +133,13 @@ class Anatomy:
     def names(self) -> list[str]:
         return [b.name for b in self.blocks]
 
+    def to_pandas(self) -> Any:
+        """One row per block (name, stage, index, kind, in_shape, out_shape, params): ``rp.blocks``."""
+        from resprobe.dataframes import frame
+
+        return frame([b.to_dict() for b in self.blocks], ("name", "stage", "index", "kind", "in_shape",
+                                                          "out_shape", "params"))
+
     @property
     def identity_blocks(self) -> list[Block]:
         return [b for b in self.blocks if b.is_identity]

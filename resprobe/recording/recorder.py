@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from resprobe.errors import BadValue
+from resprobe.losses import LossFn, is_class_labels
 from resprobe.models.blocks import Anatomy, Block
 from resprobe.recording import fused_stats
 from resprobe.recording.fused_stats import AffineBranch
@@ -220,6 +221,7 @@ class Recorder:
         readout: Iterable[str] = (),
         samples_seen: int = 0,
         fused: bool | None = None,
+        loss_fn: LossFn | None = None,
     ):
         if target not in TARGETS:
             raise BadValue(f"--target {target!r}: choose label or pred")
@@ -235,6 +237,7 @@ class Recorder:
         if self.readout and anatomy.head is None:
             raise BadValue("--readout needs the model's head, which resprobe does not know for this model")
         self.samples_seen = samples_seen
+        self.loss_fn = loss_fn  # per-sample losses (outputs, targets) -> [B]; None: cross-entropy
         self.identity_stats = IdentityStats(fused_by_default(runtime) if fused is None else fused)
         self._handles: list[Any] = []
         self._active: int | None = None
@@ -395,6 +398,11 @@ class Recorder:
         awaiting at once costs nothing and keeps a recording's batches durable one by one."""
         return self.runtime.device.type == "cuda"
 
+    def _losses(self, logits: Tensor, target: Tensor) -> Tensor:
+        if self.loss_fn is None:
+            return F.cross_entropy(logits, target, reduction="none")
+        return self.loss_fn(logits, target).float()
+
     def launch_batch(self, images: Tensor, labels: Tensor, indices: Tensor) -> PendingBatch:
         """:meth:`run_batch` without waiting for the device: the results come with
         :meth:`PendingBatch.result`. Launching the next batch first keeps a GPU busy while the host
@@ -416,13 +424,13 @@ class Recorder:
                 with torch.enable_grad(), self.runtime.autocast():
                     logits = model(images)
                 logits = logits.float()
-                pred = logits.argmax(1)
+                pred = logits.argmax(1) if logits.dim() > 1 else torch.full((batch,), -1, dtype=torch.long, device=device)
                 target = labels if self.target == "label" else pred
-                losses = F.cross_entropy(logits, target, reduction="none")
+                losses = self._losses(logits, target)
                 # Samples are independent in eval mode: the gradient of the summed loss w.r.t. sample
                 # n's activations is exactly ∂ℓ_n/∂h_n.
                 torch.autograd.grad(losses.sum(), images)
-            label_losses = losses if self.target == "label" else F.cross_entropy(logits, labels, reduction="none")
+            label_losses = losses if self.target == "label" else self._losses(logits, labels)
         except _Stale as exc:
             raise RuntimeError(str(exc)) from None
         finally:
@@ -431,6 +439,8 @@ class Recorder:
             self._slots = []
         stats, self._stats = self._stats, None
         self.samples_seen += batch
+        if self.loss_fn is not None and not is_class_labels(labels, logits):
+            labels = torch.full((batch,), -1, dtype=torch.long, device=device)  # no class: label -1
         device_tensors = {"stats": stats, "index": indices, "label": labels, "pred": pred.detach(),
                           "loss": label_losses.detach(),
                           **{f"readout/{b}": v for b, v in self._readout_logits.items()}}
@@ -609,11 +619,21 @@ def concat_batches(batches: list[BatchStats], blocks: list[dict[str, Any]], **kw
 
 
 def collect(probe: Any, loader: Iterable, target: str = "label", readout: Iterable[str] = (),
-            progress: Callable[[int], None] | None = None) -> Recorded:
-    """Record every batch of ``loader`` in memory (no file): for ``ablate --proxies`` and notebooks."""
-    with Recorder(probe.anatomy, probe.runtime, target=target, readout=readout) as recorder:
+            progress: Callable[[int], None] | None = None, warn_nonfinite: bool = False) -> Recorded:
+    """Record every batch of ``loader`` in memory (no file): ``align MODEL``, ``ablate --proxies`` and
+    ``rp.align``. The loss is ``probe.loss_fn`` (None: cross-entropy). ``warn_nonfinite``: one warning
+    for NaN or inf in the activations (:class:`NonfiniteTally`)."""
+    with Recorder(probe.anatomy, probe.runtime, target=target, readout=readout,
+                  loss_fn=getattr(probe, "loss_fn", None)) as recorder:
         batches = gather_batches(list(iterate(recorder, loader, progress)))
-    return concat_batches(batches, [b.to_dict() for b in probe.anatomy.blocks])
+    blocks = [b.to_dict() for b in probe.anatomy.blocks]
+    if warn_nonfinite:
+        tally = NonfiniteTally([b["name"] for b in blocks], [b["kind"] == "identity" for b in blocks])
+        for batch in batches:
+            tally.add(batch)
+        for message in tally.messages():
+            warnings.warn(message, stacklevel=3)
+    return concat_batches(batches, blocks)
 
 
 def gather_batches(batches: list[BatchStats]) -> list[BatchStats]:

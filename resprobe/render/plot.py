@@ -276,8 +276,16 @@ def plot(input_path: str | Path, out_path: str | Path, kind: str = "auto", overw
     out, fmt = check_output(out_path, overwrite)
     if kind not in KINDS:
         raise BadValue(f"--kind {kind!r}: choose one of {', '.join(KINDS)}")
-    matplotlib = _matplotlib()
     payload, attrs = load_input(input_path)
+    chosen, fig, panels = draw(payload, kind, attrs, lambda fig: save_figure(fig, out, fmt, overwrite))
+    return PlotResult(out, chosen, panels)
+
+
+def draw(payload: Mapping[str, Any], kind: str = "auto", attrs: Mapping[str, Any] | None = None,
+         then: Any = None) -> tuple[str, Any, list[str]]:
+    """The figure of an align or ablate report (``kind`` resolved as ``--kind``): ``(kind, figure,
+    panels)``; ``then(figure)`` runs in the same style context (saving). Also ``rp.align(...).plot()``."""
+    matplotlib = _matplotlib()
     chosen = resolve_kind(payload, kind)
     with matplotlib.rc_context(STYLE):
         if chosen == "ablate":
@@ -285,9 +293,10 @@ def plot(input_path: str | Path, out_path: str | Path, kind: str = "auto", overw
         elif chosen == "readout":
             fig, panels = readout_figure(payload)
         else:
-            fig, panels = align_figure(payload, shared_stages(payload, attrs))
-        save_figure(fig, out, fmt, overwrite)
-    return PlotResult(out, chosen, panels)
+            fig, panels = align_figure(payload, shared_stages(payload, attrs or {}))
+        if then is not None:
+            then(fig)
+    return chosen, fig, panels
 
 
 def _matplotlib() -> Any:
