@@ -1018,7 +1018,6 @@ def finetune_command(
     config folder without weights (initialized from --seed)."""
     from resprobe.render.report import emit, finetune_table
     from resprobe.share import check_rebuildable
-    from resprobe import distributed
     from resprobe.train import FinetuneOptions, TrainingInterrupted, check_new_out, finetune
 
     with command_errors(debug, quiet, scale_out=True):
@@ -1051,23 +1050,8 @@ def finetune_command(
         train_source = probe.data(data, limit, seed, class_map)
         val_source = probe.data(val_data, val_limit, seed, class_map) if val_data else None
         with make_progress(quiet) as progress:
-            train_task = progress.add_task("train", total=None, unit="step")
-            val_task = progress.add_task("validate", total=len(val_source) if val_source else 0, visible=False)
+            on_step, on_eval = _finetune_progress(progress, val_source, plain_log=False)
             calib_task = progress.add_task("recalibrate", total=recalibrate or 0, visible=False)
-
-            def on_step(state) -> None:
-                loss = "" if state.loss is None else f" loss {state.loss:.4f}"
-                progress.update(train_task, total=state.total_steps, completed=state.step,
-                                description=f"train epoch {state.epoch + 1}{loss}")
-
-            val_size = distributed.world().size  # torchrun: on_eval counts one rank's share
-
-            def on_eval(n: int) -> None:
-                task = next(t for t in progress.tasks if t.id == val_task)
-                if task.finished:
-                    progress.reset(val_task)
-                progress.update(val_task, completed=min(task.total or 0, task.completed + n * val_size), visible=True)
-
             try:
                 result = finetune(probe, train_source, val_source, options, on_step=on_step, eval_progress=on_eval,
                                   recalibrate_progress=lambda n: progress.update(calib_task, advance=n, visible=True))
@@ -1079,10 +1063,36 @@ def finetune_command(
         emit({**result.to_dict(), **provenance(probe)}, fmt, finetune_table, lambda p: p["history"])
 
 
+def _finetune_progress(progress: Any, val_source: Any, plain_log: bool) -> tuple[Any, Any]:
+    """``finetune``'s progress callbacks: ``on_step(state)`` moves the training bar (and with ``plain_log``
+    writes a line every 10 steps), ``on_eval(n)`` the validation bar."""
+    from resprobe import distributed
+
+    train_task = progress.add_task("train", total=None, unit="step")
+    val_task = progress.add_task("validate", total=len(val_source) if val_source else 0, visible=False)
+
+    def on_step(state: Any) -> None:
+        loss = "" if state.loss is None else f" loss {state.loss:.4f}"
+        progress.update(train_task, total=state.total_steps, completed=state.step,
+                        description=f"train epoch {state.epoch + 1}{loss}")
+        if plain_log and (state.step % 10 == 0 or state.step == state.total_steps):
+            print(f"{time.strftime('%H:%M:%S')} step {state.step}/{state.total_steps} epoch {state.epoch + 1}"
+                  f"{loss} lr {state.lr:.3g}", file=sys.stderr, flush=True)
+
+    val_size = distributed.world().size  # torchrun: on_eval counts one rank's share
+
+    def on_eval(n: int) -> None:
+        task = next(t for t in progress.tasks if t.id == val_task)
+        if task.finished:
+            progress.reset(val_task)
+        progress.update(val_task, completed=min(task.total or 0, task.completed + n * val_size), visible=True)
+
+    return on_step, on_eval
+
+
 def _finetune_lm(model: str, lm: LMArgs, options: Any, data: str, val_data: str | None, limit: int | None,
                  val_limit: int | None, device: str, precision: str, offline: bool, fmt: str, quiet: bool) -> None:
     """``finetune`` for a language model (resprobe.train_lm): windows of --data, perplexity on --val-data."""
-    from resprobe import distributed
     from resprobe.lm_probe import open_lm_probe
     from resprobe.render.report import emit, finetune_table
     from resprobe.train import TrainingInterrupted
@@ -1095,27 +1105,8 @@ def _finetune_lm(model: str, lm: LMArgs, options: Any, data: str, val_data: str 
     train_source = probe.data(data, limit, options.seed)
     val_source = probe.data(val_data, val_limit, options.seed) if val_data else None
     with make_progress(quiet) as progress:
-        train_task = progress.add_task("train", total=None, unit="step")
-        val_task = progress.add_task("validate", total=len(val_source) if val_source else 0, visible=False)
-
-        plain_log = not quiet and not sys.stderr.isatty()  # no live bar: a line every 10 steps (nohup logs)
-
-        def on_step(state: Any) -> None:
-            loss = "" if state.loss is None else f" loss {state.loss:.4f}"
-            progress.update(train_task, total=state.total_steps, completed=state.step,
-                            description=f"train epoch {state.epoch + 1}{loss}")
-            if plain_log and (state.step % 10 == 0 or state.step == state.total_steps):
-                print(f"{time.strftime('%H:%M:%S')} step {state.step}/{state.total_steps} epoch {state.epoch + 1}"
-                      f"{loss} lr {state.lr:.3g}", file=sys.stderr, flush=True)
-
-        val_size = distributed.world().size  # torchrun: on_eval counts one rank's share
-
-        def on_eval(n: int) -> None:
-            task = next(t for t in progress.tasks if t.id == val_task)
-            if task.finished:
-                progress.reset(val_task)
-            progress.update(val_task, completed=min(task.total or 0, task.completed + n * val_size), visible=True)
-
+        # No live bar when stderr is a file (nohup): a plain line every 10 steps instead.
+        on_step, on_eval = _finetune_progress(progress, val_source, plain_log=not quiet and not sys.stderr.isatty())
         try:
             result = finetune_lm(probe, train_source, val_source, options, on_step=on_step, eval_progress=on_eval)
         except TrainingInterrupted as exc:  # the state is saved: say how to continue
