@@ -510,11 +510,18 @@ def _train_step(module: nn.Module, inputs: Tensor, targets: Tensor, runtime: Any
     return value.detach()
 
 
-def save(model: nn.Module, path: str | Path, arch: str | None = None, overwrite: bool = True,
+def save(model: nn.Module, path: str | Path, arch: str | None = None, overwrite: bool = False,
          num_classes: int | None = None) -> Path:
     """Write ``model`` as a resprobe checkpoint (usable as MODEL by every command). Modules resprobe
     made (``rp.share``, ``.pruned``, spec strings) know how they are rebuilt; a user's own module needs
-    ``arch``, the spec of its architecture (e.g. ``"torchvision:resnet18"``, with ``num_classes``)."""
+    ``arch``, the spec of its architecture (e.g. ``"torchvision:resnet18"``, with ``num_classes``).
+    An existing ``path`` is refused unless ``overwrite=True``, and is never touched by a save that fails:
+    the file is written beside it, loaded back, and only then renamed into place."""
+    import os
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise BadValue(f"rp.save: {path} exists; pass overwrite=True to replace it")
     from resprobe.models.loading import LoadOptions, load_model
     from resprobe.models.checkpoints import save_resprobe_checkpoint
 
@@ -534,13 +541,17 @@ def save(model: nn.Module, path: str | Path, arch: str | None = None, overwrite:
         if arch_dict.get("source") in ("timm", "torchvision") else parse_model_spec(str(arch or arch_dict.get("name")))
     loaded = LoadedModel(module, spec, arch_dict, recipes=recipes, preprocessing=origin.get("preprocessing"),
                          classes=origin.get("classes"))
-    path = save_resprobe_checkpoint(path, loaded, module, recipes=recipes, preprocessing=origin.get("preprocessing"),
-                                    replace=overwrite)
-    try:  # the file must give this model back: a wrong arch is said now, not at the next load
-        load(path)
-    except ModelError as exc:
-        Path(path).unlink(missing_ok=True)
-        raise BadValue(f"rp.save: {path} would not load back as this model ({exc}); check arch=") from None
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # the suffix says "checkpoint"
+    try:
+        save_resprobe_checkpoint(tmp, loaded, module, recipes=recipes, preprocessing=origin.get("preprocessing"),
+                                 replace=True)
+        try:  # the file must give this model back: a wrong arch is said now, not at the next load
+            load(tmp)
+        except ModelError as exc:
+            raise BadValue(f"rp.save: {path} would not load back as this model ({exc}); check arch=") from None
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return Path(path)
 
 
