@@ -306,6 +306,36 @@ def test_span_of_a_vision_model_is_refused(tmp_path):
     fails("share", "fixtures/tiny_resnet.pt", "--span", "0:2", "--out", tmp_path / "x.pt", expect="language model")
 
 
+def test_sublayer_units_of_a_shared_model(lm_dir, text, tmp_path):
+    """Per-iteration norms: each iteration's MLP entry is its own norm, so sublayer units work (and
+    their statistics equal the unshared model's at full rank); shared norms: refused in one line."""
+    common = ["--data", f"text:{text}", "--seq-len", 16, "--limit", 3, "--device", "cpu", "-q", "-f", "json",
+              "--granularity", "sublayer"]
+    full = tmp_path / "full.pt"
+    invoke("share", lm_dir, "--span", "0:4", "--period", 2, "--lora-rank", 1000, "--out", full, "-q")
+    shared = json.loads(invoke("align", full, *common).stdout)
+    original = json.loads(invoke("align", lm_dir, *common).stdout)
+    assert [b["name"] for b in shared["blocks"]] == [b["name"] for b in original["blocks"]]
+    for a, b in zip(shared["blocks"], original["blocks"]):
+        assert a["cos_mean"] == pytest.approx(b["cos_mean"], abs=1e-4)
+        assert a["l2_ratio_mean"] == pytest.approx(b["l2_ratio_mean"], rel=1e-4)
+    naive = tmp_path / "naive.pt"
+    invoke("share", lm_dir, "--span", "0:4", "--norm", "shared", "--out", naive, "-q")
+    fails("align", naive, *common, expect="--granularity layer")
+
+
+def test_gradients_reach_shared_weights_lora_factors_and_own_norms():
+    import resprobe as rp
+
+    model = make_model("gpt2").requires_grad_(True)
+    shared = rp.share(model, span=(1, 4), lora_rank=2)
+    shared(input_ids=ids(), labels=ids()).loss.backward()
+    iteration = layer_list(shared)[2]
+    assert iteration.shared_block.attn.c_attn.weight.grad.abs().sum() > 0
+    assert iteration.lora.get_submodule("attn.c_attn").A.grad.abs().sum() > 0
+    assert iteration.ln_1.weight.grad.abs().sum() > 0
+
+
 def test_a_span_already_shared_is_refused():
     model = _shared(make_model("llama"), 1, None)
     with pytest.raises(Exception, match="already shared"):

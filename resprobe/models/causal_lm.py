@@ -407,6 +407,10 @@ def lm_anatomy(model: nn.Module, seq_len: int, granularity: str = "layer") -> LM
         name = f"{prefix}.{i}"
         entry = mlp_entry(layer, config) if granularity == "sublayer" else None
         if entry is None:
+            if granularity == "sublayer" and "shared_block" in layer.__dict__:
+                raise BadValue(f"--granularity sublayer: {name} runs a shared layer whose norms are shared too "
+                               "(share --norm shared), so its attention and MLP updates cannot be told apart per "
+                               "iteration (use --granularity layer)")
             if granularity == "sublayer" and not _parallel_residual(layer, config):
                 raise BadValue(f"--granularity sublayer: resprobe does not know where the attention update ends in "
                                f"{type(layer).__name__} (use --granularity layer)")
