@@ -306,6 +306,38 @@ def test_span_of_a_vision_model_is_refused(tmp_path):
     fails("share", "fixtures/tiny_resnet.pt", "--span", "0:2", "--out", tmp_path / "x.pt", expect="language model")
 
 
+class PassThrough(torch.nn.Module):
+    """A removed layer: returns its input hidden states."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def test_ablate_of_a_shared_checkpoint_equals_a_naive_forward_without_each_layer(lm_dir, text, tmp_path):
+    """LM ablate (issue 26's ablate part) on a shared model: each removal's loss equals the shared model
+    run with that iteration replaced by a pass-through (the other iterations of its shared layer kept)."""
+    pytest.importorskip("resprobe.ablate_lm")
+    from resprobe.evaluate_lm import evaluate_lm
+    from resprobe.lm_probe import open_lm_probe
+
+    out = tmp_path / "shared.pt"
+    invoke("share", lm_dir, "--span", "0:4", "--period", 2, "--lora-rank", 2, "--out", out, "-q")
+    data = ["--data", f"text:{text}", "--seq-len", 16, "--limit", 5, "--device", "cpu", "-b", 2]
+    report = json.loads(invoke("ablate", out, *data, "-q", "-f", "json").stdout)
+    probe = open_lm_probe(str(out), device="cpu", seq_len=16)
+    loader = probe.loader(probe.data(f"text:{text}", 5, 0), 2)
+    layers = probe.model.model.layers
+    for i, block in enumerate(report["blocks"]):
+        kept = layers[i]
+        layers[i] = PassThrough()
+        try:
+            expected = evaluate_lm(probe.model, loader, torch.device("cpu"))["loss"]
+        finally:
+            layers[i] = kept
+        assert block["name"] == f"model.layers.{i}"
+        assert block["loss"] == pytest.approx(expected, rel=1e-6)
+
+
 def test_sublayer_units_of_a_shared_model(lm_dir, text, tmp_path):
     """Per-iteration norms: each iteration's MLP entry is its own norm, so sublayer units work (and
     their statistics equal the unshared model's at full rank); shared norms: refused in one line."""
