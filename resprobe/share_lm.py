@@ -13,9 +13,9 @@ layer A+t, so masks, rotary embeddings and the KV cache (one cache slot per laye
 the original model, and ``generate`` with a cache works.
 
 ``lora_rank``: a per-iteration ``W_t = W + B_t A_t`` for every Linear (and GPT-2's transposed Conv1D)
-weight, from the rank-R truncated SVD of (original layer's weight − shared weight). Biases stay shared
-(Relaxed Recursive Transformers relaxes the matrices only), so full rank reproduces the original model
-exactly when the replaced layers' biases agree (models without biases: Llama, Mistral, Gemma, …).
+weight, from the rank-R truncated SVD of (original layer's weight − shared weight); with LoRA every other
+shared parameter (the biases) gets a per-iteration offset, as for vision models, so full rank reproduces
+the original model exactly.
 Fused expert tensors of mixture-of-experts layers are not Linear modules: they are shared uncorrected.
 """
 
@@ -132,7 +132,7 @@ def plan_span(model: nn.Module, options: SpanOptions) -> list[StagePlan]:
 
 
 def _settings(norm: str, lora_rank: int | None, init: str) -> _Settings:
-    return _Settings(norm, lora_rank, init, "copy", offsets=False)
+    return _Settings(norm, lora_rank, init, "copy")  # with LoRA, per-iteration bias offsets as for vision
 
 
 def share_span(model: nn.Module, options: SpanOptions) -> LMShareResult:

@@ -45,17 +45,6 @@ def is_norm_name(name: str) -> bool:
     return "norm" in name or name.split(".")[0].startswith("ln_")
 
 
-def equalize_biases(model) -> None:
-    """Every layer's biases set to layer 0's: biases stay shared, so only then can full-rank LoRA
-    reproduce the original model exactly."""
-    layers = layer_list(model)
-    with torch.no_grad():
-        for layer in layers[1:]:
-            for name, p in layer.named_parameters():
-                if name.endswith("bias") and not is_norm_name(name):
-                    p.copy_(layers[0].get_parameter(name))
-
-
 def ids(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(seed))
 
@@ -78,8 +67,10 @@ def test_parameter_counts_counted_independently(arch, period, rank):
     linears = [m for m in layer.modules() if type(m).__name__ in ("Linear", "Conv1D")]
     # a Linear's weight is [out, in], a Conv1D's [in, out]: the factors are out×r and r×in either way
     lora = sum(min(rank, *m.weight.shape) * sum(m.weight.shape) for m in linears) if rank else 0
+    # with LoRA every other shared parameter (the biases) gets a per-iteration offset, as for vision
+    offsets = shareable - sum(m.weight.numel() for m in linears) if rank else 0
     start, end = 0, LAYERS
-    expected = distinct_params(model) - (end - start - period) * shareable + (end - start) * lora
+    expected = distinct_params(model) - (end - start - period) * shareable + (end - start) * (lora + offsets)
 
     shared = copy.deepcopy(model)
     result = share_span(shared, SpanOptions(start, end, period, lora_rank=rank))
@@ -153,7 +144,6 @@ def test_iterations_keep_their_layer_index():
 @pytest.mark.parametrize("period,init", [(1, "average"), (2, "first")])
 def test_full_rank_lora_reproduces_the_original_logits(arch, period, init):
     model = make_model(arch)
-    equalize_biases(model)  # no-op for llama and gemma2 (no biases)
     x = ids()
     reference = logits(model, x)
     shared = copy.deepcopy(model)
@@ -168,7 +158,7 @@ def _shared(model, period: int, rank: int | None):
     return new
 
 
-def test_conv1d_factors_map_inputs_to_outputs_and_biases_stay_shared():
+def test_conv1d_factors_map_inputs_to_outputs_and_biases_get_offsets():
     model = make_model("gpt2")
     shared = _shared(model, 1, 4)
     iteration = layer_list(shared)[2]
@@ -182,7 +172,10 @@ def test_conv1d_factors_map_inputs_to_outputs_and_biases_stay_shared():
     U, S, Vh = torch.linalg.svd(diff)
     torch.testing.assert_close((factors.B @ factors.A).double(), (U[:, :4] * S[:4]) @ Vh[:4], rtol=0, atol=1e-6)
     own = [n for n, _ in iteration.named_parameters()]
-    assert own and all(n.startswith(("ln_1.", "ln_2.")) or n.endswith((".A", ".B")) for n in own), own
+    assert own and all(n.startswith(("ln_1.", "ln_2.")) or n.endswith((".A", ".B", ".delta")) for n in own), own
+    # a bias keeps the shared value plus this iteration's offset, initialized to layer 2's own bias
+    offset = iteration.lora.get_submodule("attn.c_attn.bias").delta
+    torch.testing.assert_close(iteration.shared_block.attn.c_attn.bias + offset, layer_list(model)[2].attn.c_attn.bias)
 
 
 # --------------------------------------------------------------------------------------------------
