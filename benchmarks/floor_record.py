@@ -1,6 +1,6 @@
 """The floor for ``resprobe record``: forward + backward to the input, no weight gradients, nothing else.
 
-    python benchmarks/floor_record.py DATA.npz [--batch-size 100] [--threads N]
+    python benchmarks/floor_record.py DATA.npz [--batch-size 100] [--checkpoint WEIGHTS.pt]
 """
 
 from __future__ import annotations
@@ -20,8 +20,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("data")
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--checkpoint", help="a state dict to load (as record --checkpoint does)")
     args = parser.parse_args()
     model = torchvision.models.get_model("resnet50", num_classes=10).eval().requires_grad_(False)
+    if args.checkpoint:
+        model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
     with np.load(args.data) as f:
         images, labels = f["images"], f["labels"]
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)

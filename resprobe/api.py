@@ -398,12 +398,26 @@ def share(model: Any, stages: Sequence[int] | None = None, init: str = "average"
           lora_rank: int | None = None, recalibrate: int | None = None, train_data: Any = None,
           iterations: int | None = None, gamma_init: str = "copy", recalibrate_scope: str = "shared",
           example: Any = None, blocks: str | Sequence[str] | None = None, device: str | None = None,
-          precision: str = "fp32", batch_size: int = DEFAULT_BATCH_SIZE) -> nn.Module:
+          precision: str = "fp32", batch_size: int = DEFAULT_BATCH_SIZE, span: tuple[int, int] | None = None,
+          period: int = 1) -> nn.Module:
     """A new module whose stages share one block applied in place (``resprobe share``); the original is
-    untouched. ``recalibrate=N`` re-estimates norm statistics on N samples of ``train_data``."""
+    untouched. ``recalibrate=N`` re-estimates norm statistics on N samples of ``train_data``.
+
+    A transformers causal LM (module or ``transformers:`` spec): ``span=(A, B)`` and ``period=P`` loop P
+    shared decoder layers over layers A..B−1 (docs/llm.md "Sharing layers"); the result is the same
+    ``PreTrainedModel`` class, which ``generate``s and which ``rp.save`` writes for every command."""
     from resprobe.models.blocks import discover_blocks
     from resprobe.share import ShareOptions, share_stages
     from resprobe.share import recalibrate as recalibrate_norms
+
+    if span is not None or period != 1 or _is_lm(model):
+        vision_only = {"stages": stages, "recalibrate": recalibrate, "train_data": train_data,
+                       "iterations": iterations, "example": example, "blocks": blocks,
+                       "gamma_init": None if gamma_init == "copy" else gamma_init}
+        given = [name for name, value in vision_only.items() if value is not None]
+        if given:
+            raise BadValue(f"rp.share of a language model takes span=(A, B) and period=P, not {given[0]}=")
+        return _share_lm(model, span, period, init, norm, lora_rank, device, precision)
 
     options = ShareOptions(list(stages) if stages is not None else None, iterations, init, norm, gamma_init,
                            lora_rank).validate()
@@ -426,6 +440,39 @@ def share(model: Any, stages: Sequence[int] | None = None, init: str = "average"
                               recalibrate_scope)
     new.eval()
     origin = s.origin or {}
+    _set_origin(new, {**origin, "recipes": [*(origin.get("recipes") or []), result.recipe]})
+    return new
+
+
+def _is_lm(model: Any) -> bool:
+    """A transformers causal LM: a ``*ForCausalLM`` / ``*LMHeadModel`` module, or a spec naming one."""
+    from resprobe.models.causal_lm import is_lm_model
+
+    if isinstance(model, str):
+        return is_lm_model(model)
+    module = unwrap(model) if isinstance(model, nn.Module) else None
+    return module is not None and type(module).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def _share_lm(model: Any, span: tuple[int, int] | None, period: int, init: str, norm: str, lora_rank: int | None,
+              device: str | None, precision: str) -> nn.Module:
+    """rp.share of a language model: a shared copy (a spec is loaded first); the original untouched."""
+    from resprobe.models.causal_lm import lm_arch, load_lm
+    from resprobe.share_lm import SpanOptions, share_span
+
+    if span is None or len(tuple(span)) != 2:
+        raise BadValue("rp.share of a language model needs span=(A, B): the layers A..B−1 to share")
+    options = SpanOptions(int(span[0]), int(span[1]), int(period), init, norm, lora_rank).validate()
+    if isinstance(model, str):
+        loaded = load_lm(model, precision=precision)
+        new, origin = loaded.model, {"lm_arch": lm_arch(loaded, loaded.model), "recipes": list(loaded.recipes)}
+    else:
+        module = unwrap(model)
+        origin = dict(getattr(module, ORIGIN_ATTR, None) or {})
+        new = copy.deepcopy(module)  # requires_grad flags and train/eval mode as the user's
+    if device is not None:
+        new.to(device)
+    result = share_span(new, options)
     _set_origin(new, {**origin, "recipes": [*(origin.get("recipes") or []), result.recipe]})
     return new
 
@@ -510,17 +557,26 @@ def _train_step(module: nn.Module, inputs: Tensor, targets: Tensor, runtime: Any
     return value.detach()
 
 
-def save(model: nn.Module, path: str | Path, arch: str | None = None, overwrite: bool = True,
+def save(model: nn.Module, path: str | Path, arch: str | None = None, overwrite: bool = False,
          num_classes: int | None = None) -> Path:
     """Write ``model`` as a resprobe checkpoint (usable as MODEL by every command). Modules resprobe
     made (``rp.share``, ``.pruned``, spec strings) know how they are rebuilt; a user's own module needs
-    ``arch``, the spec of its architecture (e.g. ``"torchvision:resnet18"``, with ``num_classes``)."""
+    ``arch``, the spec of its architecture (e.g. ``"torchvision:resnet18"``, with ``num_classes``).
+    An existing ``path`` is refused unless ``overwrite=True``, and is never touched by a save that fails:
+    the file is written beside it, loaded back, and only then renamed into place."""
+    import os
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise BadValue(f"rp.save: {path} exists; pass overwrite=True to replace it")
     from resprobe.models.loading import LoadOptions, load_model
     from resprobe.models.checkpoints import save_resprobe_checkpoint
 
     module = unwrap(model)
     origin = dict(getattr(module, ORIGIN_ATTR, None) or {})
     recipes = list(origin.get("recipes") or [])
+    if _is_lm(module):
+        return _save_lm(module, path, origin, recipes, overwrite)
     if arch is not None:
         built = load_model(arch, LoadOptions(num_classes=num_classes))
         origin["arch"] = built.arch
@@ -534,19 +590,43 @@ def save(model: nn.Module, path: str | Path, arch: str | None = None, overwrite:
         if arch_dict.get("source") in ("timm", "torchvision") else parse_model_spec(str(arch or arch_dict.get("name")))
     loaded = LoadedModel(module, spec, arch_dict, recipes=recipes, preprocessing=origin.get("preprocessing"),
                          classes=origin.get("classes"))
-    path = save_resprobe_checkpoint(path, loaded, module, recipes=recipes, preprocessing=origin.get("preprocessing"),
-                                    replace=overwrite)
-    try:  # the file must give this model back: a wrong arch is said now, not at the next load
-        load(path)
-    except ModelError as exc:
-        Path(path).unlink(missing_ok=True)
-        raise BadValue(f"rp.save: {path} would not load back as this model ({exc}); check arch=") from None
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # the suffix says "checkpoint"
+    try:
+        save_resprobe_checkpoint(tmp, loaded, module, recipes=recipes, preprocessing=origin.get("preprocessing"),
+                                 replace=True)
+        try:  # the file must give this model back: a wrong arch is said now, not at the next load
+            load(tmp)
+        except ModelError as exc:
+            raise BadValue(f"rp.save: {path} would not load back as this model ({exc}); check arch=") from None
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return Path(path)
+
+
+def _save_lm(module: nn.Module, path: str | Path, origin: dict[str, Any], recipes: list[dict[str, Any]],
+             overwrite: bool) -> Path:
+    """rp.save of a language model: its config, recipes and weights (the tokenizer is looked for where
+    the model came from: its ``name_or_path``)."""
+    from resprobe.models.causal_lm import LoadedLM, save_lm_checkpoint
+
+    if not overwrite and Path(path).exists():
+        raise BadValue(f"rp.save: {path} already exists; pass overwrite=True to replace it")
+    name = str(getattr(module.config, "_name_or_path", "") or "") or None
+    loaded = LoadedLM(name or type(module).__name__, name or "", None, module, None, name, None,
+                      arch=origin.get("lm_arch"), recipes=recipes)
+    return save_lm_checkpoint(path, loaded, module, recipes, replace=overwrite)
 
 
 def load(path: str | Path, device: str = "cpu") -> nn.Module:
     """A resprobe checkpoint (or any MODEL spec) as a module in eval mode, with its rebuilding recipe."""
+    from resprobe.models.causal_lm import is_lm_model, lm_arch, load_lm
     from resprobe.models.loading import LoadOptions, load_model
+
+    if is_lm_model(str(path)):  # a language model (its tokenizer: rp.share/rp.evaluate do not need it)
+        lm = load_lm(str(path))
+        _set_origin(lm.model, {"lm_arch": lm_arch(lm, lm.model), "recipes": list(lm.recipes)})
+        return lm.model.to(device).eval()
 
     loaded = load_model(str(path), LoadOptions())
     module = loaded.model.to(device).eval()

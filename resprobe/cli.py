@@ -876,6 +876,61 @@ def _evaluate_with_progress(probe, loader, n: int, progress: Progress, label: st
     return result.to_dict()
 
 
+Span = Annotated[Optional[str], typer.Option("--span", help="Language models: layers A..B−1 to share, as A:B.",
+                                           show_default=False)]
+Period = Annotated[int, typer.Option("--period", help="Language models: P shared layers looped (B−A)/P times.")]
+
+
+def _refuse_vision_share_options(**given: Any) -> None:
+    """Options of vision sharing that a language model's share does not read: refused, not ignored."""
+    for name, value in given.items():
+        if value is not None:
+            flag = "--" + name.replace("_", "-")
+            raise BadValue(f"{flag} is not used when sharing a language model (use --span A:B [--period P])")
+
+
+def _share_lm(model: str, out: str | None, overwrite: bool, span: str | None, period: int, init: str, norm: str,
+              lora_rank: int | None, data: str | None, limit: int | None, seed: int, batch_size: int, lm: LMArgs,
+              device: str, precision: str, offline: bool, fmt: str, quiet: bool) -> None:
+    """``share`` of a language model (DESIGN §8): the span shared, evaluated before and after on --data."""
+    from resprobe.models.causal_lm import decoder_layers, save_lm_checkpoint
+    from resprobe.render.report import emit, share_table
+    from resprobe.share import check_out_path
+    from resprobe.share_lm import SpanOptions, parse_span, share_span
+
+    start, end = parse_span(span)
+    options = SpanOptions(start, end, period, init, norm, lora_rank).validate()
+    out_path = check_out_path(require(out, "--out", "the shared model to write, e.g. --out shared.pt"), overwrite)
+    probe = lm.open(model, device, precision, offline)
+    options.validate(len(decoder_layers(probe.model)[1]))  # the span in range before any evaluation
+    loader = probe.loader(probe.data(data, limit, seed), batch_size) if data else None
+    evals: dict[str, Any] = {"eval_original": None, "eval_shared": None}
+    with make_progress(quiet) as progress:
+        if loader is not None:
+            evals["eval_original"] = _evaluate_lm_with_progress(probe, loader, progress, "eval original")
+        result = share_span(probe.model, options)
+        if loader is not None:
+            evals["eval_shared"] = _evaluate_lm_with_progress(probe, loader, progress, "eval shared")
+    payload = {"model": probe.loaded.spec, "checkpoint": None, "out": str(out_path), "data": data,
+               "precision": probe.loaded.precision, "params_before": result.params_before,
+               "params_after": result.params_after, "spans": [s.to_dict() for s in result.spans],
+               "stages": [s.to_dict() for s in result.stages], **evals}
+    save_lm_checkpoint(out_path, probe.loaded, probe.model, [*probe.loaded.recipes, result.recipe],
+                       meta={"share": {k: v for k, v in payload.items() if k != "out"}}, replace=overwrite)
+    emit(payload, fmt, share_table, lambda p: p["stages"])
+
+
+def _evaluate_lm_with_progress(probe, loader, progress: Progress, label: str) -> dict[str, Any]:
+    """``{n, loss, perplexity, n_tokens, protocol}`` of the probe's model on ``loader``."""
+    from resprobe.evaluate_lm import evaluate_lm
+
+    task = progress.add_task(label, total=None)
+    result = evaluate_lm(probe.model, loader, probe.runtime.device, lambda k: progress.advance(task, k))
+    progress.remove_task(task)
+    return {"n": result["n_windows"], "loss": result["loss"], "perplexity": result["perplexity"],
+            "n_tokens": result["n_tokens"], "protocol": probe.protocol}
+
+
 @app.command("share")
 def share_command(
     model: Model,
@@ -892,10 +947,14 @@ def share_command(
     input_size: InputSize = None, mean: Mean = None, std: Std = None, crop_pct: CropPct = None,
     interpolation: Interpolation = None, device: Device = "auto", precision: Precision = "fp32",
     offline: Offline = False,
+    span: Span = None, period: Period = 1,
+    seq_len: SeqLen = None, stride: Stride = None, text_column: TextColumnOpt = None, tokenizer: TokenizerOpt = None,
+    trust_remote_code: TrustRemoteCode = False,
     fmt: Format = "table", quiet: Quiet = False, debug: Debug = False,
 ) -> None:
     """Turn the identity blocks of stages into one shared block applied in place, with per-iteration norms
-    (paper §4.5), optionally relaxed by per-iteration low-rank corrections; write it as a checkpoint."""
+    (paper §4.5), optionally relaxed by per-iteration low-rank corrections; write it as a checkpoint.
+    Language models: --span A:B [--period P] loops P shared decoder layers over layers A..B−1."""
     from resprobe.data.loaders import limit_source
     from resprobe.models.checkpoints import save_resprobe_checkpoint
     from resprobe.render.report import emit, share_table
@@ -905,6 +964,17 @@ def share_command(
 
     with command_errors(debug, quiet):
         check_format(fmt)
+        if is_lm(model):
+            _refuse_vision_share_options(stages=stages, iterations=iterations, recalibrate=recalibrate,
+                                         train_data=train_data, checkpoint=checkpoint,
+                                         gamma_init=None if gamma_init == "copy" else gamma_init)
+            _share_lm(model, out, overwrite, span, period, init, norm, lora_rank, data, limit, seed, batch_size,
+                      LMArgs(seq_len, stride, text_column, tokenizer, None, None, trust_remote_code), device,
+                      precision, offline, fmt, quiet)
+            return
+        if span is not None or period != 1:
+            raise BadValue("--span and --period share decoder layers of a language model (transformers:NAME); "
+                           "for other models name stages with --stages")
         options = ShareOptions(parse_stages(stages), iterations, init, norm, gamma_init, lora_rank).validate()
         out_path = check_out_path(require(out, "--out", "the shared model to write, e.g. --out shared.pt"), overwrite)
         if recalibrate is not None and train_data is None:

@@ -127,14 +127,20 @@ class StagePlan:
     container: str
     blocks: tuple[str, ...]
     iterations: tuple[str, ...]
+    # The shared block's name under ``resprobe_shared``; None = the container's (one shared block per
+    # container, as vision stages). A language-model span of period P puts P shared layers in one list.
+    key: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "container": self.container, "blocks": list(self.blocks),
-                "iterations": list(self.iterations)}
+        d = {"stage": self.stage, "container": self.container, "blocks": list(self.blocks),
+             "iterations": list(self.iterations)}
+        return {**d, "key": self.key} if self.key is not None else d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StagePlan:
-        return cls(int(d["stage"]), str(d["container"]), tuple(d["blocks"]), tuple(d["iterations"]))
+        key = d.get("key")
+        return cls(int(d["stage"]), str(d["container"]), tuple(d["blocks"]), tuple(d["iterations"]),
+                   str(key) if key is not None else None)
 
 
 @dataclass
@@ -175,7 +181,17 @@ def is_norm(module: nn.Module) -> bool:
         return True
     if not any("Norm" in cls.__name__ for cls in type(module).__mro__ if cls is not nn.Module):
         return False
-    return not any(isinstance(m, _WEIGHT_LAYERS) for m in module.modules())
+    return not any(is_weight_layer(m) for m in module.modules())
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is stored [in, out]."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
+def is_weight_layer(module: nn.Module) -> bool:
+    """A conv or linear layer (LoRA targets): torch's, or transformers' transposed ``Conv1D``."""
+    return isinstance(module, _WEIGHT_LAYERS) or is_transposed_linear(module)
 
 
 def norm_paths(block: nn.Module) -> list[str]:
@@ -191,7 +207,7 @@ def weight_paths(block: nn.Module) -> list[str]:
     """Paths of the conv and linear layers inside ``block`` that are not inside a norm (LoRA targets)."""
     norms = norm_paths(block)
     return [name for name, module in block.named_modules()
-            if isinstance(module, _WEIGHT_LAYERS) and isinstance(getattr(module, "weight", None), nn.Parameter)
+            if is_weight_layer(module) and isinstance(getattr(module, "weight", None), nn.Parameter)
             and not any(name == p or name.startswith(p + ".") for p in norms)]
 
 
@@ -330,18 +346,23 @@ def _idle_view(shared_block: nn.Module) -> nn.Module:
 
 
 class LowRank(nn.Module):
-    """One iteration's correction of one shared weight: ``W_t = W + B @ A`` with W as [O, rest]."""
+    """One iteration's correction of one shared weight: ``W_t = W + B @ A`` with W as [O, rest]
+    (``transposed``: a Conv1D weight stored [in, out], corrected by ``(B @ A)ᵀ`` so that B maps the
+    rank to the outputs and A the inputs to the rank, as for any linear layer)."""
 
-    def __init__(self, A: Tensor, B: Tensor):
+    def __init__(self, A: Tensor, B: Tensor, transposed: bool = False):
         super().__init__()
         self.A = nn.Parameter(A)
         self.B = nn.Parameter(B)
+        self.transposed = transposed
 
     def delta(self, like: Tensor) -> Tensor:
-        return (self.B @ self.A).view_as(like)
+        product = self.B @ self.A
+        return product.T if self.transposed else product.view_as(like)
 
     def extra_repr(self) -> str:
-        return f"rank={self.A.shape[0]}, A={list(self.A.shape)}, B={list(self.B.shape)}"
+        t = ", transposed" if self.transposed else ""
+        return f"rank={self.A.shape[0]}, A={list(self.A.shape)}, B={list(self.B.shape)}{t}"
 
 
 class Offset(nn.Module):
@@ -631,10 +652,14 @@ def _set_gamma(norms: Iterable[nn.Module], value: float) -> None:
                     weight.fill_(value)
 
 
-def _low_rank(shared_weight: Tensor, target: Tensor | None, rank: int) -> LowRank:
+def _low_rank(shared_weight: Tensor, target: Tensor | None, rank: int, transposed: bool = False) -> LowRank:
     """Factors of ``target − W`` (W viewed as [O, rest]), rank ``min(R, O, rest)``: ``A`` the top
     right singular vectors, ``B = U·S``. A has orthonormal rows even where the difference is zero, so
-    the correction can still learn (a zero A and B would stay zero)."""
+    the correction can still learn (a zero A and B would stay zero). ``transposed`` (Conv1D): the
+    factors of the difference's transpose, [out, in]."""
+    if transposed:
+        factors = _low_rank(shared_weight.T, target.T if target is not None else None, rank)
+        return LowRank(factors.A.data, factors.B.data, transposed=True).requires_grad_(shared_weight.requires_grad)
     out_features = shared_weight.shape[0]
     rest = shared_weight[0].numel()
     r = min(rank, out_features, rest)
@@ -705,6 +730,10 @@ class _Settings:
     lora_rank: int | None
     init: str
     gamma_init: str
+    # With LoRA, also a per-iteration offset of every other shared parameter (biases), so that full
+    # rank reproduces the original blocks (vision). Language models keep their biases shared, as in
+    # Relaxed Recursive Transformers.
+    offsets: bool = True
 
 
 def build_shared_stage(model: nn.Module, plan: StagePlan, settings: _Settings,
@@ -744,7 +773,8 @@ def build_shared_stage(model: nn.Module, plan: StagePlan, settings: _Settings,
     # With LoRA, every other shared parameter (biases, Swin's relative position bias tables) gets a
     # per-iteration offset, so that full rank reproduces the original blocks exactly.
     relaxed = {f"{p}.weight" for p in lora_paths}
-    offset_paths = [n for n, _ in shared.named_parameters() if n not in relaxed] if settings.lora_rank else []
+    offset_paths = ([n for n, _ in shared.named_parameters() if n not in relaxed]
+                    if settings.lora_rank and settings.offsets else [])
 
     cls = iteration_class(inner)
     iterations: list[SharedIteration] = []
@@ -754,7 +784,8 @@ def build_shared_stage(model: nn.Module, plan: StagePlan, settings: _Settings,
         if initialize and settings.gamma_init == "0.1":
             _set_gamma([own[p] for p in per_iteration], RECURRENT_GAMMA)
         lora = {p: _low_rank(shared.get_submodule(p).weight,
-                             source.get_submodule(p).weight if initialize else None, settings.lora_rank or 0)
+                             source.get_submodule(p).weight if initialize else None, settings.lora_rank or 0,
+                             is_transposed_linear(shared.get_submodule(p)))
                 for p in lora_paths}
         offsets = {}
         for path in offset_paths:
@@ -768,7 +799,7 @@ def build_shared_stage(model: nn.Module, plan: StagePlan, settings: _Settings,
         iterations.append(cls(shared, inner, t, own, lora, scales, offsets, config, buffers))
 
     holder = _shared_holder(model)
-    key = (plan.container or "root").replace(".", "_")
+    key = plan.key or (plan.container or "root").replace(".", "_")
     if key in holder:
         raise ModelError(f"stage {plan.stage} ({plan.container}) is already shared")
     holder[key] = shared

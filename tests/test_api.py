@@ -360,6 +360,15 @@ def test_saved_models_load_in_every_command(setup, tmp_path):
     assert cli_json("eval", path, "--data", data)["loss"] == pytest.approx(expected, rel=1e-5)
     with pytest.raises(BadValue, match="arch="):
         rp.save(model, tmp_path / "plain.pt")
+    # nothing the user had is overwritten: an existing file is refused, and a failed save leaves it intact
+    with pytest.raises(BadValue, match="overwrite=True"):
+        rp.save(pruned, path, arch="torchvision:resnet18", num_classes=CLASSES)
+    before = path.read_bytes()
+    with pytest.raises(BadValue, match="arch="):
+        rp.save(model, path, overwrite=True)
+    with pytest.raises(BadValue, match="would not load back"):
+        rp.save(pruned, path, arch="torchvision:resnet34", num_classes=CLASSES, overwrite=True)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))== []
 
 
 def test_record_of_an_in_memory_model_resumes_and_aligns_as_align(setup, tmp_path):

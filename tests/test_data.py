@@ -174,3 +174,30 @@ def test_real_cifar10_folder():
     assert images.shape == (40, 3, 32, 32)
     assert source.class_names[:3] == ["airplane", "automobile", "bird"]
     assert labels.max() < 10 and len(set(index.tolist())) == 40
+
+
+def _palette_folder(tmp_path, n: int = 6):
+    """Class folders of 32×32 images, two of them palette PNGs with transparency in bytes: PIL warns
+    when it converts those to RGB (in the loader's worker process when --workers ≥ 1)."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = tmp_path / "data" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+        if i < 2:
+            image.convert("P").save(folder / f"{i}.png", transparency=b"\x00" * 4)
+        else:
+            image.save(folder / f"{i}.png")
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_warning_raised_in_a_loader_worker_reaches_the_user_once(tmp_path, workers):
+    """Issue 22 item 12: a worker process's warning was printed nowhere (its stderr is not the command's
+    report, and under torchrun only rank 0 speaks); it is raised again in the main process, once."""
+    from conftest import MODEL, invoke
+
+    data = _palette_folder(tmp_path)
+    result = invoke("eval", MODEL, "--data", data, "--workers", workers, "--batch-size", "2", "--device", "cpu")
+    lines = [line for line in result.stderr.splitlines() if "Palette images with Transparency" in line]
+    assert len(lines) == 1, result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import h5py
 import numpy as np
 import pytest
@@ -318,7 +319,7 @@ def test_a_run_from_before_the_fingerprint_still_resumes(tmp_path):
 def test_an_existing_output_beside_an_empty_partial_folder_is_refused_before_any_work(tmp_path, monkeypatch):
     """A run killed before its first batch leaves an empty RUN.h5.partial: an existing RUN.h5 is refused
     at once (before the model loads), as without that folder, and stays as it was."""
-    import resprobe.record as store
+    store = importlib.import_module("resprobe.record")  # `resprobe.record` is rp.record, the function
 
     out = tmp_path / "run.h5"
     record(options(limit=8), out, device="cpu")

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from resprobe.errors import DataError
+
+
+class WarnedSample(tuple):
+    """A sample, as a tuple, with the warnings its loading raised in a loader's worker process."""
+
+    def __new__(cls, item: tuple, warned: list[tuple[str, type[Warning]]]) -> WarnedSample:
+        sample = super().__new__(cls, item)
+        sample.warned = warned
+        return sample
 
 
 class IndexedDataset(Dataset):
@@ -23,6 +34,16 @@ class IndexedDataset(Dataset):
         return len(self.base)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        if torch.utils.data.get_worker_info() is None:
+            return self._item(index)
+        # In a loader's worker process a warning (PIL's, a transform's) would be printed by the worker or
+        # lost: it travels with the sample to the main process instead (data/loaders.py re-raises it).
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            item = self._item(index)
+        return WarnedSample(item, [(str(w.message), w.category) for w in caught]) if caught else item
+
+    def _item(self, index: int) -> tuple[Tensor, int, int]:
         try:
             image, label = self.base[index]
         except DataError:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
 import torch
@@ -30,11 +31,27 @@ def limit_source(source: DataSource, limit: int | None, seed: int = 0) -> DataSo
     return replace(source, dataset=Subset(source.dataset, select_indices(len(source), limit, seed)))
 
 
-def _collate(batch: Sequence[tuple[Tensor, int, int]]) -> tuple[Tensor, Tensor, Tensor]:
+def _collate(batch: Sequence[tuple[Tensor, int, int]]) -> tuple[Tensor, ...]:
     images = torch.stack([b[0] for b in batch])
     labels = torch.tensor([b[1] for b in batch], dtype=torch.long)
     index = torch.tensor([b[2] for b in batch], dtype=torch.long)
-    return images, labels, index
+    warned = [w for b in batch for w in getattr(b, "warned", ())]
+    # A worker's warnings ride along as a fourth element, which the loader takes off (_RankLoader).
+    return (images, labels, index, warned) if warned else (images, labels, index)
+
+
+def _reraised(batches: Iterator[tuple[Tensor, ...]]) -> Iterator[tuple[Tensor, ...]]:
+    """Batches as (images, labels, indices), the warnings raised in worker processes raised here, once
+    each: a worker's own stderr is not the command's, and under torchrun only rank 0 speaks."""
+    seen: set[tuple[str, type[Warning]]] = set()
+    for batch in batches:
+        if len(batch) == 4:
+            for message, category in batch[3]:
+                if (message, category) not in seen:
+                    seen.add((message, category))
+                    warnings.warn(message, category, stacklevel=2)
+            batch = batch[:3]
+        yield batch
 
 
 def default_workers(source: DataSource) -> int:
@@ -62,7 +79,7 @@ class _RankLoader(DataLoader):
         from resprobe.distributed import diverge
 
         diverge()
-        return super().__iter__()
+        return _reraised(super().__iter__())
 
 
 def make_loader(

@@ -54,12 +54,14 @@ def _causal_architectures(config: dict[str, Any]) -> list[str]:
 
 
 def is_lm_model(spec: str | None) -> bool:
-    """MODEL names a transformers causal LM: the prefix, or a folder whose config.json says so.
-    Reads a file at most: imports nothing heavy."""
+    """MODEL names a transformers causal LM: the prefix, a folder whose config.json says so, or a
+    resprobe checkpoint of one (``share`` of a language model). Reads a file at most."""
     if not spec:
         return False
     if spec.startswith(PREFIX):
         return True
+    if Path(spec).expanduser().is_file():
+        return lm_checkpoint_arch(spec) is not None
     config = Path(spec).expanduser() / "config.json"
     if not config.is_file():
         return False
@@ -84,6 +86,8 @@ class LoadedLM:
     tokenizer_name: str | None
     max_positions: int | None
     precision: str = "fp32"
+    arch: dict[str, Any] | None = None  # how to build the model again (a resprobe checkpoint's; else from it)
+    recipes: list[dict[str, Any]] = field(default_factory=list)  # restructurings applied (share)
 
 
 def _local_config(name: str, spec: str, trust_remote_code: bool) -> dict[str, Any] | None:
@@ -135,6 +139,8 @@ def load_lm(spec: str, tokenizer: str | None = None, precision: str = "fp32", of
     ``seed`` (with a warning): ``finetune`` trains it from scratch."""
     if precision not in ("fp32", "bf16"):
         raise BadValue(f"--precision {precision!r}: language models run in fp32 or bf16")
+    if not spec.startswith(PREFIX) and lm_checkpoint_arch(spec) is not None:
+        return load_lm_checkpoint(Path(spec).expanduser(), tokenizer, precision, offline, trust_remote_code)
     name, revision = split_spec(spec)
     if not name:
         raise ModelError(f"{spec}: give a hub id or a folder after '{PREFIX}'")
@@ -177,6 +183,105 @@ def load_lm(spec: str, tokenizer: str | None = None, precision: str = "fp32", of
     return LoadedLM(spec, name, revision, model, tok, tok_name, max_positions(model.config), precision)
 
 
+# --------------------------------------------------------------------------------------------------
+# resprobe checkpoints of language models (a shared LM: the base config, the recipe, the weights)
+
+
+def lm_checkpoint_arch(path: str | Path) -> dict[str, Any] | None:
+    """The ``arch`` of a resprobe checkpoint of a language model at ``path``; None for any other file.
+    Memory-maps the file (``weights_only``): the weights are not read."""
+    from resprobe.models.checkpoints import is_resprobe_checkpoint
+
+    file = Path(path).expanduser()
+    try:
+        with open(file, "rb") as fh:
+            if fh.read(4) != b"PK\x03\x04":  # torch.save's zip format (what resprobe writes)
+                return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not a checkpoint resprobe wrote: the vision path reports on it
+        return None
+    arch = obj.get("arch") if is_resprobe_checkpoint(obj) else None
+    return dict(arch) if isinstance(arch, dict) and arch.get("source") == "transformers" else None
+
+
+def _absolute_if_local(name: str | None) -> str | None:
+    """A local folder as an absolute path (a checkpoint is read from anywhere); a hub id as it is."""
+    if name is None:
+        return None
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
+
+
+def lm_arch(loaded: LoadedLM, model: nn.Module) -> dict[str, Any]:
+    """What rebuilds ``model``'s architecture without its original weights: the config as JSON, the
+    attention implementation, and where the tokenizer is."""
+    if loaded.arch is not None:  # already a resprobe checkpoint: the same base
+        return dict(loaded.arch)
+    config = model.config
+    return {"source": "transformers", "spec": loaded.spec, "name": _absolute_if_local(loaded.name),
+            "revision": loaded.revision, "tokenizer": _absolute_if_local(loaded.tokenizer_name),
+            "config": json.loads(config.to_json_string()),
+            "attn_implementation": getattr(config, "_attn_implementation", None)}
+
+
+def save_lm_checkpoint(path: str | Path, loaded: LoadedLM, model: nn.Module, recipes: list[dict[str, Any]],
+                       meta: dict[str, Any] | None = None, replace: bool = True) -> Path:
+    """Write ``model`` as a resprobe checkpoint (the format of docs/reference.md §6; ``arch.source``
+    ``transformers``) that every command loads as MODEL (:func:`load_lm_checkpoint`)."""
+    from resprobe import __version__
+    from resprobe.models.checkpoints import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, atomic_torch_save
+
+    payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
+               "resprobe_version": __version__, "arch": json.loads(json.dumps(lm_arch(loaded, model))),
+               "preprocessing": None, "recipes": json.loads(json.dumps(recipes)),
+               "meta": json.loads(json.dumps(meta or {})),
+               "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+    atomic_torch_save(payload, path, replace)
+    return Path(path)
+
+
+def load_lm_checkpoint(path: Path, tokenizer: str | None = None, precision: str = "fp32", offline: bool = False,
+                       trust_remote_code: bool = False) -> LoadedLM:
+    """A language model from its resprobe checkpoint: built from the stored config (no download of the
+    base weights), restructured by its recipes, then given the stored weights (all of them, strictly)."""
+    from resprobe.models.checkpoints import read_checkpoint
+    from resprobe.models.recipes import apply_recipe
+
+    obj = read_checkpoint(path)
+    arch, state = obj["arch"], obj.get("state_dict")
+    if not isinstance(arch.get("config"), dict) or not isinstance(state, dict):
+        raise ModelError(f"{path} is a resprobe checkpoint of a language model without its config or weights; "
+                         "write it again with resprobe share")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = dict(arch["config"])
+    try:
+        config = AutoConfig.for_model(str(settings.pop("model_type")), **settings)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+                attn_implementation=arch.get("attn_implementation"), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - an architecture this transformers does not know
+        raise _load_error(str(path), exc, offline) from None
+    recipes = list(obj.get("recipes") or [])
+    for recipe in recipes:
+        model = apply_recipe(model, recipe)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"{path}: its weights do not fit the model its recipe builds "
+                         f"({str(exc).splitlines()[0]})") from None
+    model.eval().requires_grad_(False)
+    tok_name = tokenizer or arch.get("tokenizer")
+    tok = load_tokenizer(tok_name, arch.get("revision") if tokenizer is None else None, offline,
+                         trust_remote_code) if tok_name else None
+    return LoadedLM(str(path), str(arch.get("name")), arch.get("revision"), model, tok, tok_name,
+                    max_positions(model.config), precision, dict(arch), recipes)
+
+
 def load_tokenizer(name: str, revision: str | None, offline: bool, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
@@ -202,6 +307,12 @@ def max_positions(config: Any) -> int | None:
     return None
 
 
+def layer_class(layer: nn.Module) -> type:
+    """The decoder-layer class ``layer`` runs: its own, or for an iteration of a shared span (resprobe
+    share, which holds its shared layer unregistered as ``shared_block``) the shared layer's."""
+    return type(layer.__dict__.get("shared_block", layer))
+
+
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's list of ``num_hidden_layers`` decoder layers: the outermost ModuleList of that
     length whose members share one class (MoE expert lists live inside layers, so they lose)."""
@@ -211,7 +322,7 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
                          "decoder layers")
     candidates = [(name, module) for name, module in model.named_modules()
                   if isinstance(module, nn.ModuleList) and len(module) == n
-                  and len({type(m) for m in module}) == 1]
+                  and len({layer_class(m) for m in module}) == 1]
     outer = [(name, m) for name, m in candidates
              if not any(name.startswith(other + ".") for other, _ in candidates if other != name)]
     if len(outer) != 1:
@@ -234,7 +345,7 @@ def mlp_entry(layer: nn.Module, config: Any) -> str | None:
     if _parallel_residual(layer, config):
         return None
     children = dict(layer.named_children())
-    name = MLP_ENTRY.get(type(layer).__name__)
+    name = MLP_ENTRY.get(layer_class(layer).__name__)
     if name is None:  # derived from the pre-norm pattern's child names
         if "pre_feedforward_layernorm" in children:
             name = "pre_feedforward_layernorm"
@@ -316,6 +427,10 @@ def lm_anatomy(model: nn.Module, seq_len: int, granularity: str = "layer") -> LM
         name = f"{prefix}.{i}"
         entry = mlp_entry(layer, config) if granularity == "sublayer" else None
         if entry is None:
+            if granularity == "sublayer" and "shared_block" in layer.__dict__:
+                raise BadValue(f"--granularity sublayer: {name} runs a shared layer whose norms are shared too "
+                               "(share --norm shared), so its attention and MLP updates cannot be told apart per "
+                               "iteration (use --granularity layer)")
             if granularity == "sublayer" and not _parallel_residual(layer, config):
                 raise BadValue(f"--granularity sublayer: resprobe does not know where the attention update ends in "
                                f"{type(layer).__name__} (use --granularity layer)")

@@ -26,7 +26,7 @@ def register_recipe(kind: str) -> Callable[[RecipeBuilder], RecipeBuilder]:
 
 
 # The modules whose import registers a recipe builder (imported on first need, not with the package).
-_RECIPE_MODULES = ("resprobe.share", "resprobe.ablate_prune")
+_RECIPE_MODULES = ("resprobe.share", "resprobe.share_lm", "resprobe.ablate_prune")
 
 
 def apply_recipe(model: nn.Module, recipe: Mapping[str, Any]) -> nn.Module:

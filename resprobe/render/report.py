@@ -263,7 +263,14 @@ def share_table(payload: Mapping[str, Any]) -> list[RenderableType]:
     rows = [("original", payload.get("eval_original")), ("shared", payload.get("eval_shared")),
             ("shared + recalibrated", payload.get("eval_shared_recalibrated"))]
     rows = [(label, result) for label, result in rows if result]
-    if rows:
+    if rows and "spans" in payload:  # a language model: loss per token and perplexity
+        evals = new_table(f"evaluation on {payload.get('data') or '--data'}", "model", "windows", "tokens", "loss",
+                          "perplexity", right=("windows", "tokens", "loss", "perplexity"))
+        for label, result in rows:
+            evals.add_row(label, f"{result['n']:,}", f"{result['n_tokens']:,}", fmt_num(result["loss"]),
+                          fmt_num(result["perplexity"]))
+        out.append(evals)
+    elif rows:
         evals = new_table(f"evaluation on {payload.get('data') or '--data'}", "model", "n", "loss", "acc", "top5",
                           right=("n", "loss", "acc", "top5"))
         for label, result in rows:
