@@ -1166,10 +1166,11 @@ def _finetune_lm(model: str, lm: LMArgs, options: Any, data: str, val_data: str 
     from resprobe.lm_probe import open_lm_probe
     from resprobe.render.report import emit, finetune_table
     from resprobe.train import TrainingInterrupted
-    from resprobe.train_lm import check_lm_out, finetune_lm
+    from resprobe.train_lm import finetune_lm
 
-    if not options.resume:
-        check_lm_out(options.out, options.overwrite)
+    if not options.resume and not options.overwrite and os.path.exists(os.path.expanduser(options.out)):
+        raise BadValue(f"--out {options.out} already exists; continue the interrupted run with --resume, or pass "
+                       "--overwrite to replace it")  # before the text is tokenized; the rest is checked later
     probe = open_lm_probe(model, lm.tokenizer, device, precision, offline, lm.trust_remote_code, "layer", lm.seq_len,
                           lm.stride, lm.text_column, None, seed=options.seed)
     train_source = probe.data(data, limit, options.seed)

@@ -13,6 +13,8 @@ Ctrl-C, exact ``--resume``) with next-token batches, a perplexity validation and
   validation loss. A folder is replaced as a whole (written beside it, then renamed into place).
 - MODEL may be a config folder without weights (``config.json`` and a tokenizer): the model is then
   initialized as transformers does, seeded by ``--seed``, and trained from scratch.
+- A model restructured by ``share`` is written as a resprobe checkpoint file (``--out PATH``,
+  ``PATH.best.pt``, the resume state inside), which every command loads.
 - Under torchrun the processes' gradients are averaged, so N processes × B windows equal one process ×
   N·B when every window has the same number of scored tokens (non-overlapping windows, the default).
 """
@@ -33,7 +35,8 @@ from torch.utils.data import Dataset
 
 from resprobe.data.datasets import DataSource
 from resprobe.errors import BadValue, ModelError
-from resprobe.train import FinetuneOptions, FinetuneResult, TrainTask, finetune
+from resprobe.share import check_out_path
+from resprobe.train import FinetuneOptions, FinetuneResult, TrainTask, check_new_out, finetune
 
 TRAINING_FILE = "resprobe_training.pt"
 DEFAULT_OPTIMIZER = "adamw"
@@ -59,30 +62,42 @@ def check_lm_out(out: str | Path, overwrite: bool = False, option: str = "--out"
     return path
 
 
-def _same_folder(a: Path, b: str | Path | None) -> bool:
+def _same_path(a: Path, b: str | Path | None) -> bool:
     if b is None or not a.exists() or not Path(b).expanduser().exists():
         return False
     return os.path.samefile(a, Path(b).expanduser())
 
 
 class LMTask(TrainTask):
-    """The language models' side of the loop (see the module docstring)."""
+    """The language models' side of the loop (see the module docstring). A model restructured by resprobe
+    (``share``) is no plain transformers model: it is written as a resprobe checkpoint file instead
+    (``--out PATH``, ``PATH.best.pt``, the resume state inside, as for vision models)."""
+
+    def __init__(self, probe: Any):
+        super().__init__(probe)
+        self.folder = not probe.loaded.recipes
 
     def best_path(self, out: Path) -> Path:
-        return lm_best_path(out)
+        return lm_best_path(out) if self.folder else super().best_path(out)
 
     def check_new(self, out: Path, best_file: Path, options: FinetuneOptions) -> None:
-        check_lm_out(out, options.overwrite)
-        check_lm_out(best_file, options.overwrite, option="the best model folder")
-        model_dir = self.probe.loaded.name
+        if not self.folder:
+            check_new_out(out, options.overwrite)
+            check_out_path(best_file, options.overwrite, option="the best checkpoint")
+        else:
+            check_lm_out(out, options.overwrite)
+            check_lm_out(best_file, options.overwrite, option="the best model folder")
+        model = self.probe.loaded.spec if not self.folder else self.probe.loaded.name
         for path in (out, best_file):  # --overwrite would remove the model being trained
-            if _same_folder(path, model_dir):
+            if _same_path(path, model):
                 raise BadValue(f"--out {out}: {path} is MODEL itself, which --overwrite would remove; choose "
                                "another --out")
 
     def remove_stale_best(self, best_file: Path) -> None:
         if best_file.is_dir():
             shutil.rmtree(best_file)
+        else:
+            best_file.unlink(missing_ok=True)
 
     def data_info(self, train: DataSource, val: DataSource | None) -> dict[str, Any]:
         protocol = train.protocol  # type: ignore[attr-defined]
@@ -119,12 +134,21 @@ class LMTask(TrainTask):
         return {"loss": result["loss"], "perplexity": result["perplexity"], "n_tokens": result["n_tokens"]}
 
     def save(self, path: Path, model: nn.Module, meta: dict[str, Any], training: dict[str, Any] | None) -> None:
+        loaded = self.probe.loaded
+        if not self.folder:
+            from resprobe.models.causal_lm import save_lm_checkpoint
+
+            save_lm_checkpoint(path, loaded, model, loaded.recipes, meta,
+                               extra={"training": training} if training is not None else None)
+            return
         payload = None
         if training is not None:
             payload = {**training, "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-        save_lm_folder(path, model, self.probe.loaded.tokenizer, meta, payload)
+        save_lm_folder(path, model, loaded.tokenizer, meta, payload)
 
     def read_training(self, out: Path) -> dict[str, Any]:
+        if not self.folder:
+            return super().read_training(out)
         file = out / TRAINING_FILE
         if not out.is_dir() or not file.is_file():
             raise BadValue(f"--resume: {out} is not a folder written by resprobe finetune (no {TRAINING_FILE}; "

@@ -117,7 +117,8 @@ def test_bad_finetune_inputs_are_one_line(lm_dir, text, tmp_path):
     fails("finetune", lm_dir, *data, "--out", tmp_path / "x", "--augment", "light", expect="not augmented")
     afile = tmp_path / "file.pt"
     afile.write_bytes(b"x")
-    fails("finetune", lm_dir, *data, "--out", afile, expect="is a file")
+    fails("finetune", lm_dir, *data, "--out", afile, expect="already exists")
+    fails("finetune", lm_dir, *data, "--out", afile, "--overwrite", expect="is a file")
     fails("finetune", lm_dir, *data, "--out", lm_dir, "--overwrite", expect="MODEL itself")
     fails("finetune", lm_dir, *data, "--out", tmp_path / "y", "--resume", expect="does not exist")
 
@@ -137,3 +138,18 @@ def test_two_processes_equal_one(lm_dir, text, tmp_path):
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
     assert result["val"]["loss"] < result["history"][0]["val_loss"]
+
+
+def test_finetune_of_a_shared_model_writes_a_checkpoint_that_eval_reads(lm_dir, text, tmp_path):
+    shared = tmp_path / "shared.pt"
+    invoke("share", lm_dir, "--span", "0:2", "--out", shared, "--device", "cpu", "-q")
+    out = tmp_path / "ft.pt"
+    result = finetune(shared, text, out, "--val-data", f"text:{text}", "--epochs", 2, "--limit", 24)
+    assert result["history"][-1]["val_loss"] < result["history"][0]["val_loss"] - 0.3
+    assert (tmp_path / "ft.best.pt").is_file()
+    evaluated = json.loads(invoke("eval", out, "--data", f"text:{text}", "--seq-len", 16, "--device", "cpu", "-q",
+                                  "-f", "json").stdout)
+    assert evaluated["loss"] == pytest.approx(result["val"]["loss"], rel=1e-6)
+    saved = torch.load(out, map_location="cpu", weights_only=True)
+    assert [r["kind"] for r in saved["recipes"]] == ["share_lm"]  # still the shared model
+    assert saved["training"]["complete"]  # with its resume state, as a vision checkpoint

@@ -227,9 +227,11 @@ def lm_arch(loaded: LoadedLM, model: nn.Module) -> dict[str, Any]:
 
 
 def save_lm_checkpoint(path: str | Path, loaded: LoadedLM, model: nn.Module, recipes: list[dict[str, Any]],
-                       meta: dict[str, Any] | None = None, replace: bool = True) -> Path:
+                       meta: dict[str, Any] | None = None, replace: bool = True,
+                       extra: dict[str, Any] | None = None) -> Path:
     """Write ``model`` as a resprobe checkpoint (the format of docs/reference.md §6; ``arch.source``
-    ``transformers``) that every command loads as MODEL (:func:`load_lm_checkpoint`)."""
+    ``transformers``) that every command loads as MODEL (:func:`load_lm_checkpoint`). ``extra``: more
+    top-level entries (``finetune``'s resume state)."""
     from resprobe import __version__
     from resprobe.models.checkpoints import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, atomic_torch_save
 
@@ -237,7 +239,7 @@ def save_lm_checkpoint(path: str | Path, loaded: LoadedLM, model: nn.Module, rec
                "resprobe_version": __version__, "arch": json.loads(json.dumps(lm_arch(loaded, model))),
                "preprocessing": None, "recipes": json.loads(json.dumps(recipes)),
                "meta": json.loads(json.dumps(meta or {})),
-               "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+               "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, **(extra or {})}
     atomic_torch_save(payload, path, replace)
     return Path(path)
 
