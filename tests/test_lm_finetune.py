@@ -15,21 +15,11 @@ pytest.importorskip("transformers")
 
 from conftest import invoke  # noqa: E402
 from test_bad_inputs import fails  # noqa: E402
-from tinylms import save_model, write_text  # noqa: E402
+from test_lm_cli import lm_dir, text  # noqa: E402,F401 - the tiny Llama folder and its text (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TRAIN = ["--seq-len", 16, "-b", 4, "--device", "cpu", "--lr", 3e-3, "--warmup-steps", 2, "-q", "-f", "json"]
-
-
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    return save_model(tmp_path_factory.mktemp("lm") / "tiny-llama", "llama")
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    return write_text(tmp_path_factory.mktemp("text") / "doc.txt", repeats=2)
 
 
 def finetune(model, text, out, *more) -> dict:
@@ -103,6 +93,8 @@ def test_a_config_folder_without_weights_trains_from_a_seeded_initialization(lm_
         shutil.copy(lm_dir / name, config_only / name)
     for seed, out in ((0, "a"), (0, "b"), (1, "c")):
         finetune(config_only, text, tmp_path / out, "--max-steps", 2, "--seed", seed)
+    warned = invoke("eval", config_only, "--data", f"text:{text}", "--seq-len", 16, "--limit", 1, "--device", "cpu")
+    assert "holds no weights: the model is randomly initialized (seed 0)" in warned.stderr
     a, b, c = (weights(tmp_path / name) for name in "abc")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
