@@ -66,6 +66,14 @@ def _like(output: Any, hidden: Tensor) -> Any:
     return hidden
 
 
+def _keep_h1(seen: dict[str, Tensor]) -> Callable:
+    """A pre-hook of a layer's MLP entry that keeps h1, the residual stream between the two halves."""
+    def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.setdefault("h1", hidden_of(args, kwargs))
+
+    return hook
+
+
 @contextmanager
 def _forwards(layers: Sequence[nn.Module], fns: Mapping[int, Callable]) -> Iterator[None]:
     """Within the context, layer i's forward is ``fns[i]`` (the model's own forward still runs around them)."""
@@ -125,8 +133,7 @@ class LMAblationEngine:
         if parts == {"mlp"}:
             def no_mlp(*args: Any, **kwargs: Any) -> Any:
                 seen: dict[str, Tensor] = {}
-                handle = entry.register_forward_pre_hook(
-                    lambda _m, a, k: seen.setdefault("h1", hidden_of(a, k)), with_kwargs=True)
+                handle = entry.register_forward_pre_hook(_keep_h1(seen), with_kwargs=True)
                 try:
                     out = original(*args, **kwargs)
                 finally:
@@ -146,8 +153,7 @@ class LMAblationEngine:
             h = hidden_of(args, kwargs)
             seen: dict[str, Tensor] = {}
             handles = [attention.register_forward_hook(zero),
-                       entry.register_forward_pre_hook(lambda _m, a, k: seen.setdefault("h1", hidden_of(a, k)),
-                                                       with_kwargs=True)]
+                       entry.register_forward_pre_hook(_keep_h1(seen), with_kwargs=True)]
             try:
                 out = original(*args, **kwargs)
             finally:
