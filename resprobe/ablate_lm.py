@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from resprobe.ablate_curves import removal_order, rank_order
 from resprobe.ablate_proxies import kendall_tau_b, spearman
@@ -173,8 +174,8 @@ class LMAblationEngine:
 
     # -- passes --------------------------------------------------------------------------------
 
-    def base_pass(self, input_ids: Tensor, base: Removal, observer: Any = None,
-                  keep_from: int = 0) -> tuple[Tensor, LayerCache]:
+    def base_pass(self, input_ids: Tensor, base: Removal, observer: Any = None, keep_from: int = 0,
+                  **model_kwargs: Any) -> tuple[Tensor, LayerCache]:
         """The model with ``base`` removed; caches the inputs of layers ``keep_from``.. (and h1)."""
         cache = LayerCache()
         versions: dict[int, int] = {}
@@ -204,7 +205,7 @@ class LMAblationEngine:
         try:
             fns = {i: self._removed_fn(i, parts) for i, parts in base.items()}
             with _forwards(self.layers, fns):
-                logits = self.model(input_ids=input_ids, use_cache=False).logits
+                logits = self.model(input_ids=input_ids, use_cache=False, **model_kwargs).logits
         finally:
             for handle in handles:
                 handle.remove()
@@ -214,7 +215,8 @@ class LMAblationEngine:
             raise ModelError("a decoder layer changed its input in place; resprobe cannot cache its inputs")
         return logits, cache
 
-    def variant_logits(self, input_ids: Tensor, removal: Removal, start: int, cache: LayerCache) -> Tensor:
+    def variant_logits(self, input_ids: Tensor, removal: Removal, start: int, cache: LayerCache,
+                       **model_kwargs: Any) -> Tensor:
         """Logits with ``removal`` applied (it includes the base pass's removal and equals it before layer
         ``start``), from ``cache``."""
         h = cache.inputs[start]
@@ -226,7 +228,7 @@ class LMAblationEngine:
         if removal[start] == {"mlp"} and start in cache.mids:  # its output is the cached h1: nothing to run
             fns[start] = self._constant(start, cache.mids[start])
         with _forwards(self.layers, fns):
-            return self.model(input_ids=input_ids, use_cache=False).logits
+            return self.model(input_ids=input_ids, use_cache=False, **model_kwargs).logits
 
     def _constant(self, i: int, value: Tensor) -> Callable:
         style = self._tuple_style(i)
@@ -253,8 +255,10 @@ class AngleProxies:
         self._index = {(u.layer_index, u.part): j for j, u in enumerate(self.units)}
         self.mask: Tensor | None = None
 
-    def start_batch(self, first: Tensor, seq_len: int) -> None:
+    def start_batch(self, first: Tensor, seq_len: int, attention_mask: Tensor | None = None) -> None:
         self.mask = stats_mask(first, seq_len, self.skip_tokens)
+        if attention_mask is not None:  # padding is no token
+            self.mask = self.mask & attention_mask.bool()
 
     def layer(self, i: int, h: Tensor, out: Tensor, h1: Tensor | None) -> None:
         if (i, "layer") in self._index:
@@ -298,7 +302,7 @@ def gradient_proxies(probe: Any, loader: Iterable, n_tokens: int,
     dot_sum, cos_sum, cos_n = [0.0] * units, [0.0] * units, [0.0] * units
     out_dot, cos = LM_STAT_NAMES.index("out_dot"), LM_STAT_NAMES.index("cos")
     with LMRecorder(probe.anatomy, probe.runtime, skip_tokens=probe.skip_tokens) as recorder:
-        for input_ids, first, indices in loader:
+        for input_ids, first, indices, *_ in loader:
             stats = recorder.launch_batch(input_ids, first, indices).result().stats
             dots, cosines = stats[LM_STAT_NAMES[out_dot]], stats[LM_STAT_NAMES[cos]]  # [B, units]
             for j in range(units):
@@ -330,8 +334,14 @@ class LossTally:
     total: float = 0.0
     tokens: int = 0
 
-    def add(self, logits: Tensor, input_ids: Tensor, first: Tensor) -> None:
-        losses, counts = window_losses(logits, input_ids, first)
+    def add(self, logits: Tensor, input_ids: Tensor, first: Tensor, labels: Tensor | None = None) -> None:
+        if labels is None:
+            losses, counts = window_losses(logits, input_ids, first)
+        else:  # the user's labels (rp.ablate), shifted as transformers' own loss does; -100 is not scored
+            targets = labels[:, 1:]
+            nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                  ignore_index=-100, reduction="none").view(targets.shape)
+            losses, counts = nll.sum(1), (targets != -100).sum(1)
         self.total += float(losses.double().sum())
         self.tokens += int(counts.sum())
 
@@ -355,15 +365,17 @@ class Windows:
 
     def __init__(self, loader: Iterable, device: torch.device):
         self.loader, self.device = loader, device
-        self._kept: list[tuple[Tensor, Tensor, Tensor]] | None = None
+        self._kept: list[tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]] | None = None
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]]:
         if self._kept is not None:
             yield from self._kept
             return
         kept = []
-        for input_ids, first, indices in self.loader:
-            batch = (input_ids.to(self.device), first.to(self.device), indices)
+        for input_ids, first, indices, *extra in self.loader:
+            # rp.ablate's batches carry {attention_mask, labels}; the command's windows do not
+            more = {k: v.to(self.device) for k, v in (extra[0] if extra else {}).items()}
+            batch = (input_ids.to(self.device), first.to(self.device), indices, more)
             kept.append(batch)
             yield batch
         self._kept = kept  # token ids are small: one complete pass is kept
@@ -379,14 +391,17 @@ def evaluate_removals(engine: LMAblationEngine, windows: Windows, removals: Sequ
     keep_from = min(starts, default=len(engine.layers))
     base_tally, tallies = LossTally(), [LossTally() for _ in removals]
     engine.model.eval()
-    for input_ids, first, _ in windows:
+    for input_ids, first, _, extra in windows:
+        labels, model_kwargs = extra.get("labels"), {k: v for k, v in extra.items() if k != "labels"}
         if observer is not None:
-            observer.start_batch(first, input_ids.shape[1])
-        logits, cache = engine.base_pass(input_ids, base, observer, 0 if observer is not None else keep_from)
-        base_tally.add(logits, input_ids, first)
+            observer.start_batch(first, input_ids.shape[1], model_kwargs.get("attention_mask"))
+        logits, cache = engine.base_pass(input_ids, base, observer, 0 if observer is not None else keep_from,
+                                         **model_kwargs)
+        base_tally.add(logits, input_ids, first, labels)
         del logits
         for removal, start, tally in zip(removals, starts, tallies):
-            tally.add(engine.variant_logits(input_ids, removal, start, cache), input_ids, first)
+            tally.add(engine.variant_logits(input_ids, removal, start, cache, **model_kwargs), input_ids, first,
+                      labels)
         if advance:
             advance(len(input_ids))
     base_tally, *tallies = _reduced([base_tally, *tallies])

@@ -286,3 +286,31 @@ def test_save_pruned_refuses_bad_inputs(tmp_path):
           expect="--granularity layer")
     fails("ablate", *common, "--unroll", "model.layers.0:1", expect="not supported for language models")
     fails("ablate", *common, "--spans", 0, expect="at least 1")
+
+
+def test_notebook_ablate_of_a_pretrained_model_and_its_pruned_copy():
+    import resprobe as rp
+
+    model = make_model("llama", num_hidden_layers=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = windows()
+    batches = [{"input_ids": ids} for ids, _, _ in data]
+    every = [(ids, torch.zeros_like(first), i) for ids, first, i in data]
+    result = rp.ablate(model, batches, one_shot=2)
+    for j, block in enumerate(result.report["blocks"]):
+        assert block["loss"] == pytest.approx(naive_loss(model, every, {j}), rel=1e-6)
+    pruned = result.pruned(2)
+    assert pruned.config.num_hidden_layers == 2 and len(model.model.layers) == 4
+    assert [layer.self_attn.layer_idx for layer in pruned.model.layers] == [0, 1]
+    assert model.config.num_hidden_layers == 4
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert naive_loss(pruned, every, set()) == pytest.approx(result.report["cumulative"][2]["loss"], rel=1e-6)
+    # labels with -100 and an attention mask: the baseline is transformers' own loss
+    ids = data[0][0]
+    labels = ids.clone()
+    labels[:, :4] = -100
+    mask = torch.ones_like(ids)
+    one = rp.ablate(model, [{"input_ids": ids, "labels": labels, "attention_mask": mask}])
+    with torch.no_grad():
+        expected = float(model(input_ids=ids, labels=labels, attention_mask=mask).loss)
+    assert one.report["baseline"]["loss"] == pytest.approx(expected, rel=1e-5)
