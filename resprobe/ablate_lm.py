@@ -180,7 +180,7 @@ class LMAblationEngine:
         cache = LayerCache()
         versions: dict[int, int] = {}
         handles = []
-        for i in range(keep_from, len(self.layers)):
+        for i in range(0 if observer is not None else keep_from, len(self.layers)):
             layer = self.layers[i]
 
             def pre(_m: nn.Module, args: tuple, kwargs: dict, i: int = i) -> None:
@@ -193,6 +193,9 @@ class LMAblationEngine:
                     cache.tuple_outputs[i] = out
                 if observer is not None:
                     observer.layer(i, cache.inputs[i], output_of(out).detach(), cache.mids.get(i))
+                    if i < keep_from:  # observed only: no variant starts here, so it is not kept
+                        del cache.inputs[i], versions[i]
+                        cache.mids.pop(i, None)
 
             handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(layer.register_forward_hook(post))
@@ -395,8 +398,7 @@ def evaluate_removals(engine: LMAblationEngine, windows: Windows, removals: Sequ
         labels, model_kwargs = extra.get("labels"), {k: v for k, v in extra.items() if k != "labels"}
         if observer is not None:
             observer.start_batch(first, input_ids.shape[1], model_kwargs.get("attention_mask"))
-        logits, cache = engine.base_pass(input_ids, base, observer, 0 if observer is not None else keep_from,
-                                         **model_kwargs)
+        logits, cache = engine.base_pass(input_ids, base, observer, keep_from, **model_kwargs)
         base_tally.add(logits, input_ids, first, labels)
         del logits
         for removal, start, tally in zip(removals, starts, tallies):
