@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +28,7 @@ from resprobe.ablate_curves import removal_order, rank_order
 from resprobe.ablate_proxies import kendall_tau_b, spearman
 from resprobe.data.text import stats_mask
 from resprobe.errors import BadValue, ModelError
+from resprobe.models.blocks import patched_forwards
 from resprobe.models.causal_lm import LMAnatomy, LMUnit, perplexity
 from resprobe.recording.lm_recorder import hidden_of, output_of, window_losses
 
@@ -75,21 +75,9 @@ def _keep_h1(seen: dict[str, Tensor]) -> Callable:
     return hook
 
 
-@contextmanager
-def _forwards(layers: Sequence[nn.Module], fns: Mapping[int, Callable]) -> Iterator[None]:
+def _forwards(layers: Sequence[nn.Module], fns: Mapping[int, Callable]) -> Any:
     """Within the context, layer i's forward is ``fns[i]`` (the model's own forward still runs around them)."""
-    saved = []
-    try:
-        for i, fn in fns.items():
-            saved.append((layers[i], layers[i].__dict__.get("forward")))
-            layers[i].forward = fn  # type: ignore[method-assign]
-        yield
-    finally:
-        for module, original in saved:
-            if original is None:
-                del module.forward
-            else:
-                module.forward = original  # type: ignore[method-assign]
+    return patched_forwards([layers[i] for i in fns], list(fns.values()))
 
 
 @dataclass
