@@ -377,6 +377,11 @@ def ablate(model: Any, data: Any, loss: LossFn | None = None, cumulative: int | 
     ``.pruned(n)`` of the result is a new module without the n least harmful blocks."""
     from resprobe.ablate import AblateOptions, parse_unroll, run_ablation
 
+    if is_causal_lm(model):
+        if loss is not None or unroll is not None or include_transitions or by != "loss" or blocks is not None:
+            raise BadValue("rp.ablate of a language model: loss, unroll, include_transitions, by and blocks are not "
+                           "supported (the loss is the next-token NLL)")
+        return _ablate_lm(model, data, cumulative, one_shot, proxies, device)
     options = AblateOptions(by=by, include_transitions=include_transitions, cumulative=cumulative,
                             one_shot=one_shot, proxies=proxies,
                             unroll=parse_unroll(unroll) if unroll is not None else None)
@@ -385,6 +390,55 @@ def ablate(model: Any, data: Any, loss: LossFn | None = None, cumulative: int | 
         report = run_ablation(s.probe, s.loader, options)
         payload = {"model": str(s.probe.loaded.spec), **report_provenance(s.probe), "data": s.data, **report.to_dict()}
     return AblateResult(payload, s.module, s.origin)
+
+
+def is_causal_lm(model: Any) -> bool:
+    """A transformers causal LM (``PreTrainedModel`` with a generation head), without importing transformers."""
+    return (isinstance(model, nn.Module) and hasattr(model, "config") and hasattr(model, "get_input_embeddings")
+            and hasattr(model, "generate"))
+
+
+def lm_batches(data: Any) -> list[tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]]:
+    """The user's batches of ``{input_ids[, attention_mask, labels]}`` as the LM engine's windows
+    (every next-token prediction scored, or those whose label is not -100)."""
+    if isinstance(data, dict):
+        data = [data]
+    out, seen = [], 0
+    for batch in data:
+        if not isinstance(batch, dict) or "input_ids" not in batch:
+            raise BadValue("rp.ablate of a language model takes batches that are dicts with input_ids "
+                           "(+ attention_mask, labels)")
+        ids = torch.as_tensor(batch["input_ids"])
+        ids = ids[None] if ids.dim() == 1 else ids
+        extra = {k: torch.as_tensor(batch[k]).view_as(ids) for k in ("attention_mask", "labels") if k in batch}
+        out.append((ids, torch.zeros(len(ids), dtype=torch.long), torch.arange(seen, seen + len(ids)), extra))
+        seen += len(ids)
+    if not out:
+        raise BadValue("rp.ablate: no batches")
+    return out
+
+
+def _ablate_lm(model: nn.Module, data: Any, cumulative: int | None, one_shot: int | None, proxies: bool,
+               device: str | None) -> AblateResult:
+    from resprobe.ablate_lm import LMAblateOptions, run_lm_ablation
+    from resprobe.lm_probe import LMProbe
+    from resprobe.models.causal_lm import LoadedLM
+    from resprobe.runtime import make_runtime
+
+    batches = lm_batches(data)
+    if proxies and any(extra for *_, extra in batches):
+        raise BadValue("rp.ablate(proxies=True) of a language model takes batches of input_ids only (every token "
+                       "scored)")
+    options = LMAblateOptions(cumulative, one_shot, proxies=proxies)
+    options.check()
+    runtime = make_runtime(device or str(next(model.parameters()).device))
+    loaded = LoadedLM(type(model).__name__, type(model).__name__, None, model, None, None, None)
+    probe = LMProbe(loaded, runtime, seq_len=int(batches[0][0].shape[1]))
+    with preserved(model):
+        model.to(runtime.device)
+        report = run_lm_ablation(probe, batches, options, n_windows=sum(len(b[0]) for b in batches))
+    payload = {"model": loaded.spec, "checkpoint": None, "data": "batches", **report}
+    return AblateResult(payload, model, None)
 
 
 def report_provenance(probe: Probe) -> dict[str, Any]:

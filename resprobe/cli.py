@@ -788,6 +788,38 @@ RemoveBlocks = Annotated[Optional[str], typer.Option("--remove-blocks", help="Fo
                                                      "(comma-separated names).", show_default=False)]
 
 
+Spans = Annotated[Optional[int], typer.Option("--spans", help="Language models: also remove every contiguous run "
+                                             "of 1..N layers (Gromov et al.).", show_default=False)]
+
+
+def _ablate_lm(model, data, by, include_transitions, cumulative, one_shot, proxies, recording, unroll, save_pruned,
+               overwrite, remove, remove_blocks, limit, seed, batch_size, device, precision, offline, spans,
+               lm: LMArgs, fmt, quiet) -> None:
+    """``ablate`` of a transformers causal LM (resprobe.ablate_lm)."""
+    from resprobe.ablate_lm import LMAblateOptions, run_lm_ablation
+    from resprobe.distributed import shard_source
+    from resprobe.render.report import ablate_rows, emit, lm_ablate_table
+
+    require(data, "--data", "the text to evaluate removals on (text:PATH or hfds:NAME)")
+    for given, option in ((by != "loss", f"--by {by}"), (include_transitions, "--include-transitions"),
+                          (recording is not None, "--recording"), (unroll is not None, "--unroll")):
+        if given:
+            raise BadValue(f"{option} is not supported for language models")
+    if remove_blocks is not None and not split_list(remove_blocks):
+        raise BadValue("--remove-blocks: give layer names, e.g. --remove-blocks model.layers.3,model.layers.4")
+    options = LMAblateOptions(cumulative, one_shot, spans, proxies, remove, split_list(remove_blocks), save_pruned,
+                              overwrite)
+    options.check()  # before the model loads: a typo costs nothing
+    probe = lm.open(model, device, precision, offline)
+    source = probe.data(data, limit, seed)
+    loader = probe.loader(shard_source(source, batch_size), batch_size)  # torchrun: this rank's windows
+    with make_progress(quiet) as progress:
+        report = run_lm_ablation(probe, loader, options, _progress_factory(progress, len(source)), len(source))
+    payload = {"model": probe.loaded.spec, "checkpoint": None, "data": data, **report,
+               "precision": probe.loaded.precision, "protocol": probe.protocol}
+    emit(payload, fmt, lm_ablate_table, ablate_rows)
+
+
 def _progress_factory(progress: Progress, samples: int) -> Callable[[str, int], Callable[[int], None]]:
     """One progress bar per pass over the data: the run's ``samples`` (under torchrun the library
     counts one rank's shard)."""
@@ -812,15 +844,27 @@ def ablate_command(
     input_size: InputSize = None, mean: Mean = None, std: Std = None, crop_pct: CropPct = None,
     interpolation: Interpolation = None, device: Device = "auto", precision: Precision = "fp32",
     offline: Offline = False, labels: Labels = None, decode: Decode = "auto",
+    spans: Spans = None,
+    seq_len: SeqLen = None, stride: Stride = None, text_column: TextColumnOpt = None, tokenizer: TokenizerOpt = None,
+    skip_tokens: SkipTokens = None, granularity: Granularity = None, trust_remote_code: TrustRemoteCode = False,
     fmt: Format = "table", quiet: Quiet = False, debug: Debug = False,
 ) -> None:
     """Which blocks can go: loss and accuracy with each block removed (exact), greedy or one-shot removal
-    curves, cheap proxies, unrolling, pruned checkpoints (paper §4.2, §4.4)."""
+    curves, cheap proxies, unrolling, pruned checkpoints (paper §4.2, §4.4). Language models: loss per
+    token and perplexity, spans of layers, and pruned transformers folders (docs/llm.md)."""
     from resprobe.ablate import AblateOptions, parse_unroll, run_ablation
     from resprobe.render.report import ablate_rows, ablate_table, emit
 
     with command_errors(debug, quiet, scale_out=True):
         check_format(fmt)
+        if is_lm(model):
+            _ablate_lm(model, data, by, include_transitions, cumulative, one_shot, proxies, recording, unroll,
+                       save_pruned, overwrite, remove, remove_blocks, limit, seed, batch_size, device, precision,
+                       offline, spans, LMArgs(seq_len, stride, text_column, tokenizer, skip_tokens, granularity,
+                                              trust_remote_code), fmt, quiet)
+            return
+        if spans is not None:
+            raise BadValue("--spans is for language models (transformers: MODEL)")
         require(data, "--data", "the images to evaluate removals on")
         options = AblateOptions(by=by, include_transitions=include_transitions, cumulative=cumulative,
                                 one_shot=one_shot, proxies=proxies, recording=recording,

@@ -199,12 +199,26 @@ class AblateResult:
             unknown = [name for name in names if name not in known]
             if unknown:
                 raise BadValue(f"pruned: no ranked block named {', '.join(unknown)}")
+        if self.report.get("granularity") is not None:  # a language model: plain transformers, layers renumbered
+            return self._pruned_lm(names)
         with preserved(self.model):  # deepcopy reads the model only; the guard is for its hooks' sake
             new = prune_model(copy.deepcopy(self.model), names)
         origin = dict(getattr(self.model, ORIGIN_ATTR, None) or self.origin or {})
         _set_origin(new, {**origin, "recipes": [*(origin.get("recipes") or []), {"kind": "prune",
                                                                                    "removed": names}]})
         return new
+
+    def _pruned_lm(self, names: Sequence[str]) -> nn.Module:
+        """A new ``PreTrainedModel`` without the named decoder layers (``save_pretrained`` writes a folder
+        that plain transformers loads); the analysed model is untouched."""
+        from resprobe.api import preserved
+        from resprobe.models.lm_prune import pruned_copy
+
+        if self.report["granularity"] != "layer":
+            raise BadValue("pruned: a model without half layers is not a transformers model; ablate with layers")
+        index = {b["name"]: b["index"] for b in self.report["blocks"]}
+        with preserved(self.model):
+            return pruned_copy(self.model, [index[name] for name in names])
 
     def __repr__(self) -> str:
         r = self.report

@@ -43,3 +43,20 @@ def test_two_processes_equal_one_on_a_language_model(tmp_path):
     eval_two = one_json(outputs["eval"])
     assert eval_two["n_tokens"] == eval_one["n_tokens"] and eval_two["n"] == eval_one["n"]
     assert eval_two["loss"] == pytest.approx(eval_one["loss"], rel=1e-6)
+
+
+def test_two_processes_ablate_a_language_model_as_one(tmp_path):
+    model = save_model(tmp_path / "tiny-llama", "llama")
+    text = write_text(tmp_path / "doc.txt", repeats=2)
+    args = ["ablate", str(model), "--data", f"text:{text}", "--seq-len", "16", "--limit", "9", "-b", "2",
+            "--device", "cpu", "-q", "-f", "json", "--cumulative", "2", "--spans", "2", "--proxies"]
+    two = one_json(run_jobs([("ablate", args)], tmp_path)["ablate"])
+    one = json.loads(invoke(*args).stdout)
+    assert two["n"] == one["n"] and two["baseline"]["n_tokens"] == one["baseline"]["n_tokens"]
+    for section in ("blocks", "cumulative", "spans"):
+        for a, b in zip(two[section], one[section]):
+            assert a.get("name", a.get("removed")) == b.get("name", b.get("removed"))
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    for a, b in zip(two["proxies"]["blocks"], one["proxies"]["blocks"]):
+        for key in ("bi", "angular", "angular_last", "taylor", "cos"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), key

@@ -646,11 +646,18 @@ def replaced_blocks(blocks: Sequence[Block], fns: Sequence[BlockFn] | None = Non
     Works for any model, however its blocks are wired, because the model's own forward still runs.
     """
     fns = list(fns) if fns is not None else [b.lesion for b in blocks]
+    with patched_forwards([b.module for b in blocks], fns):
+        yield
+
+
+@contextlib.contextmanager
+def patched_forwards(modules: Sequence[nn.Module], fns: Sequence[Callable]) -> Iterator[None]:
+    """Within the context, each module's ``forward`` is the given function (hooks still run); put back after."""
     saved = []
     try:
-        for block, fn in zip(blocks, fns):
-            saved.append((block.module, block.module.__dict__.get("forward")))
-            block.module.forward = fn  # type: ignore[method-assign]
+        for module, fn in zip(modules, fns):
+            saved.append((module, module.__dict__.get("forward")))
+            module.forward = fn  # type: ignore[method-assign]
         yield
     finally:
         for module, original in saved:

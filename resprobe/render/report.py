@@ -422,3 +422,50 @@ def lm_eval_table(payload: dict[str, Any]) -> Any:
     table.add_row(f"{payload['n']:,}", f"{payload['n_tokens']:,}", fmt_num(payload["loss"]),
                   fmt_num(payload["perplexity"]))
     return table
+
+
+def lm_ablate_table(payload: Mapping[str, Any]) -> list[RenderableType]:
+    """A language model's ablate: per unit the loss per token and perplexity removed (with proxies when
+    asked), then the removal curve, the spans and the proxies' rank correlations."""
+    base = payload["baseline"]
+    proxies = payload.get("proxies") or None
+    by_name = {p["name"]: p for p in proxies["blocks"]} if proxies else {}
+    proxy_columns = ["BI", "angular", "angular last", "taylor", "cos"] if proxies else []
+    title = (f"{payload['model']} on {payload.get('data', '')} — {payload['n']:,} windows, {base['n_tokens']:,} "
+             f"tokens, baseline loss {fmt_num(base['loss'])}, perplexity {fmt_num(base['perplexity'])}\n"
+             "removing one unit at a time; rank 1 = most harmful")
+    numeric = ("loss", "ppl", "Δloss", "Δppl", "rank", *proxy_columns)
+    table = new_table(title, "unit", "loss", "ppl", "Δloss", "Δppl", "rank", *proxy_columns, right=numeric)
+    for b in payload["blocks"]:
+        row = [b["name"], fmt_num(b["loss"]), fmt_num(b["perplexity"]), harm_delta(b["delta_loss"]),
+               harm_delta(b["delta_perplexity"]), str(b["rank"])]
+        if proxies:
+            p = by_name.get(b["name"], {})
+            row += [fmt_num(p.get(k), 4) for k in ("bi", "angular", "angular_last", "taylor")] + [signed(p.get("cos"))]
+        table.add_row(*row)
+    out: list[RenderableType] = [table]
+    if payload.get("cumulative"):
+        curve = new_table(f"removal curve ({payload.get('cumulative_mode')})", "k", "removed", "loss", "ppl", "Δloss",
+                          right=("k", "loss", "ppl", "Δloss"))
+        for p in payload["cumulative"]:
+            curve.add_row(str(p["k"]), p.get("block") or "(none: baseline)", fmt_num(p["loss"]),
+                          fmt_num(p["perplexity"]), harm_delta(p.get("delta_loss")))
+        out.append(curve)
+    if payload.get("spans"):
+        spans = new_table("spans: every contiguous run removed", "start", "length", "first", "loss", "ppl", "Δloss",
+                          right=("start", "length", "loss", "ppl", "Δloss"))
+        for s in payload["spans"]:
+            spans.add_row(str(s["start"]), str(s["length"]), s["removed"][0], fmt_num(s["loss"]),
+                          fmt_num(s["perplexity"]), harm_delta(s.get("delta_loss")))
+        out.append(spans)
+    if proxies:
+        corr = new_table("can cheap proxies replace the exact Δloss? rank correlation over the units", "proxy",
+                         "spearman", "kendall τ-b", right=("spearman", "kendall τ-b"))
+        for name, c in proxies["correlation"].items():
+            corr.add_row(name, signed(c.get("spearman")), signed(c.get("kendall")))
+        out.append(corr)
+    if payload.get("pruned"):
+        p = payload["pruned"]
+        out.append(Text(f"pruned model written to {p['path']} ({', '.join(p['removed'])} removed): loss "
+                        f"{fmt_num(p['loss'])}, perplexity {fmt_num(p['perplexity'])}"))
+    return out
