@@ -1083,15 +1083,18 @@ def finetune_command(
                                                      show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default 0.01 for SGD, 1e-3 for "
                                                 "AdamW).", show_default=False)] = None,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd (momentum 0.9, Nesterov) or adamw.")] = "sgd",
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sgd (momentum 0.9, Nesterov; default for "
+                                                     "vision models) or adamw (default for language models).",
+                                                     show_default=False)] = None,
     momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum.")] = 0.9,
     weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="On weights of 2+ dimensions only "
                                                           "(default 5e-4 for SGD, 0.05 for AdamW).",
                                                           show_default=False)] = None,
     warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear warmup steps before the cosine "
                                               "decay.")] = 0,
-    augment: Annotated[str, typer.Option("--augment", help="none, light (flip + padded random crop) or timm "
-                                         "(timm's training transform).")] = "light",
+    augment: Annotated[Optional[str], typer.Option("--augment", help="none, light (flip + padded random crop; default "
+                                                   "for vision models) or timm (timm's training transform); language "
+                                                   "models: none.", show_default=False)] = None,
     recalibrate: Recalibrate = None,
     recalibrate_scope: Annotated[str, typer.Option("--recalibrate-scope", help="all (every norm of the model) or "
                                                    "shared (only the shared stages' norms).")] = "all",
@@ -1108,6 +1111,9 @@ def finetune_command(
                                           "batch (SyncBatchNorm), so N processes × B equal one process × N·B.")] = False,
     accum_steps: Annotated[int, typer.Option("--accum-steps", help="Micro-batches of --batch-size per optimizer "
                                              "step (gradient accumulation).")] = 1,
+    val_every: Annotated[Optional[int], typer.Option("--val-every", help="Also validate, add a history row and save "
+                                                     "the resumable --out every N steps (not only after each "
+                                                     "epoch).", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Samples per batch and process (under "
                                             "torchrun the global batch is processes × this × --accum-steps).")] = 64,
     workers: Workers = None, class_map: ClassMap = None,
@@ -1116,22 +1122,35 @@ def finetune_command(
     input_size: InputSize = None, mean: Mean = None, std: Std = None, crop_pct: CropPct = None,
     interpolation: Interpolation = None, device: Device = "auto", precision: Precision = "fp32",
     offline: Offline = False,
+    seq_len: SeqLen = None, stride: Stride = None, text_column: TextColumnOpt = None, tokenizer: TokenizerOpt = None,
+    trust_remote_code: TrustRemoteCode = False,
     fmt: Format = "table", quiet: Quiet = False, debug: Debug = False,
 ) -> None:
     """Fine-tune MODEL (original, pruned, shared or randomly initialized) on --data; --out holds the last state,
-    PATH.best.pt the best by --val-data loss; --resume continues an interrupted run exactly."""
+    PATH.best.pt the best by --val-data loss; --resume continues an interrupted run exactly. Language models:
+    next-token loss on text windows, --out is a save_pretrained folder (DIR.best the best), and MODEL may be a
+    config folder without weights (initialized from --seed)."""
     from resprobe.render.report import emit, finetune_table
     from resprobe.share import check_rebuildable
-    from resprobe import distributed
     from resprobe.train import FinetuneOptions, TrainingInterrupted, check_new_out, finetune
 
     with command_errors(debug, quiet, scale_out=True):
         check_format(fmt)
-        require(data, "--data", "the training images")
-        require(out, "--out", "the checkpoint to write, e.g. --out finetuned.pt")
+        lm = is_lm(model)
+        require(data, "--data", "the training text (text:PATH or hfds:NAME)" if lm else "the training images")
+        require(out, "--out", "the folder to write, e.g. --out finetuned" if lm else
+                "the checkpoint to write, e.g. --out finetuned.pt")
+        optimizer = optimizer or ("adamw" if lm else "sgd")
+        augment = augment or ("none" if lm else "light")
         options = FinetuneOptions(out, epochs, max_steps, lr, optimizer, momentum, weight_decay, warmup_steps, augment,
                                   recalibrate, recalibrate_scope, batch_size, workers, seed, resume,
-                                  overwrite, compile_model, sync_bn=sync_bn, accum_steps=accum_steps).validate()
+                                  overwrite, compile_model, sync_bn=sync_bn, accum_steps=accum_steps,
+                                  val_every=val_every).validate()
+        if lm:
+            lm_args = LMArgs(seq_len, stride, text_column, tokenizer, None, None, trust_remote_code)
+            _finetune_lm(model, lm_args, options, data, val_data, limit, val_limit, device, precision, offline,
+                         fmt, quiet)
+            return
         if not resume:
             check_new_out(out, overwrite)
         probe = ModelArgs(model, checkpoint, pretrained, num_classes, model_kwargs, ema, trust_checkpoint, blocks,
@@ -1145,23 +1164,8 @@ def finetune_command(
         train_source = probe.data(data, limit, seed, class_map)
         val_source = probe.data(val_data, val_limit, seed, class_map) if val_data else None
         with make_progress(quiet) as progress:
-            train_task = progress.add_task("train", total=None, unit="step")
-            val_task = progress.add_task("validate", total=len(val_source) if val_source else 0, visible=False)
+            on_step, on_eval = _finetune_progress(progress, val_source, plain_log=False)
             calib_task = progress.add_task("recalibrate", total=recalibrate or 0, visible=False)
-
-            def on_step(state) -> None:
-                loss = "" if state.loss is None else f" loss {state.loss:.4f}"
-                progress.update(train_task, total=state.total_steps, completed=state.step,
-                                description=f"train epoch {state.epoch + 1}{loss}")
-
-            val_size = distributed.world().size  # torchrun: on_eval counts one rank's share
-
-            def on_eval(n: int) -> None:
-                task = next(t for t in progress.tasks if t.id == val_task)
-                if task.finished:
-                    progress.reset(val_task)
-                progress.update(val_task, completed=min(task.total or 0, task.completed + n * val_size), visible=True)
-
             try:
                 result = finetune(probe, train_source, val_source, options, on_step=on_step, eval_progress=on_eval,
                                   recalibrate_progress=lambda n: progress.update(calib_task, advance=n, visible=True))
@@ -1171,6 +1175,63 @@ def finetune_command(
         if not result.complete:
             note(quiet, f"stopped at step {result.steps}; continue with --resume")
         emit({**result.to_dict(), **provenance(probe)}, fmt, finetune_table, lambda p: p["history"])
+
+
+def _finetune_progress(progress: Any, val_source: Any, plain_log: bool) -> tuple[Any, Any]:
+    """``finetune``'s progress callbacks: ``on_step(state)`` moves the training bar (and with ``plain_log``
+    writes a line every 10 steps), ``on_eval(n)`` the validation bar."""
+    from resprobe import distributed
+
+    train_task = progress.add_task("train", total=None, unit="step")
+    val_task = progress.add_task("validate", total=len(val_source) if val_source else 0, visible=False)
+
+    def on_step(state: Any) -> None:
+        loss = "" if state.loss is None else f" loss {state.loss:.4f}"
+        progress.update(train_task, total=state.total_steps, completed=state.step,
+                        description=f"train epoch {state.epoch + 1}{loss}")
+        if plain_log and (state.step % 10 == 0 or state.step == state.total_steps):
+            print(f"{time.strftime('%H:%M:%S')} step {state.step}/{state.total_steps} epoch {state.epoch + 1}"
+                  f"{loss} lr {state.lr:.3g}", file=sys.stderr, flush=True)
+
+    val_size = distributed.world().size  # torchrun: on_eval counts one rank's share
+
+    def on_eval(n: int) -> None:
+        task = next(t for t in progress.tasks if t.id == val_task)
+        if task.finished:
+            progress.reset(val_task)
+        progress.update(val_task, completed=min(task.total or 0, task.completed + n * val_size), visible=True)
+
+    return on_step, on_eval
+
+
+def _finetune_lm(model: str, lm: LMArgs, options: Any, data: str, val_data: str | None, limit: int | None,
+                 val_limit: int | None, device: str, precision: str, offline: bool, fmt: str, quiet: bool) -> None:
+    """``finetune`` for a language model (resprobe.train_lm): windows of --data, perplexity on --val-data."""
+    from resprobe.lm_probe import open_lm_probe
+    from resprobe.render.report import emit, finetune_table
+    from resprobe.train import TrainingInterrupted
+    from resprobe.train_lm import finetune_lm
+
+    if not options.resume and not options.overwrite and os.path.exists(os.path.expanduser(options.out)):
+        raise BadValue(f"--out {options.out} already exists; continue the interrupted run with --resume, or pass "
+                       "--overwrite to replace it")  # before the text is tokenized; the rest is checked later
+    probe = open_lm_probe(model, lm.tokenizer, device, precision, offline, lm.trust_remote_code, "layer", lm.seq_len,
+                          lm.stride, lm.text_column, None, seed=options.seed)
+    train_source = probe.data(data, limit, options.seed)
+    val_source = probe.data(val_data, val_limit, options.seed) if val_data else None
+    with make_progress(quiet) as progress:
+        # No live bar when stderr is a file (nohup): a plain line every 10 steps instead.
+        on_step, on_eval = _finetune_progress(progress, val_source, plain_log=not quiet and not sys.stderr.isatty())
+        try:
+            result = finetune_lm(probe, train_source, val_source, options, on_step=on_step, eval_progress=on_eval)
+        except TrainingInterrupted as exc:  # the state is saved: say how to continue
+            raise Interrupted(f"{exc}; continue with `{_same_command_with('finetune', '--resume', '--overwrite')}`") \
+                from None
+    if not result.complete:
+        note(quiet, f"stopped at step {result.steps}; continue with --resume")
+    payload = {**result.to_dict(), "model": probe.loaded.spec, "checkpoint": None, "data": data, "val_data": val_data,
+               "protocol": train_source.protocol}
+    emit(payload, fmt, finetune_table, lambda p: p["history"])
 
 
 PlotKind = Annotated[str, typer.Option("--kind", help="auto (everything the input holds), align, readout or ablate.")]

@@ -85,7 +85,7 @@ class LMProbe:
 def open_lm_probe(spec: str, tokenizer: str | None = None, device: str = "auto", precision: str = "fp32",
                   offline: bool = False, trust_remote_code: bool = False, granularity: str = "layer",
                   seq_len: int | None = None, stride: int | None = None, text_column: str | None = None,
-                  skip_tokens: int | None = None) -> LMProbe:
+                  skip_tokens: int | None = None, seed: int = 0) -> LMProbe:
     """Load MODEL for an LM command; option values are checked before the model loads."""
     from resprobe.runtime import make_runtime
 
@@ -97,7 +97,7 @@ def open_lm_probe(spec: str, tokenizer: str | None = None, device: str = "auto",
         raise BadValue(f"--stride must be at least 1, got {stride}")
     # bf16: the weights themselves are bf16 (no autocast); statistics are accumulated in fp32.
     runtime = make_runtime(device, "fp32" if precision == "bf16" else precision)
-    loaded = load_lm(spec, tokenizer, precision, offline, trust_remote_code)
+    loaded = load_lm(spec, tokenizer, precision, offline, trust_remote_code, seed)
     loaded.model.to(runtime.device)
     probe = LMProbe(loaded, runtime, granularity, seq_len, stride, text_column or "text", int(skip_tokens or 0),
                     offline)

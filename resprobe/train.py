@@ -91,6 +91,7 @@ class FinetuneOptions:
     compile: bool = False  # torch.compile the training forward/backward (eager on failure)
     sync_bn: bool = False  # torchrun: BatchNorm statistics over the global batch
     accum_steps: int = 1  # micro-batches of batch_size per optimizer step (gradient accumulation)
+    val_every: int | None = None  # also validate (and save the resumable state) every N steps inside an epoch
 
     @property
     def learning_rate(self) -> float:
@@ -126,6 +127,8 @@ class FinetuneOptions:
             raise BadValue(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.accum_steps < 1:
             raise BadValue(f"--accum-steps must be at least 1, got {self.accum_steps}")
+        if self.val_every is not None and self.val_every < 1:
+            raise BadValue(f"--val-every must be at least 1, got {self.val_every}")
         if self.resume and self.overwrite:
             raise BadValue("give --resume or --overwrite, not both")
         return self
@@ -136,11 +139,11 @@ class FinetuneOptions:
                 "optimizer": self.optimizer, "momentum": self.momentum, "weight_decay": self.decay,
                 "warmup_steps": self.warmup_steps, "augment": self.augment, "recalibrate": self.recalibrate,
                 "recalibrate_scope": self.recalibrate_scope, "batch_size": self.batch_size, "seed": self.seed,
-                "accum_steps": self.accum_steps, "sync_bn": self.sync_bn}
+                "accum_steps": self.accum_steps, "sync_bn": self.sync_bn, "val_every": self.val_every}
 
 
 # Keys added to the resume fingerprint later: a checkpoint without them ran with these values.
-_FINGERPRINT_DEFAULTS = {"accum_steps": 1, "sync_bn": False, "world_size": 1}
+_FINGERPRINT_DEFAULTS = {"accum_steps": 1, "sync_bn": False, "world_size": 1, "val_every": None}
 
 
 @dataclass
@@ -457,13 +460,10 @@ def _training_payload(run: _Run, options: FinetuneOptions, data: dict[str, Any],
     })
 
 
-def _read_resume_state(out: Path, options: FinetuneOptions, data: dict[str, Any]) -> dict[str, Any]:
+def _read_resume_state(out: Path, options: FinetuneOptions, data: dict[str, Any], task: Any) -> dict[str, Any]:
     if not out.exists():
         raise BadValue(f"--resume: {out} does not exist; run without --resume to start")
-    obj = read_checkpoint(out)
-    training = obj.get("training") if is_resprobe_checkpoint(obj) else None
-    if not isinstance(training, dict):
-        raise BadValue(f"--resume: {out} is not a checkpoint written by resprobe finetune")
+    training = task.read_training(out)
     if int(training.get("version", 0)) > STATE_VERSION:
         raise BadValue(f"--resume: {out} was written by a newer resprobe")
     for key, value in {**options.fingerprint(), **data}.items():
@@ -473,7 +473,6 @@ def _read_resume_state(out: Path, options: FinetuneOptions, data: dict[str, Any]
         if old != value:
             raise BadValue(f"--resume: {key} is {value} but the interrupted run used {old}; "
                            "resume with the same options, or start anew with --overwrite")
-    training["state_dict"] = obj["state_dict"]
     return training
 
 
@@ -528,6 +527,81 @@ def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
 # The loop
 
 
+class TrainTask:
+    """What ``finetune`` does differently for a kind of model: how samples become batches and a loss, how
+    the model is validated, and how its state is written and read back. This one is the vision
+    classifiers' (resprobe checkpoints, cross-entropy on labels, augmentation); the language models'
+    (:class:`resprobe.train_lm.LMTask`) keeps the same loop, data order, schedule and resume rules."""
+
+    def __init__(self, probe: Any):
+        self.probe = probe
+
+    def best_path(self, out: Path) -> Path:
+        return best_path(out)
+
+    def check_new(self, out: Path, best_file: Path, options: FinetuneOptions) -> None:
+        """A run that starts: ``--out`` and the best file may be written (and are not MODEL itself)."""
+        check_new_out(out, options.overwrite)
+        check_out_path(best_file, options.overwrite, option="the best checkpoint")
+        _refuse_removing_the_model(out, best_file, self.probe.loaded.checkpoint)
+
+    def remove_stale_best(self, best_file: Path) -> None:
+        best_file.unlink(missing_ok=True)
+
+    def data_info(self, train: DataSource, val: DataSource | None) -> dict[str, Any]:
+        """What a resumed run must share with the run it continues, besides the options."""
+        return {}
+
+    def training_dataset(self, train: DataSource, options: FinetuneOptions) -> Dataset:
+        loaded = self.probe.loaded
+        if loaded.classes is None and train.label_names and len(train.label_names) == self.probe.num_classes:
+            # The training data's class names (class folders, CIFAR) go into every checkpoint written, so
+            # that later commands match class folders to the model's classes by name, not by sorted order.
+            loaded.classes = list(train.label_names)
+        return _training_dataset(train, options, self.probe.preprocessing)
+
+    def loader(self, source: DataSource, dataset: Dataset, batch_size: int, options: FinetuneOptions, runtime: Any,
+               generator: torch.Generator, drop_last: bool = False) -> Iterator:
+        return make_loader(replace(source, dataset=dataset), batch_size, options.workers, runtime.device,
+                           generator=generator, drop_last=drop_last)
+
+    def augment(self, inputs: Tensor, index: Tensor, epoch: int, options: FinetuneOptions, runtime: Any) -> Tensor:
+        if options.augment == "light":
+            # On the device: the same result as on the host (index arithmetic only), no host work.
+            # train_step then lays the augmented batches out for the device (channels_last on CUDA).
+            return light_augment_samples(inputs.to(runtime.device, non_blocking=True), options.seed, epoch, index)
+        return inputs
+
+    def loss(self, model: Callable[..., Any], inputs: Tensor, targets: Tensor, runtime: Any) -> Tensor:
+        """The batch's mean loss (the quantity whose gradient a step follows)."""
+        inputs, targets = runtime.batch(inputs), targets.to(runtime.device, non_blocking=True)
+        with runtime.autocast():
+            logits = model(inputs)
+        return F.cross_entropy(logits.float(), targets)
+
+    def evaluate(self, model: nn.Module, loader: Iterator, runtime: Any,
+                 progress: Callable[[int], None] | None) -> dict[str, Any]:
+        """Validation figures; ``loss`` picks the best state."""
+        result: EvalResult = evaluate(model, loader, runtime, progress)
+        return {"loss": result.loss, "acc": result.acc}
+
+    def save(self, path: Path, model: nn.Module, meta: dict[str, Any], training: dict[str, Any] | None) -> None:
+        """Write the model (``training``: with the resume state) to ``path``."""
+        probe = self.probe
+        save_resprobe_checkpoint(path, probe.loaded, model, recipes=probe.loaded.recipes,
+                                 preprocessing=probe.preprocessing_used.to_dict(), meta=meta,
+                                 extra={"training": training} if training is not None else None)
+
+    def read_training(self, out: Path) -> dict[str, Any]:
+        """The resume state in ``out``, with the model's ``state_dict``."""
+        obj = read_checkpoint(out)
+        training = obj.get("training") if is_resprobe_checkpoint(obj) else None
+        if not isinstance(training, dict):
+            raise BadValue(f"--resume: {out} is not a checkpoint written by resprobe finetune")
+        training["state_dict"] = obj["state_dict"]
+        return training
+
+
 def _result(run: _Run, out: Path, best_file: Path, world_size: int = 1,
             global_batch_size: int | None = None, per_epoch: int | None = None) -> FinetuneResult:
     last = run.history[-1] if run.history else None
@@ -550,37 +624,38 @@ def finetune(
     on_step: Callable[[TrainState], None] | None = None,
     eval_progress: Callable[[int], None] | None = None,
     recalibrate_progress: Callable[[int], None] | None = None,
+    task: TrainTask | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``probe.model`` on ``train`` (validating on ``val`` before the first step and after
     each epoch; ``history[0]`` is that step-0 row, and ``best`` can be the starting model).
 
     ``stop(state)`` is asked after every step; when it says yes the run saves its state to
     ``options.out`` and returns with ``complete=False`` (``resume=True`` continues it). Ctrl-C does the
-    same and then raises :class:`TrainingInterrupted` (a ``KeyboardInterrupt``).
+    same and then raises :class:`TrainingInterrupted` (a ``KeyboardInterrupt``). ``task``: what differs
+    for a kind of model (default: vision classifiers, :class:`TrainTask`).
     """
     options.validate()
+    task = task or TrainTask(probe)
     model, runtime = probe.model, probe.runtime
     out = Path(options.out).expanduser()
-    best_file = best_path(out)
+    best_file = task.best_path(out)
     n_train = len(train)
     if n_train == 0:
         raise BadValue(f"--data {train.spec} holds no samples")
     world = distributed.world()
     data_info = {"train": train.spec, "n_train": n_train, "val": val.spec if val else None,
-                 "n_val": len(val) if val else None, "world_size": world.size}
+                 "n_val": len(val) if val else None, "world_size": world.size, **task.data_info(train, val)}
     # torchrun: --batch-size per process (timm's convention); one step takes the global batch.
     global_batch = options.batch_size * options.accum_steps * world.size
     if global_batch > n_train and global_batch != options.batch_size:
         raise BadValue(f"--data {train.spec} holds {n_train} samples, fewer than one step's {global_batch} "
                        f"({world.size} processes × --batch-size {options.batch_size} × --accum-steps "
                        f"{options.accum_steps})")
-    resumed = _read_resume_state(out, options, data_info) if options.resume else None
+    resumed = _read_resume_state(out, options, data_info, task) if options.resume else None
     if resumed is None:
-        check_new_out(out, options.overwrite)
-        check_out_path(best_file, options.overwrite, option="the best checkpoint")
-        _refuse_removing_the_model(out, best_file, probe.loaded.checkpoint)
+        task.check_new(out, best_file, options)
         if world.main:
-            best_file.unlink(missing_ok=True)  # a stale best from an earlier run would be misleading
+            task.remove_stale_best(best_file)  # a stale best from an earlier run would be misleading
 
     per_epoch = steps_per_epoch(n_train, global_batch)
     total = options.max_steps or per_epoch * (options.epochs or 1)
@@ -614,24 +689,20 @@ def finetune(
         if options.recalibrate:
             run.recalibrated = _recalibrate(model, train, options, runtime, recalibrate_progress)
 
-    if probe.loaded.classes is None and train.label_names and len(train.label_names) == probe.num_classes:
-        # The training data's class names (class folders, CIFAR) go into every checkpoint written, so
-        # that later commands match class folders to the model's classes by name, not by sorted order.
-        probe.loaded.classes = list(train.label_names)
-    dataset = _training_dataset(train, options, probe.preprocessing)
+    dataset = task.training_dataset(train, options)
     # torchrun: each rank validates its share of the batches; evaluate() sums over the ranks.
-    val_loader = (make_loader(distributed.shard_source(val, options.batch_size), options.batch_size, options.workers,
-                              runtime.device, generator=torch.Generator())
-                  if val else None)
+    val_loader = None
+    if val:
+        shard = distributed.shard_source(val, options.batch_size)
+        val_loader = task.loader(shard, shard.dataset, options.batch_size, options, runtime, torch.Generator())
 
     def save_last() -> None:
         ranks = distributed.all_gather(_rank_state(run)) if world.distributed else None  # every rank calls it
         if not world.main:  # rank 0 writes the checkpoints
             return
-        save_resprobe_checkpoint(
-            out, probe.loaded, model, recipes=probe.loaded.recipes, preprocessing=probe.preprocessing_used.to_dict(),
-            meta={"finetune": {"steps": run.state.step, "epochs": run.state.epoch, "complete": run.complete}},
-            extra={"training": _training_payload(run, options, data_info, optimizer, scheduler, scaler, ranks)})
+        task.save(out, model, {"finetune": {"steps": run.state.step, "epochs": run.state.epoch,
+                                            "complete": run.complete}},
+                  _training_payload(run, options, data_info, optimizer, scheduler, scaler, ranks))
 
     def validate(record: dict[str, Any]) -> None:
         """Evaluate on ``val`` into ``record``; the model becomes the best one when strictly better."""
@@ -639,16 +710,14 @@ def finetune(
             return
         s = run.state
         model.eval()
-        result: EvalResult = evaluate(model, val_loader, runtime, eval_progress)
+        result = task.evaluate(model, val_loader, runtime, eval_progress)
         model.train()
-        run.last_val = {"loss": result.loss, "acc": result.acc}
-        record.update(val_loss=result.loss, val_acc=result.acc)
-        if run.best is None or result.loss < run.best["loss"]:
-            run.best = {"epoch": s.epoch, "step": s.step, "loss": result.loss, "acc": result.acc}
+        run.last_val = dict(result)
+        record.update({f"val_{key}": value for key, value in result.items()})
+        if run.best is None or result["loss"] < run.best["loss"]:
+            run.best = {"epoch": s.epoch, "step": s.step, **result}
             if world.main:  # rank 0 writes the checkpoints
-                save_resprobe_checkpoint(best_file, probe.loaded, model, recipes=probe.loaded.recipes,
-                                         preprocessing=probe.preprocessing_used.to_dict(),
-                                         meta={"finetune_best": run.best})
+                task.save(best_file, model, {"finetune_best": run.best}, None)
 
     def end_epoch() -> None:
         s = run.state
@@ -661,6 +730,16 @@ def finetune(
         run.loss_sum.zero_()
         run.loss_count = 0
         run.complete = s.step >= s.total_steps
+        save_last()
+
+    def mid_epoch() -> None:
+        """--val-every: a history row inside the epoch (training loss = the epoch's mean so far), and the
+        resumable state saved, so a long epoch leaves a curve and can be continued from here."""
+        s = run.state
+        s.loss = _check_finite(run, s.step)
+        record: dict[str, Any] = {"epoch": s.epoch, "step": s.step, "train_loss": s.loss, "lr": s.lr}
+        validate(record)
+        run.history.append(record)
         save_last()
 
     trained: nn.Module = model
@@ -685,7 +764,7 @@ def finetune(
         with _deferred_interrupt() as interrupted:
             while run.state.step < total:
                 stopped = _train_epoch(model, forward, dataset, train, options, runtime, run, optimizer, scheduler,
-                                       scaler, end_epoch, on_step, stop, interrupted, world)
+                                       scaler, end_epoch, on_step, stop, interrupted, world, task, mid_epoch)
                 if stopped:
                     save_last()
                     model.eval()
@@ -733,7 +812,8 @@ def _train_epoch(model: nn.Module, forward: Callable[[Tensor], Tensor], dataset:
                  options: FinetuneOptions, runtime: Any, run: _Run, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
                  end_epoch: Callable[[], None],
                  on_step: Callable[[TrainState], None] | None, stop: Callable[[TrainState], bool] | None,
-                 interrupted: Callable[[], bool], world: distributed.World | None = None) -> bool:
+                 interrupted: Callable[[], bool], world: distributed.World | None = None,
+                 task: TrainTask | None = None, mid_epoch: Callable[[], None] | None = None) -> bool:
     """Run the rest of the current epoch; True when asked to stop before the end.
 
     Step t of an epoch takes the samples ``order[t·G : (t+1)·G]`` of the epoch's permutation, G the
@@ -742,6 +822,7 @@ def _train_epoch(model: nn.Module, forward: Callable[[Tensor], Tensor], dataset:
     their images, are the same whatever N and B: N processes × B equal one process × N·B.
     """
     world = world or distributed.World()
+    task = task or TrainTask(None)
     s = run.state
     n = len(train)
     accum = options.accum_steps
@@ -753,22 +834,16 @@ def _train_epoch(model: nn.Module, forward: Callable[[Tensor], Tensor], dataset:
     if isinstance(dataset, SeededTrainTransform):
         dataset.epoch = s.epoch
     # The loader gets its own generator so creating it never draws from the global RNG.
-    loader = make_loader(replace(train, dataset=Subset(dataset, mine)), batch_size, options.workers,
-                         runtime.device, generator=torch.Generator().manual_seed(_epoch_seed(options.seed, s.epoch)),
-                         drop_last=True)
+    loader = task.loader(train, Subset(dataset, mine), batch_size, options, runtime,
+                         torch.Generator().manual_seed(_epoch_seed(options.seed, s.epoch)), drop_last=True)
     model.train()
     micro: list[tuple[Tensor, Tensor]] = []
     for images, labels, index in loader:
-        if options.augment == "light":
-            # On the device: the same result as on the host (index arithmetic only), no host work.
-            # train_step then lays the augmented batches out for the device (channels_last on CUDA).
-            images = light_augment_samples(images.to(runtime.device, non_blocking=True), options.seed, s.epoch,
-                                           index)
-        micro.append((images, labels))
+        micro.append((task.augment(images, index, s.epoch, options, runtime), labels))
         if len(micro) < accum:
             continue
         s.lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it on)
-        loss = train_step(forward, micro, runtime, optimizer, scheduler, scaler)
+        loss = train_step(forward, micro, runtime, optimizer, scheduler, scaler, task.loss)
         micro = []
         run.loss_sum += loss.detach().to(run.loss_sum.dtype) * (len(labels) * accum)
         run.loss_count += len(labels) * accum
@@ -777,6 +852,8 @@ def _train_epoch(model: nn.Module, forward: Callable[[Tensor], Tensor], dataset:
         epoch_done = s.position >= s.steps_per_epoch or s.step >= s.total_steps
         if epoch_done or s.step % _SYNC_EVERY == 0:
             s.loss = _check_finite(run, s.step)
+        if not epoch_done and options.val_every and s.step % options.val_every == 0 and mid_epoch:
+            mid_epoch()
         if on_step:
             on_step(s)
         if epoch_done:
@@ -794,23 +871,23 @@ def _train_epoch(model: nn.Module, forward: Callable[[Tensor], Tensor], dataset:
 
 
 def train_step(model: Callable[[Tensor], Tensor], micro: list[tuple[Tensor, Tensor]], runtime: Any,
-               optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any) -> Tensor:
+               optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+               batch_loss: Callable[..., Tensor] | None = None) -> Tensor:
     """One optimizer step of ``finetune`` from one or more (augmented) micro-batches (``--accum-steps``):
     their gradients add up, each loss scaled by 1/len(micro), so the step equals one on their union
     (for BatchNorm models up to the per-micro-batch statistics; with one micro-batch the scaling is
     by 1, exact). Under DDP only the last backward all-reduces (``no_sync``). The mean loss stays on
-    the device."""
+    the device. ``batch_loss(model, inputs, targets, runtime)``: a micro-batch's mean loss (default:
+    cross-entropy of the logits against class labels)."""
+    batch_loss = batch_loss or TrainTask(None).loss
     optimizer.zero_grad(set_to_none=True)
     total = None
     with runtime.numerics():
         for i, (images, labels) in enumerate(micro):
-            images, labels = runtime.batch(images), labels.to(runtime.device, non_blocking=True)
             last = i == len(micro) - 1
             sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
-                with runtime.autocast():
-                    logits = model(images)
-                loss = F.cross_entropy(logits.float(), labels) / len(micro)
+                loss = batch_loss(model, images, labels, runtime) / len(micro)
                 if scaler is not None:
                     scaler.scale(loss).backward()
                 else:

@@ -123,9 +123,20 @@ def _load_error(spec: str, exc: BaseException, offline: bool) -> ModelError:
     return ModelError(f"{spec} could not be loaded: {text}")
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def has_weights(folder: Path) -> bool:
+    """Whether a local model folder holds weights (else it is a config to initialize, DESIGN §8)."""
+    return any((folder / name).is_file() for name in WEIGHT_FILES)
+
+
 def load_lm(spec: str, tokenizer: str | None = None, precision: str = "fp32", offline: bool = False,
-            trust_remote_code: bool = False) -> LoadedLM:
-    """The model (eval mode, parameters frozen) and its tokenizer, as transformers loads them."""
+            trust_remote_code: bool = False, seed: int = 0) -> LoadedLM:
+    """The model (eval mode, parameters frozen) and its tokenizer, as transformers loads them. A local
+    folder with a config.json but no weights gives transformers' random initialization, seeded by
+    ``seed`` (with a warning): ``finetune`` trains it from scratch."""
     if precision not in ("fp32", "bf16"):
         raise BadValue(f"--precision {precision!r}: language models run in fp32 or bf16")
     if not spec.startswith(PREFIX) and lm_checkpoint_arch(spec) is not None:
@@ -133,7 +144,7 @@ def load_lm(spec: str, tokenizer: str | None = None, precision: str = "fp32", of
     name, revision = split_spec(spec)
     if not name:
         raise ModelError(f"{spec}: give a hub id or a folder after '{PREFIX}'")
-    _local_config(name, spec, trust_remote_code)
+    local = _local_config(name, spec, trust_remote_code)
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError:
@@ -148,15 +159,24 @@ def load_lm(spec: str, tokenizer: str | None = None, precision: str = "fp32", of
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # transformers' own bars on stderr: resprobe has its own
+    initialize = local is not None and not has_weights(Path(name).expanduser())
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype, **common)
+            if initialize:
+                with torch.random.fork_rng(devices=[]):  # the caller's global generator is left as it was
+                    torch.manual_seed(seed)
+                    model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                             trust_remote_code=trust_remote_code)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype, **common)
     except Exception as exc:  # noqa: BLE001
         raise _load_error(spec, exc, offline) from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    if initialize:
+        log.warning(f"{spec} holds no weights: the model is randomly initialized (seed {seed})")
     model.eval().requires_grad_(False)
     tok_name = tokenizer or name
     tok = load_tokenizer(tok_name, revision if tokenizer is None else None, offline, trust_remote_code)
@@ -207,9 +227,11 @@ def lm_arch(loaded: LoadedLM, model: nn.Module) -> dict[str, Any]:
 
 
 def save_lm_checkpoint(path: str | Path, loaded: LoadedLM, model: nn.Module, recipes: list[dict[str, Any]],
-                       meta: dict[str, Any] | None = None, replace: bool = True) -> Path:
+                       meta: dict[str, Any] | None = None, replace: bool = True,
+                       extra: dict[str, Any] | None = None) -> Path:
     """Write ``model`` as a resprobe checkpoint (the format of docs/reference.md §6; ``arch.source``
-    ``transformers``) that every command loads as MODEL (:func:`load_lm_checkpoint`)."""
+    ``transformers``) that every command loads as MODEL (:func:`load_lm_checkpoint`). ``extra``: more
+    top-level entries (``finetune``'s resume state)."""
     from resprobe import __version__
     from resprobe.models.checkpoints import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, atomic_torch_save
 
@@ -217,7 +239,7 @@ def save_lm_checkpoint(path: str | Path, loaded: LoadedLM, model: nn.Module, rec
                "resprobe_version": __version__, "arch": json.loads(json.dumps(lm_arch(loaded, model))),
                "preprocessing": None, "recipes": json.loads(json.dumps(recipes)),
                "meta": json.loads(json.dumps(meta or {})),
-               "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+               "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, **(extra or {})}
     atomic_torch_save(payload, path, replace)
     return Path(path)
 

@@ -294,21 +294,24 @@ def _epoch_label(row: Mapping[str, Any], per_epoch: int | None) -> str:
 
 def finetune_table(payload: Mapping[str, Any]) -> list[RenderableType]:
     state = "complete" if payload.get("complete", True) else "interrupted (continue with --resume)"
+    # Language models are validated by perplexity, classifiers by accuracy.
+    lm = any("val_perplexity" in h for h in payload.get("history") or [])
+    second, key = ("val ppl", "perplexity") if lm else ("val acc", "acc")
     history = new_table(f"fine-tuned {payload['steps']:,} steps, {payload['epochs']} epoch(s), {state}",
-                        "epoch", "step", "lr", "train loss", "val loss", "val acc",
-                        right=("epoch", "step", "lr", "train loss", "val loss", "val acc"))
+                        "epoch", "step", "lr", "train loss", "val loss", second,
+                        right=("epoch", "step", "lr", "train loss", "val loss", second))
     for h in payload.get("history") or []:
         history.add_row(_epoch_label(h, payload.get("steps_per_epoch")), f"{h['step']:,}",
                         "—" if h.get("lr") is None else f"{h['lr']:.3g}", fmt_num(h["train_loss"]),
-                        fmt_num(h.get("val_loss")), fmt_num(h.get("val_acc")))
-    files = new_table("files", "", "path", "val loss", "val acc", right=("val loss", "val acc"))
+                        fmt_num(h.get("val_loss")), fmt_num(h.get(f"val_{key}")))
+    files = new_table("files", "", "path", "val loss", second, right=("val loss", second))
     val = payload.get("val") or {}
-    files.add_row("last", str(payload["out"]), fmt_num(val.get("loss")), fmt_num(val.get("acc")))
+    files.add_row("last", str(payload["out"]), fmt_num(val.get("loss")), fmt_num(val.get(key)))
     if payload.get("best"):
         best = payload.get("best_val") or {}
         when = "the start" if best.get("step") == 0 else f"step {best.get('step', '?'):,}"
         files.add_row(f"best ({when})", str(payload["best"]), fmt_num(best.get("loss")),
-                      fmt_num(best.get("acc")))
+                      fmt_num(best.get(key)))
     return [history, files]
 
 
