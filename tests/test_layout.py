@@ -110,3 +110,11 @@ def test_the_zoos_old_module_path_still_builds_the_same_network():
                 for spec in ("resprobe.zoo:cifar_resnet", "resprobe.models.zoo:cifar_resnet"))
     assert type(old) is type(new)
     assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
+
+
+def test_every_module_is_in_the_architecture_page():
+    """docs/architecture.md lists every module with one line: a new module that is not there fails."""
+    page = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    missing = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+               if p.name != "__init__.py" and p.name not in page]
+    assert not missing, f"add these to docs/architecture.md: {missing}"
