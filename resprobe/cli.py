@@ -278,6 +278,10 @@ def command_errors(debug: bool, quiet: bool = False, scale_out: bool = False) ->
         if several and not launched.main:  # one report: rank 0's
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
         distributed.reset_error_channel()
+        # Registered before the error handling, so it runs after it: the store client of the error
+        # channel is released while the process runs normally, not torn down at interpreter exit
+        # (a torchrun child then sometimes aborted: "terminate called without an active exception").
+        stack.callback(distributed.reset_error_channel)
         pending = stack.enter_context(_errors_once(debug, launched, quiet))
         if several:  # entered inside the error handling: a group that cannot form is one line too
             stack.enter_context(distributed.process_group())
